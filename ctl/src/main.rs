@@ -1,0 +1,2 @@
+//! llmctl.
+fn main() {}

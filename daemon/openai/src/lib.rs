@@ -1,0 +1,1 @@
+//! OpenAI-compatible HTTP API (filled in by the API work).

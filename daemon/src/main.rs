@@ -1,0 +1,2 @@
+//! llmd daemon.
+fn main() {}

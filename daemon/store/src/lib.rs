@@ -1,0 +1,1 @@
+//! Model store (filled in by the store work).

@@ -1,0 +1,1 @@
+//! GPU telemetry and host checks (filled in by the telemetry work).

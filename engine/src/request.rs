@@ -1,0 +1,208 @@
+//! What goes into the engine (a validated generation request) and what comes out (events).
+//!
+//! The HTTP layer turns OpenAI JSON into a [`GenerateRequest`]; only that type reaches the
+//! engine. The engine answers on a [`GenerationStream`] of [`GenerationEvent`]s.
+
+use std::time::Duration;
+
+/// Sampling and stopping parameters, already range-checked by the caller
+/// (see [`SamplingParams::validate`], which names the field and limit on error).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0.0 means greedy.
+    pub temperature: f32,
+    /// In (0, 1]; 1.0 disables nucleus sampling.
+    pub top_p: f32,
+    /// None disables top-k.
+    pub top_k: Option<u32>,
+    /// In [0, 1]; 0.0 disables min-p.
+    pub min_p: f32,
+    /// > 0; 1.0 disables. Applied to tokens in the prompt and the output (HF semantics).
+    pub repetition_penalty: f32,
+    /// In [-2, 2]; OpenAI semantics over output tokens.
+    pub presence_penalty: f32,
+    /// In [-2, 2]; OpenAI semantics over output tokens.
+    pub frequency_penalty: f32,
+    /// Same seed, same output, whatever else is in the batch.
+    pub seed: Option<u64>,
+    /// Most tokens to generate per choice.
+    pub max_tokens: u32,
+    /// EOS and stop tokens are ignored until this many tokens were generated.
+    pub min_tokens: u32,
+    /// Generation stops when the text ends with one of these; the stop string is not returned.
+    pub stop: Vec<String>,
+    /// Extra token ids that stop generation (the model's EOS ids are always included unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// None: no logprobs. Some(k): the chosen token's logprob plus the k most likely (k <= 20).
+    pub logprobs: Option<u32>,
+    pub skip_special_tokens: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            max_tokens: 16,
+            min_tokens: 0,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+            skip_special_tokens: true,
+        }
+    }
+}
+
+/// Most `top_logprobs` a request may ask for.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most stop strings per request.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+impl SamplingParams {
+    /// Checks every range; the error names the field (OpenAI parameter name) and the limit.
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        let bad = |param: &'static str, message: String| Err(InvalidParam { param, message });
+        if !(0.0..=2.0).contains(&self.temperature) || self.temperature.is_nan() {
+            return bad("temperature", format!("`temperature` must be between 0 and 2, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", format!("`top_p` must be > 0 and <= 1, got {}", self.top_p));
+        }
+        if self.top_k == Some(0) {
+            return bad("top_k", "`top_k` must be >= 1 (or -1 to disable), got 0".to_string());
+        }
+        if !(0.0..=1.0).contains(&self.min_p) || self.min_p.is_nan() {
+            return bad("min_p", format!("`min_p` must be between 0 and 1, got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return bad("repetition_penalty", format!("`repetition_penalty` must be > 0 and <= 10, got {}", self.repetition_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) || self.presence_penalty.is_nan() {
+            return bad("presence_penalty", format!("`presence_penalty` must be between -2 and 2, got {}", self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) || self.frequency_penalty.is_nan() {
+            return bad("frequency_penalty", format!("`frequency_penalty` must be between -2 and 2, got {}", self.frequency_penalty));
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "`max_tokens` must be >= 1, got 0".to_string());
+        }
+        if self.min_tokens > self.max_tokens {
+            return bad("min_tokens", format!("`min_tokens` ({}) must be <= `max_tokens` ({})", self.min_tokens, self.max_tokens));
+        }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return bad("stop", format!("`stop` may hold at most {MAX_STOP_STRINGS} strings, got {}", self.stop.len()));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop", "`stop` strings must not be empty".to_string());
+        }
+        if let Some(k) = self.logprobs {
+            if k > MAX_TOP_LOGPROBS {
+                return bad("top_logprobs", format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parameter outside its range. `param` is the OpenAI field name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidParam {
+    pub param: &'static str,
+    pub message: String,
+}
+
+/// Most choices per request.
+pub const MAX_N: u32 = 16;
+
+/// A request the engine accepts: tokenized prompt plus validated parameters.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Used in logs and as the OpenAI `id`.
+    pub request_id: String,
+    pub prompt_tokens: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Number of choices (1..=[`MAX_N`]); choices share the prompt's KV blocks.
+    pub n: u32,
+}
+
+/// Why a choice stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or `max_model_len` reached.
+    Length,
+    /// The client went away or the request was cancelled.
+    Abort,
+}
+
+impl FinishReason {
+    /// The OpenAI `finish_reason` string (and the metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// Log-probability of one token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    /// Decoded text of the token alone (may hold U+FFFD for a partial UTF-8 byte).
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// Logprobs for one generated position: the chosen token and the `top` most likely ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionLogprobs {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// Events of one request, in order. Each choice (`index`) ends with exactly one `Finished`;
+/// after all choices finished, one `Usage` closes the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// New text for choice `index`. `text` is complete UTF-8 and excludes held-back text that
+    /// may be the start of a stop string; `token_ids` are the tokens it came from.
+    Token { index: u32, token_ids: Vec<u32>, text: String, logprobs: Vec<PositionLogprobs> },
+    /// Choice `index` is done; `text` is any held-back text released at the end.
+    Finished { index: u32, reason: FinishReason, text: String, stop: Option<StopMatch> },
+    /// Totals for the whole request; the last event.
+    Usage(Usage),
+    /// The request failed inside the engine; the last event.
+    Error(String),
+}
+
+/// What stopped a choice with [`FinishReason::Stop`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopMatch {
+    Eos(u32),
+    Token(u32),
+    String(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    /// Summed over choices.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+    /// Time between submission and the first scheduled step.
+    pub queue_time: Duration,
+}

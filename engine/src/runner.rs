@@ -1,0 +1,96 @@
+//! The seam between the serving core (scheduler, KV block manager, sampler) and a backend.
+//!
+//! The scheduler decides which tokens run this step and which KV blocks they use; a
+//! [`ModelRunner`] owns the weights and the KV storage on its device and computes logits.
+//! Models hold no KV state: everything about sequences arrives in the [`ForwardBatch`].
+//! The CPU backend implements this with candle tensors and paged attention in Rust; the CUDA
+//! backend implements the same trait with its own kernels.
+
+/// Shape of the paged KV cache a runner allocates: `num_blocks` blocks per layer of
+/// `block_size` token slots, each slot holding K and V of `num_kv_heads * head_dim` elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheLayout {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// Bytes per element of the cache storage (4 on the CPU, 2 for bf16 on the GPU).
+    pub dtype_bytes: usize,
+}
+
+impl KvCacheLayout {
+    /// Bytes one block takes across all layers, K and V.
+    pub fn bytes_per_block(&self) -> usize {
+        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype_bytes
+    }
+
+    /// How many blocks fit into `budget_bytes`.
+    pub fn blocks_for_budget(num_layers: usize, num_kv_heads: usize, head_dim: usize, block_size: usize, dtype_bytes: usize, budget_bytes: u64) -> usize {
+        let per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes;
+        (budget_bytes / per_block.max(1) as u64) as usize
+    }
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqSlice {
+    /// Offset of this sequence's first new token in [`ForwardBatch::tokens`].
+    pub start: usize,
+    /// Number of new tokens this step (prompt chunk length, or 1 for decode).
+    pub len: usize,
+    /// Tokens already in the KV cache before this step (cached prefix + earlier chunks).
+    /// The new tokens sit at positions `context_before .. context_before + len`.
+    pub context_before: usize,
+    /// Physical block ids holding positions `0 .. context_before + len`, in order;
+    /// position `p` lives in block `block_table[p / block_size]`, slot `p % block_size`.
+    pub block_table: Vec<u32>,
+    /// Whether the caller wants logits for this sequence's last new token (false for a
+    /// prompt chunk that is not the last one).
+    pub wants_logits: bool,
+}
+
+/// Everything a backend needs for one forward step over a mixed batch of prefill chunks and
+/// decodes. Tokens of all sequences are concatenated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardBatch {
+    pub tokens: Vec<u32>,
+    /// Absolute position of each token in `tokens`.
+    pub positions: Vec<u32>,
+    pub seqs: Vec<SeqSlice>,
+}
+
+impl ForwardBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Logits for the sequences with `wants_logits`, in batch order: `rows[i]` is a `vocab_size`
+/// row for the i-th such sequence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepLogits {
+    pub vocab_size: usize,
+    pub rows: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("backend error: {0}")]
+    Backend(String),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+}
+
+/// A loaded model on one device together with its KV storage.
+pub trait ModelRunner: Send {
+    /// The KV cache this runner allocated; the block manager hands out ids below `num_blocks`.
+    fn kv_layout(&self) -> KvCacheLayout;
+    /// Runs one step: writes K/V of the new tokens into their slots and returns logits.
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, RunnerError>;
+    /// Copies the contents of block `src` into block `dst` in every layer (copy-on-write
+    /// when a shared, partly filled block is about to be appended to).
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), RunnerError>;
+    /// "cpu" or "cuda:0", for `llmctl ps`.
+    fn device_name(&self) -> String;
+}
