@@ -74,23 +74,15 @@ pub struct StepLogits {
     pub rows: Vec<Vec<f32>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunnerError {
-    #[error("backend error: {0}")]
-    Backend(String),
-    #[error("invalid batch: {0}")]
-    InvalidBatch(String),
-}
-
 /// A loaded model on one device together with its KV storage.
 pub trait ModelRunner: Send {
     /// The KV cache this runner allocated; the block manager hands out ids below `num_blocks`.
     fn kv_layout(&self) -> KvCacheLayout;
     /// Runs one step: writes K/V of the new tokens into their slots and returns logits.
-    fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, RunnerError>;
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, crate::ModelError>;
     /// Copies the contents of block `src` into block `dst` in every layer (copy-on-write
     /// when a shared, partly filled block is about to be appended to).
-    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), RunnerError>;
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), crate::ModelError>;
     /// "cpu" or "cuda:0", for `llmctl ps`.
     fn device_name(&self) -> String;
 }

@@ -1,1 +1,0 @@
-//! loader (in progress)
