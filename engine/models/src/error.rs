@@ -12,7 +12,9 @@ pub enum ModelError {
     },
     #[error("invalid {file}: {message}")]
     Config { file: String, message: String },
-    #[error("unsupported architecture `{0}` (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)")]
+    #[error(
+        "unsupported architecture `{0}` (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)"
+    )]
     UnknownArchitecture(String),
     #[error("checkpoint is missing tensor `{0}`")]
     MissingTensor(String),

@@ -2,8 +2,18 @@
 //! safetensors loading, one file per architecture, the [`runner::ModelRunner`] seam the
 //! serving core drives, and the CPU backend that implements it with paged attention.
 //! Models hold no KV state; everything about sequences arrives in a [`runner::ForwardBatch`].
+//!
+//! Entry point: [`load_cpu`] turns a model folder into a [`LoadedModel`] whose `runner` the
+//! serving core drives step by step.
 
+pub mod config;
+pub mod cpu;
 pub mod error;
+pub mod loader;
+pub mod models;
 pub mod runner;
 
+pub use config::{GenerationConfig, ModelConfig};
+pub use cpu::{CpuRunner, LoadConfig, LoadedModel, load_cpu};
 pub use error::ModelError;
+pub use runner::{ForwardBatch, KvCacheLayout, ModelRunner, SeqSlice, StepLogits};

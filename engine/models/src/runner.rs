@@ -26,7 +26,14 @@ impl KvCacheLayout {
     }
 
     /// How many blocks fit into `budget_bytes`.
-    pub fn blocks_for_budget(num_layers: usize, num_kv_heads: usize, head_dim: usize, block_size: usize, dtype_bytes: usize, budget_bytes: u64) -> usize {
+    pub fn blocks_for_budget(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        dtype_bytes: usize,
+        budget_bytes: u64,
+    ) -> usize {
         let per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes;
         (budget_bytes / per_block.max(1) as u64) as usize
     }
