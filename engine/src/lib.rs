@@ -9,7 +9,10 @@
 
 pub mod engine;
 pub mod error;
+pub mod kv;
 pub mod request;
+pub mod sampler;
+pub mod scheduler;
 
 pub use engine::{EngineStats, LoadOptions, ModelInfo};
 pub use error::EngineError;
