@@ -1,2 +1,63 @@
-//! llmd daemon.
-fn main() {}
+//! `llmd`: the LLM inference server daemon. See `llmd --help` and docs/config.md.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use llmd_daemon::config::{ConfigSource, Settings};
+use llmd_daemon::env::Env;
+use llmd_daemon::{EX_CONFIG, daemon, logging};
+
+/// LLM inference server: serves models over the OpenAI HTTP API, managed with llmctl.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Config file (default /etc/llmd/llmd.toml; env LLMD_CONFIG). Unset keys keep their defaults.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Run as an ordinary user: no config file needed, socket under $XDG_RUNTIME_DIR/llmd/,
+    /// models under ~/.local/share/llmd, HTTP on 127.0.0.1:8000, D-Bus on the session bus.
+    #[arg(long)]
+    dev: bool,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = Env::from_process();
+    let source = ConfigSource::resolve(cli.config.clone(), &env, cli.dev);
+    let settings = match Settings::load(&source, cli.dev, &env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("llmd: configuration error: {e}");
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+    };
+    if cli.print_config {
+        print!("{}", settings.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    match run(settings, source, env) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llmd: {e:#}");
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(settings: Settings, source: ConfigSource, env: Env) -> anyhow::Result<()> {
+    let log = logging::init(&settings.config.log, env.journal_stream).context("cannot set up logging")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llmd")
+        .build()
+        .context("cannot start the async runtime")?;
+    let opts = daemon::Options::new(settings, source, env, log);
+    runtime.block_on(daemon::run(opts))?;
+    Ok(())
+}

@@ -1,0 +1,627 @@
+//! The model manager: one actor task owns the table of loaded models; everything else holds a
+//! cheap [`ModelManager`] handle and talks to it through a channel.
+//!
+//! Loading and unloading run on blocking threads so the actor keeps answering (`ps`, the
+//! watchdog's liveness question) while a model of many gigabytes is read. The engine is
+//! reached only through [`ModelLoader`] and [`LoadedModel`], so the manager is tested here
+//! with a fake engine and the real one (`llmd_engine::EngineHandle`) plugs in unchanged.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use llmd_proto::{ControlError, ErrorCode, LoadParams, Progress, RunningModel};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::{EngineConfig, ReasoningParser};
+
+/// A model the engine serves. Implemented over `llmd_engine::EngineHandle`.
+pub trait LoadedModel: Send + Sync + 'static {
+    /// What `llmctl ps` shows (static facts plus live queue and KV numbers).
+    fn describe(&self) -> RunningModel;
+    /// When the engine loop last went round; a stale value stops the systemd watchdog pings.
+    fn last_heartbeat(&self) -> Instant;
+    /// Drains in-flight requests for up to `drain`, then stops the engine thread. Blocking.
+    fn shutdown(&self, drain: Duration);
+}
+
+/// Everything a loader needs to bring one model up.
+#[derive(Debug, Clone)]
+pub struct LoadRequest {
+    /// The request as the client (or `[[models]]`) gave it, with `name` filled in.
+    pub params: LoadParams,
+    pub served_name: String,
+    /// The model folder (a hub source is resolved to its snapshot folder first).
+    pub path: PathBuf,
+    /// Engine defaults from `[engine]`.
+    pub engine: EngineConfig,
+    pub reasoning_parser: Option<ReasoningParser>,
+}
+
+/// Brings models up. Blocking; called on a blocking thread. `progress` may be called any
+/// number of times; `cancelled` turns true when a client cancels the load.
+pub trait ModelLoader: Send + Sync + 'static {
+    fn load(
+        &self,
+        request: &LoadRequest,
+        progress: &mut dyn FnMut(Progress),
+        cancelled: &AtomicBool,
+    ) -> Result<Arc<dyn LoadedModel>, ControlError>;
+}
+
+/// The loader used while no inference engine is linked into the daemon: every load fails
+/// with a clear `unavailable` error instead of pretending.
+#[derive(Debug, Default)]
+pub struct NoEngine;
+
+impl ModelLoader for NoEngine {
+    fn load(
+        &self,
+        request: &LoadRequest,
+        _: &mut dyn FnMut(Progress),
+        _: &AtomicBool,
+    ) -> Result<Arc<dyn LoadedModel>, ControlError> {
+        Err(ControlError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "cannot load `{}`: the inference engine (llmd-engine) is not linked into this llmd build",
+                request.served_name
+            ),
+        ))
+    }
+}
+
+/// Turns a `source` into a model folder. Hub ids need the model store.
+pub trait SourceResolver: Send + Sync + 'static {
+    fn resolve(&self, params: &LoadParams) -> Result<PathBuf, ControlError>;
+}
+
+/// Resolves local folders only; hub ids get `unavailable` naming the missing store.
+#[derive(Debug, Default)]
+pub struct LocalOnly;
+
+impl SourceResolver for LocalOnly {
+    fn resolve(&self, params: &LoadParams) -> Result<PathBuf, ControlError> {
+        let path = PathBuf::from(&params.source);
+        if path.is_dir() {
+            return Ok(path);
+        }
+        let looks_local = params.source.starts_with('/') || params.source.starts_with('.');
+        if looks_local || path.exists() {
+            return Err(ControlError::new(
+                ErrorCode::NotFound,
+                format!("model folder `{}` does not exist or is not a folder", params.source),
+            ));
+        }
+        Err(ControlError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "`{}` is a hub id, but the model store (llmd-store) is not linked into this llmd build; give a local folder",
+                params.source
+            ),
+        ))
+    }
+}
+
+/// What the manager announces (D-Bus signals follow these).
+#[derive(Debug, Clone)]
+pub enum ModelEvent {
+    Loaded(String),
+    Unloaded(String),
+    Progress(Progress),
+}
+
+enum Slot {
+    Loading { operation: String, cancelled: Arc<AtomicBool> },
+    Loaded(Arc<dyn LoadedModel>),
+    Unloading,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
+
+enum Command {
+    Load {
+        params: LoadParams,
+        reasoning_parser: Option<ReasoningParser>,
+        progress: Option<mpsc::UnboundedSender<Progress>>,
+        reply: Reply<RunningModel>,
+    },
+    LoadDone {
+        name: String,
+        result: Result<Arc<dyn LoadedModel>, ControlError>,
+        cancelled: Arc<AtomicBool>,
+        reply: Reply<RunningModel>,
+    },
+    Unload {
+        name: String,
+        reply: Reply<()>,
+    },
+    UnloadDone {
+        name: String,
+        reply: Reply<()>,
+    },
+    Ps {
+        reply: oneshot::Sender<Vec<RunningModel>>,
+    },
+    Heartbeats {
+        reply: oneshot::Sender<Vec<(String, Instant)>>,
+    },
+    Cancel {
+        operation: String,
+        reply: Reply<()>,
+    },
+    ShutdownAll {
+        drain: Duration,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Handle to the model manager actor.
+#[derive(Clone)]
+pub struct ModelManager {
+    tx: mpsc::Sender<Command>,
+    events: broadcast::Sender<ModelEvent>,
+}
+
+impl std::fmt::Debug for ModelManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelManager")
+    }
+}
+
+struct Actor {
+    slots: HashMap<String, Slot>,
+    loader: Arc<dyn ModelLoader>,
+    resolver: Arc<dyn SourceResolver>,
+    engine: EngineConfig,
+    drain: Duration,
+    tx: mpsc::Sender<Command>,
+    events: broadcast::Sender<ModelEvent>,
+    next_op: AtomicU64,
+}
+
+fn gone() -> ControlError {
+    ControlError::new(ErrorCode::Unavailable, "the model manager has stopped (daemon shutting down)")
+}
+
+impl ModelManager {
+    /// Starts the actor. `drain` is how long an unload lets in-flight requests finish.
+    pub fn spawn(
+        loader: Arc<dyn ModelLoader>,
+        resolver: Arc<dyn SourceResolver>,
+        engine: EngineConfig,
+        drain: Duration,
+    ) -> ModelManager {
+        let (tx, rx) = mpsc::channel(256);
+        let (events, _) = broadcast::channel(256);
+        let actor = Actor {
+            slots: HashMap::new(),
+            loader,
+            resolver,
+            engine,
+            drain,
+            tx: tx.clone(),
+            events: events.clone(),
+            next_op: AtomicU64::new(1),
+        };
+        tokio::spawn(actor.run(rx));
+        ModelManager { tx, events }
+    }
+
+    /// Events for D-Bus signals.
+    pub fn subscribe(&self) -> broadcast::Receiver<ModelEvent> {
+        self.events.subscribe()
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Loads a model; progress events go to `progress` (and to subscribers).
+    pub async fn load(
+        &self,
+        params: LoadParams,
+        reasoning_parser: Option<ReasoningParser>,
+        progress: Option<mpsc::UnboundedSender<Progress>>,
+    ) -> Result<RunningModel, ControlError> {
+        self.ask(|reply| Command::Load { params, reasoning_parser, progress, reply })
+            .await
+            .unwrap_or_else(|| Err(gone()))
+    }
+
+    pub async fn unload(&self, name: String) -> Result<(), ControlError> {
+        self.ask(|reply| Command::Unload { name, reply }).await.unwrap_or_else(|| Err(gone()))
+    }
+
+    pub async fn ps(&self) -> Result<Vec<RunningModel>, ControlError> {
+        self.ask(|reply| Command::Ps { reply }).await.ok_or_else(gone)
+    }
+
+    /// Last engine-loop heartbeat of every loaded model; `None` when the actor does not answer.
+    pub async fn heartbeats(&self) -> Option<Vec<(String, Instant)>> {
+        self.ask(|reply| Command::Heartbeats { reply }).await
+    }
+
+    pub async fn cancel(&self, operation: String) -> Result<(), ControlError> {
+        self.ask(|reply| Command::Cancel { operation, reply }).await.unwrap_or_else(|| Err(gone()))
+    }
+
+    /// Unloads everything, each model draining for up to the configured time (in parallel).
+    pub async fn shutdown_all(&self, drain: Duration) {
+        let _ = self.ask(|reply| Command::ShutdownAll { drain, reply }).await;
+    }
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::Load { params, reasoning_parser, progress, reply } => {
+                    self.start_load(params, reasoning_parser, progress, reply)
+                }
+                Command::LoadDone { name, result, cancelled, reply } => {
+                    self.finish_load(name, result, cancelled, reply)
+                }
+                Command::Unload { name, reply } => self.start_unload(name, reply),
+                Command::UnloadDone { name, reply } => {
+                    self.slots.remove(&name);
+                    tracing::info!(model = %name, "model unloaded");
+                    let _ = self.events.send(ModelEvent::Unloaded(name));
+                    let _ = reply.send(Ok(()));
+                }
+                Command::Ps { reply } => {
+                    let mut list: Vec<RunningModel> = self
+                        .slots
+                        .values()
+                        .filter_map(|s| match s {
+                            Slot::Loaded(m) => Some(m.describe()),
+                            _ => None,
+                        })
+                        .collect();
+                    list.sort_by(|a, b| a.name.cmp(&b.name));
+                    let _ = reply.send(list);
+                }
+                Command::Heartbeats { reply } => {
+                    let beats = self
+                        .slots
+                        .iter()
+                        .filter_map(|(n, s)| match s {
+                            Slot::Loaded(m) => Some((n.clone(), m.last_heartbeat())),
+                            _ => None,
+                        })
+                        .collect();
+                    let _ = reply.send(beats);
+                }
+                Command::Cancel { operation, reply } => {
+                    let found = self.slots.values().find_map(|s| match s {
+                        Slot::Loading { operation: op, cancelled } if *op == operation => Some(cancelled.clone()),
+                        _ => None,
+                    });
+                    let _ = reply.send(match found {
+                        Some(flag) => {
+                            flag.store(true, Ordering::SeqCst);
+                            Ok(())
+                        }
+                        None => {
+                            Err(ControlError::new(ErrorCode::NotFound, format!("no running operation `{operation}`")))
+                        }
+                    });
+                }
+                Command::ShutdownAll { drain, reply } => {
+                    let loaded: Vec<(String, Arc<dyn LoadedModel>)> = self
+                        .slots
+                        .drain()
+                        .filter_map(|(n, s)| match s {
+                            Slot::Loaded(m) => Some((n, m)),
+                            Slot::Loading { cancelled, .. } => {
+                                cancelled.store(true, Ordering::SeqCst);
+                                None
+                            }
+                            Slot::Unloading => None,
+                        })
+                        .collect();
+                    let tasks: Vec<_> = loaded
+                        .into_iter()
+                        .map(|(name, m)| {
+                            tokio::task::spawn_blocking(move || {
+                                m.shutdown(drain);
+                                tracing::info!(model = %name, "model stopped");
+                            })
+                        })
+                        .collect();
+                    tokio::spawn(async move {
+                        for t in tasks {
+                            let _ = t.await;
+                        }
+                        let _ = reply.send(());
+                    });
+                }
+            }
+        }
+    }
+
+    fn start_load(
+        &mut self,
+        mut params: LoadParams,
+        reasoning_parser: Option<ReasoningParser>,
+        progress: Option<mpsc::UnboundedSender<Progress>>,
+        reply: Reply<RunningModel>,
+    ) {
+        let name = params.name.clone().unwrap_or_else(|| crate::config::default_served_name(&params.source));
+        if name.trim().is_empty() {
+            let _ = reply.send(Err(ControlError::new(ErrorCode::InvalidArgument, "`name` must not be empty")));
+            return;
+        }
+        if let Some(slot) = self.slots.get(&name) {
+            let what = match slot {
+                Slot::Loading { .. } => "is being loaded",
+                Slot::Loaded(_) => "is already loaded",
+                Slot::Unloading => "is being unloaded",
+            };
+            let _ = reply.send(Err(ControlError::new(
+                ErrorCode::Conflict,
+                format!("model `{name}` {what}; unload it first or choose another --name"),
+            )));
+            return;
+        }
+        if let Some(tp) = params.tp {
+            if tp == 0 || tp > 64 {
+                let _ = reply.send(Err(ControlError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("`tp` = {tp} must be between 1 and 64"),
+                )));
+                return;
+            }
+        }
+        params.name = Some(name.clone());
+        let path = match self.resolver.resolve(&params) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let operation = format!("load-{}", self.next_op.fetch_add(1, Ordering::Relaxed));
+        let cancelled = Arc::new(AtomicBool::new(false));
+        self.slots.insert(name.clone(), Slot::Loading { operation: operation.clone(), cancelled: cancelled.clone() });
+        let request =
+            LoadRequest { params, served_name: name.clone(), path, engine: self.engine.clone(), reasoning_parser };
+        let loader = self.loader.clone();
+        let tx = self.tx.clone();
+        let events = self.events.clone();
+        tracing::info!(model = %name, operation = %operation, path = %request.path.display(), "loading model");
+        tokio::task::spawn_blocking(move || {
+            let mut on_progress = |mut p: Progress| {
+                p.operation = operation.clone();
+                if let Some(tx) = &progress {
+                    let _ = tx.send(p.clone());
+                }
+                let _ = events.send(ModelEvent::Progress(p));
+            };
+            let result = loader.load(&request, &mut on_progress, &cancelled);
+            let _ = tx.blocking_send(Command::LoadDone { name, result, cancelled, reply });
+        });
+    }
+
+    fn finish_load(
+        &mut self,
+        name: String,
+        result: Result<Arc<dyn LoadedModel>, ControlError>,
+        cancelled: Arc<AtomicBool>,
+        reply: Reply<RunningModel>,
+    ) {
+        let still_wanted = matches!(self.slots.get(&name), Some(Slot::Loading { .. }));
+        match result {
+            Ok(model) if cancelled.load(Ordering::SeqCst) || !still_wanted => {
+                self.slots.remove(&name);
+                let drain = self.drain;
+                tokio::task::spawn_blocking(move || model.shutdown(drain));
+                tracing::info!(model = %name, "load cancelled");
+                let _ =
+                    reply.send(Err(ControlError::new(ErrorCode::Cancelled, format!("loading `{name}` was cancelled"))));
+            }
+            Ok(model) => {
+                let described = model.describe();
+                self.slots.insert(name.clone(), Slot::Loaded(model));
+                tracing::info!(model = %name, "model loaded");
+                let _ = self.events.send(ModelEvent::Loaded(name));
+                let _ = reply.send(Ok(described));
+            }
+            Err(e) => {
+                self.slots.remove(&name);
+                tracing::warn!(model = %name, error = %e, "model load failed");
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn start_unload(&mut self, name: String, reply: Reply<()>) {
+        match self.slots.get(&name) {
+            Some(Slot::Loaded(_)) => {}
+            Some(Slot::Loading { .. }) => {
+                let _ = reply.send(Err(ControlError::new(
+                    ErrorCode::Conflict,
+                    format!("model `{name}` is still loading; cancel the load instead"),
+                )));
+                return;
+            }
+            Some(Slot::Unloading) => {
+                let _ = reply.send(Err(ControlError::new(
+                    ErrorCode::Conflict,
+                    format!("model `{name}` is already being unloaded"),
+                )));
+                return;
+            }
+            None => {
+                let _ =
+                    reply.send(Err(ControlError::new(ErrorCode::NotFound, format!("no loaded model named `{name}`"))));
+                return;
+            }
+        }
+        let Some(Slot::Loaded(model)) = self.slots.insert(name.clone(), Slot::Unloading) else {
+            return;
+        };
+        let drain = self.drain;
+        let tx = self.tx.clone();
+        tracing::info!(model = %name, "unloading model (draining in-flight requests)");
+        tokio::task::spawn_blocking(move || {
+            model.shutdown(drain);
+            let _ = tx.blocking_send(Command::UnloadDone { name, reply });
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct FakeModel {
+        name: String,
+        beat: Mutex<Instant>,
+        stopped: Arc<AtomicBool>,
+    }
+
+    impl LoadedModel for FakeModel {
+        fn describe(&self) -> RunningModel {
+            RunningModel {
+                name: self.name.clone(),
+                source: "/fake".into(),
+                architecture: "FakeForCausalLM".into(),
+                params: 1,
+                dtype: "float32".into(),
+                device: "cpu".into(),
+                tp: 1,
+                gpus: vec![],
+                max_model_len: 16,
+                weight_bytes: 4,
+                kv_cache_bytes: 0,
+                kv_block_size: 16,
+                kv_blocks_total: 1,
+                kv_blocks_used: 0,
+                running: 0,
+                waiting: 0,
+                loaded_at: 0,
+            }
+        }
+        fn last_heartbeat(&self) -> Instant {
+            *self.beat.lock().unwrap()
+        }
+        fn shutdown(&self, _: Duration) {
+            self.stopped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    struct FakeLoader {
+        stopped: Arc<AtomicBool>,
+    }
+
+    impl ModelLoader for FakeLoader {
+        fn load(
+            &self,
+            r: &LoadRequest,
+            progress: &mut dyn FnMut(Progress),
+            _: &AtomicBool,
+        ) -> Result<Arc<dyn LoadedModel>, ControlError> {
+            progress(Progress {
+                operation: String::new(),
+                model: r.served_name.clone(),
+                phase: "loading weights".into(),
+                done: 1,
+                total: Some(1),
+                unit: llmd_proto::ProgressUnit::Tensors,
+                rate: 0.0,
+                eta_secs: None,
+                files: vec![],
+            });
+            Ok(Arc::new(FakeModel {
+                name: r.served_name.clone(),
+                beat: Mutex::new(Instant::now()),
+                stopped: self.stopped.clone(),
+            }))
+        }
+    }
+
+    fn manager(stopped: Arc<AtomicBool>) -> ModelManager {
+        ModelManager::spawn(
+            Arc::new(FakeLoader { stopped }),
+            Arc::new(LocalOnly),
+            EngineConfig::default(),
+            Duration::from_secs(1),
+        )
+    }
+
+    #[tokio::test]
+    async fn load_ps_unload() {
+        let dir = tempfile::tempdir().unwrap();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let m = manager(stopped.clone());
+        let mut events = m.subscribe();
+        let (ptx, mut prx) = mpsc::unbounded_channel();
+        let params =
+            LoadParams { source: dir.path().display().to_string(), name: Some("tiny".into()), ..Default::default() };
+        let loaded = m.load(params.clone(), None, Some(ptx)).await.unwrap();
+        assert_eq!(loaded.name, "tiny");
+        let p = prx.recv().await.unwrap();
+        assert!(p.operation.starts_with("load-"), "{p:?}");
+        assert_eq!(m.ps().await.unwrap().len(), 1);
+        assert_eq!(m.heartbeats().await.unwrap().len(), 1);
+
+        let err = m.load(params, None, None).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Conflict);
+
+        m.unload("tiny".into()).await.unwrap();
+        assert!(stopped.load(Ordering::SeqCst));
+        assert!(m.ps().await.unwrap().is_empty());
+        assert_eq!(m.unload("tiny".into()).await.unwrap_err().code, ErrorCode::NotFound);
+
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(match e {
+                ModelEvent::Loaded(n) => format!("loaded {n}"),
+                ModelEvent::Unloaded(n) => format!("unloaded {n}"),
+                ModelEvent::Progress(_) => "progress".into(),
+            });
+        }
+        assert_eq!(seen, ["progress", "loaded tiny", "unloaded tiny"]);
+    }
+
+    #[tokio::test]
+    async fn bad_sources_are_typed_errors() {
+        let m = manager(Arc::new(AtomicBool::new(false)));
+        let e = m
+            .load(LoadParams { source: "/does/not/exist".into(), ..Default::default() }, None, None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        let e = m
+            .load(LoadParams { source: "hf:Qwen/Qwen3-0.6B".into(), ..Default::default() }, None, None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(e.message.contains("llmd-store"), "{}", e.message);
+        assert_eq!(m.cancel("load-99".into()).await.unwrap_err().code, ErrorCode::NotFound);
+    }
+
+    #[tokio::test]
+    async fn no_engine_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ModelManager::spawn(
+            Arc::new(NoEngine),
+            Arc::new(LocalOnly),
+            EngineConfig::default(),
+            Duration::from_secs(1),
+        );
+        let e = m
+            .load(LoadParams { source: dir.path().display().to_string(), ..Default::default() }, None, None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(e.message.contains("llmd-engine"));
+        assert!(m.ps().await.unwrap().is_empty());
+    }
+}
