@@ -141,7 +141,7 @@ mod tests {
     fn include_replaces_and_exclude_removes() {
         let f = FileFilter::new(&["*.gguf".into(), "config.json".into()], &[]).unwrap();
         assert_eq!(f.select(REPO), vec!["config.json", "model.gguf"]);
-        let f = FileFilter::new(&[], &["*00002*".into(), "*.jinja".into()]).unwrap();
+        let f = FileFilter::new(&[], &["model-00002*".into(), "*.jinja".into()]).unwrap();
         let sel = f.select(REPO);
         assert!(sel.contains(&"model-00001-of-00002.safetensors"));
         assert!(!sel.contains(&"model-00002-of-00002.safetensors") && !sel.contains(&"chat_template.jinja"));
