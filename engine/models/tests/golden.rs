@@ -11,6 +11,7 @@ const TOL: f32 = 1e-4;
 
 fn check_seq(name: &str, what: &str, s: &Seq, p: &GoldenPrompt) {
     let diff = max_abs_diff(s.first_logits.as_ref().unwrap(), &p.last_logits);
+    eprintln!("{name} ({what}): max abs logit diff {diff:e}");
     assert!(diff < TOL, "{name} ({what}): first-step logits differ by {diff}");
     assert_eq!(s.generated(), p.greedy.as_slice(), "{name} ({what}): greedy continuation differs");
 }
