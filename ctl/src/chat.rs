@@ -223,6 +223,12 @@ impl AnswerSink for PlainSink {
     fn reasoning(&mut self, _text: &str) {}
 
     fn content(&mut self, text: &str) {
+        // Reasoning models open the answer with blank lines after their thinking; a pipe
+        // should get the answer itself.
+        let text = if self.wrote { text } else { text.trim_start() };
+        if text.is_empty() {
+            return;
+        }
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
