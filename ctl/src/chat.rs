@@ -429,7 +429,7 @@ async fn interactive(api: &Api, mut history: Vec<Value>) -> Result<i32, Failure>
         match api.stream(&history, &mut sink, Some(&mut sigint)).await {
             Ok(Some(answer)) => {
                 sink.finish();
-                history.push(json!({"role": "assistant", "content": answer}));
+                history.push(json!({"role": "assistant", "content": answer.trim()}));
             }
             Ok(None) => {
                 // The half answer is not kept: the next turn starts from the last full exchange.
