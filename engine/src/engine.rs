@@ -1,7 +1,39 @@
-//! The engine thread and its handle. (Public types are the contract used by the daemon and
-//! the HTTP layer; the implementation is filled in by the serving-core work.)
+//! The engine thread and its handle.
+//!
+//! [`EngineHandle`] is a cheap `Clone` handle to one model. One `std::thread` per model (the
+//! actor) owns the runner, the [`Scheduler`] and its block manager, the samplers and the
+//! detokenizers; handles talk to it over a channel and read live counters from shared atomics.
+//! Each request's events come back on its own [`GenerationStream`]; dropping the stream
+//! cancels the request and frees its KV blocks before the next step.
+//!
+//! A panic inside the engine thread is caught: in-flight requests get
+//! [`GenerationEvent::Error`], the handle is marked dead (new submissions are refused with
+//! [`EngineError::ShuttingDown`]) and the process goes on.
 
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use llmd_models::ModelError;
+use llmd_models::runner::ModelRunner;
+use llmd_tokenizer::{IncrementalDecoder, Tokenizer};
+use tokio::sync::mpsc as tokio_mpsc;
+
+use crate::error::EngineError;
+use crate::kv::BlockManager;
+use crate::request::{
+    FinishReason, GenerateRequest, GenerationEvent, InvalidParam, MAX_N, PositionLogprobs, SamplingParams, StopMatch,
+    TokenLogprob, Usage,
+};
+use crate::sampler::{Sampled, SeqSampler};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
 
 /// How to load a model. Built by the daemon from config / `llmctl load`.
 #[derive(Debug, Clone)]
@@ -12,7 +44,8 @@ pub struct LoadOptions {
     pub served_name: String,
     /// Where it came from, for `llmctl ps` (`hf:org/name`, a path...).
     pub source: String,
-    /// Caps the model's `max_position_embeddings`; None keeps it.
+    /// Caps the model's `max_position_embeddings`; None keeps it. The engine lowers it further
+    /// (with a warning) when the KV cache cannot hold that many tokens.
     pub max_model_len: Option<u32>,
     /// "auto", "bfloat16", "float16" or "float32". The CPU backend computes in f32 whatever this says,
     /// but keeps the checkpoint's dtype in memory where it can.
@@ -23,12 +56,15 @@ pub struct LoadOptions {
     pub cpu_kv_cache_bytes: u64,
     /// Fraction of free GPU memory to use (GPU backends only).
     pub gpu_memory_utilization: f32,
+    /// Most sequences running at once.
     pub max_num_seqs: usize,
+    /// Most tokens per forward step (decodes plus prefill chunks).
     pub max_num_batched_tokens: usize,
     /// Tokens per KV block (16 by default).
     pub block_size: usize,
     /// Waiting requests beyond this are refused with `EngineError::QueueFull`.
     pub max_queue: usize,
+    /// Reuse KV blocks of identical prompt prefixes across requests.
     pub enable_prefix_caching: bool,
 }
 
@@ -52,6 +88,34 @@ impl LoadOptions {
             enable_prefix_caching: true,
         }
     }
+
+    /// Range checks; the error names the option and the limit.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad =
+            |message: String| Err(EngineError::Model(ModelError::Config { file: "load options".into(), message }));
+        if self.max_num_seqs == 0 {
+            return bad("`max_num_seqs` must be >= 1".into());
+        }
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            return bad(format!(
+                "`max_num_batched_tokens` ({}) must be >= `max_num_seqs` ({}) so that every running sequence can decode each step",
+                self.max_num_batched_tokens, self.max_num_seqs
+            ));
+        }
+        if self.block_size == 0 || self.block_size > 4096 {
+            return bad(format!("`block_size` must be in 1..=4096, got {}", self.block_size));
+        }
+        if self.max_queue == 0 {
+            return bad("`max_queue` must be >= 1".into());
+        }
+        if self.max_model_len == Some(0) {
+            return bad("`max_model_len` must be >= 1".into());
+        }
+        if !matches!(self.dtype.as_str(), "auto" | "bfloat16" | "float16" | "float32") {
+            return bad(format!("`dtype` must be auto, bfloat16, float16 or float32, got `{}`", self.dtype));
+        }
+        Ok(())
+    }
 }
 
 /// Static facts about a loaded model.
@@ -64,7 +128,9 @@ pub struct ModelInfo {
     pub num_params: u64,
     pub dtype: String,
     pub device: String,
+    /// Longest prompt + completion, in tokens.
     pub max_model_len: u32,
+    /// Width of the logits (the model's `vocab_size`).
     pub vocab_size: usize,
     pub weight_bytes: u64,
     pub kv_cache_bytes: u64,
@@ -77,13 +143,841 @@ pub struct ModelInfo {
 /// Live counters and gauges, cheap to read (atomics), for `llmctl ps` and `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineStats {
+    /// Sequences running (holding KV blocks).
     pub running: usize,
+    /// Requests not started yet plus preempted sequences waiting to resume.
     pub waiting: usize,
     pub kv_blocks_used: usize,
     pub kv_blocks_total: usize,
+    /// Prompt tokens looked up in the prefix cache (counted at each admission).
     pub prefix_cache_queries: u64,
+    /// Of those, tokens served from the cache.
     pub prefix_cache_hits: u64,
     pub preemptions: u64,
+    /// Prompt tokens of started requests.
     pub prompt_tokens: u64,
+    /// Tokens generated, over all choices.
     pub generation_tokens: u64,
+}
+
+/// Loading progress: `phase` is "tokenizer", "weights" or "kv_cache"; `done` of `total` units
+/// (tensors for "weights").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadProgress {
+    pub phase: &'static str,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// What a backend loader reports about the model it built, for [`EngineHandle::start`].
+#[derive(Debug, Clone)]
+pub struct ModelFacts {
+    pub architecture: String,
+    pub num_params: u64,
+    pub dtype: String,
+    pub weight_bytes: u64,
+    pub max_position_embeddings: usize,
+    /// Logits width.
+    pub vocab_size: usize,
+    /// End-of-sequence ids from the model's configs (the tokenizer's are added).
+    pub eos_token_ids: Vec<u32>,
+}
+
+enum Command {
+    Submit { key: u64, req: GenerateRequest, tx: tokio_mpsc::UnboundedSender<GenerationEvent>, at: Instant },
+    Cancel(u64),
+    Shutdown { deadline: Instant },
+}
+
+#[derive(Default)]
+struct Counters {
+    running: AtomicUsize,
+    /// Submitted, not yet scheduled once (includes commands still in the channel).
+    unstarted: AtomicUsize,
+    preempted_waiting: AtomicUsize,
+    kv_used: AtomicUsize,
+    prefix_queries: AtomicU64,
+    prefix_hits: AtomicU64,
+    preemptions: AtomicU64,
+    prompt_tokens: AtomicU64,
+    generation_tokens: AtomicU64,
+}
+
+struct Shared {
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    counters: Counters,
+    /// Milliseconds since `epoch` of the engine loop's last beat.
+    heartbeat_ms: AtomicU64,
+    epoch: Instant,
+    accepting: AtomicBool,
+    alive: AtomicBool,
+    next_key: AtomicU64,
+    max_queue: usize,
+    /// Prompt ids must be below this (model and tokenizer vocabularies).
+    id_limit: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn beat(&self) {
+        self.heartbeat_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Cloneable handle to one loaded model's engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").field("model", &self.shared.info.served_name).finish()
+    }
+}
+
+impl EngineHandle {
+    /// Loads the model folder of `opts` and starts its engine thread. Blocking (seconds to
+    /// minutes): call it from `spawn_blocking`. On the CPU (`device` "auto" or "cpu") it uses
+    /// the llmd-models CPU backend; "cuda" fails with a clear error in this build.
+    pub fn load(opts: LoadOptions, progress: &mut dyn FnMut(LoadProgress)) -> Result<EngineHandle, EngineError> {
+        opts.validate()?;
+        match opts.device.as_str() {
+            "auto" | "cpu" => {}
+            "cuda" => {
+                let why = if cfg!(feature = "cuda") {
+                    "the CUDA backend is not implemented yet; use device \"cpu\""
+                } else {
+                    "this llmd was built without the `cuda` feature; use device \"cpu\""
+                };
+                return Err(EngineError::Model(ModelError::Backend(why.into())));
+            }
+            other => {
+                return Err(EngineError::Model(ModelError::Config {
+                    file: "load options".into(),
+                    message: format!("`device` must be auto, cpu or cuda, got `{other}`"),
+                }));
+            }
+        }
+        progress(LoadProgress { phase: "tokenizer", done: 0, total: 1 });
+        let tokenizer = Tokenizer::from_dir(&opts.path).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        progress(LoadProgress { phase: "tokenizer", done: 1, total: 1 });
+        let cfg = llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
+        let loaded = llmd_models::load_cpu(&opts.path, &cfg, &mut |done, total| {
+            progress(LoadProgress { phase: "weights", done: done as u64, total: total as u64 })
+        })?;
+        let facts = ModelFacts {
+            architecture: loaded.config.architecture.clone(),
+            num_params: loaded.num_params,
+            dtype: loaded.dtype.clone(),
+            weight_bytes: loaded.weight_bytes,
+            max_position_embeddings: loaded.max_position_embeddings,
+            vocab_size: loaded.vocab_size,
+            eos_token_ids: loaded.eos_token_ids.clone(),
+        };
+        let layout = loaded.runner.kv_layout();
+        progress(LoadProgress { phase: "kv_cache", done: layout.num_blocks as u64, total: layout.num_blocks as u64 });
+        Self::start(loaded.runner, Arc::new(tokenizer), facts, &opts)
+    }
+
+    /// Starts an engine thread over an already built runner (any backend, or a test double).
+    pub fn start(
+        runner: Box<dyn ModelRunner>,
+        tokenizer: Arc<Tokenizer>,
+        facts: ModelFacts,
+        opts: &LoadOptions,
+    ) -> Result<EngineHandle, EngineError> {
+        opts.validate()?;
+        let layout = runner.kv_layout();
+        if layout.block_size != opts.block_size || layout.num_blocks == 0 {
+            return Err(EngineError::Model(ModelError::Config {
+                file: "load options".into(),
+                message: format!(
+                    "runner KV layout ({} blocks of {} tokens) does not match `block_size` {}",
+                    layout.num_blocks, layout.block_size, opts.block_size
+                ),
+            }));
+        }
+        let kv_tokens = layout.num_blocks * layout.block_size;
+        let wanted = opts
+            .max_model_len
+            .map_or(facts.max_position_embeddings, |m| (m as usize).min(facts.max_position_embeddings));
+        let max_model_len = wanted.min(kv_tokens).min(u32::MAX as usize) as u32;
+        if (max_model_len as usize) < wanted {
+            tracing::warn!(
+                model = %opts.served_name,
+                wanted,
+                kv_tokens,
+                "KV cache holds fewer tokens than the context length; max_model_len lowered to fit"
+            );
+        }
+        let mut eos = facts.eos_token_ids.clone();
+        for &id in tokenizer.eos_token_ids() {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+        let info = ModelInfo {
+            served_name: opts.served_name.clone(),
+            source: opts.source.clone(),
+            architecture: facts.architecture.clone(),
+            num_params: facts.num_params,
+            dtype: facts.dtype.clone(),
+            device: runner.device_name(),
+            max_model_len,
+            vocab_size: facts.vocab_size,
+            weight_bytes: facts.weight_bytes,
+            kv_cache_bytes: (layout.bytes_per_block() * layout.num_blocks) as u64,
+            kv_block_size: layout.block_size as u32,
+            kv_blocks_total: layout.num_blocks as u32,
+            loaded_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        let shared = Arc::new(Shared {
+            id_limit: facts.vocab_size.min(tokenizer.vocab_size()),
+            info,
+            tokenizer: Arc::clone(&tokenizer),
+            counters: Counters::default(),
+            heartbeat_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            accepting: AtomicBool::new(true),
+            alive: AtomicBool::new(true),
+            next_key: AtomicU64::new(1),
+            max_queue: opts.max_queue,
+            thread: Mutex::new(None),
+        });
+        let sched = Scheduler::new(
+            SchedulerConfig { max_num_seqs: opts.max_num_seqs, max_num_batched_tokens: opts.max_num_batched_tokens },
+            BlockManager::new(layout.num_blocks, layout.block_size, opts.enable_prefix_caching),
+        );
+        let (tx, rx) = mpsc::channel();
+        let engine = Engine {
+            runner,
+            sched,
+            tokenizer,
+            eos,
+            sample_width: facts.vocab_size.min(shared.tokenizer.vocab_size()),
+            requests: HashMap::new(),
+            shared: Arc::clone(&shared),
+            shutdown_deadline: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("llmd-engine-{}", opts.served_name))
+            .spawn(move || engine.run(rx))
+            .map_err(|e| EngineError::Model(ModelError::Backend(format!("cannot start the engine thread: {e}"))))?;
+        *shared.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
+        Ok(EngineHandle { shared, tx })
+    }
+
+    /// Static facts about the model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.shared.info
+    }
+
+    /// The model's tokenizer (encode, decode, chat template).
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.shared.tokenizer
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.counters;
+        EngineStats {
+            running: c.running.load(Ordering::Relaxed),
+            waiting: c.unstarted.load(Ordering::Relaxed) + c.preempted_waiting.load(Ordering::Relaxed),
+            kv_blocks_used: c.kv_used.load(Ordering::Relaxed),
+            kv_blocks_total: self.shared.info.kv_blocks_total as usize,
+            prefix_cache_queries: c.prefix_queries.load(Ordering::Relaxed),
+            prefix_cache_hits: c.prefix_hits.load(Ordering::Relaxed),
+            preemptions: c.preemptions.load(Ordering::Relaxed),
+            prompt_tokens: c.prompt_tokens.load(Ordering::Relaxed),
+            generation_tokens: c.generation_tokens.load(Ordering::Relaxed),
+        }
+    }
+
+    /// When the engine loop last ran; it beats at least once a second even when idle.
+    pub fn last_heartbeat(&self) -> Instant {
+        self.shared.epoch + Duration::from_millis(self.shared.heartbeat_ms.load(Ordering::Relaxed))
+    }
+
+    /// False once the engine thread stopped (shut down, or died of a panic).
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Relaxed)
+    }
+
+    /// Validates and queues a request. Errors: invalid parameters, `n` out of 1..=[`MAX_N`],
+    /// empty prompt, token ids outside the vocabulary, prompt + `max_tokens` beyond
+    /// `max_model_len`, full queue, engine shutting down or dead.
+    pub fn submit(&self, req: GenerateRequest) -> Result<GenerationStream, EngineError> {
+        let name = &self.shared.info.served_name;
+        if !self.shared.accepting.load(Ordering::Acquire) || !self.is_alive() {
+            return Err(EngineError::ShuttingDown(name.clone()));
+        }
+        req.sampling.validate()?;
+        if req.n == 0 || req.n > MAX_N {
+            return Err(InvalidParam {
+                param: "n",
+                message: format!("`n` must be between 1 and {MAX_N}, got {}", req.n),
+            }
+            .into());
+        }
+        if req.prompt_tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(&token) = req.prompt_tokens.iter().find(|&&t| t as usize >= self.shared.id_limit) {
+            return Err(EngineError::TokenOutOfRange { token, vocab_size: self.shared.id_limit });
+        }
+        let max_model_len = self.shared.info.max_model_len;
+        if req.prompt_tokens.len() as u64 + u64::from(req.sampling.max_tokens) > u64::from(max_model_len) {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: req.prompt_tokens.len(),
+                max_tokens: req.sampling.max_tokens,
+                max_model_len,
+            });
+        }
+        let counters = &self.shared.counters;
+        let max_queue = self.shared.max_queue;
+        if counters
+            .unstarted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < max_queue).then_some(w + 1))
+            .is_err()
+        {
+            return Err(EngineError::QueueFull { model: name.clone(), max_queue });
+        }
+        let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = tokio_mpsc::unbounded_channel();
+        if self.tx.send(Command::Submit { key, req, tx: etx, at: Instant::now() }).is_err() {
+            counters.unstarted.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::ShuttingDown(name.clone()));
+        }
+        Ok(GenerationStream { rx: erx, key, cancel: self.tx.clone(), done: false })
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish for up to `drain_timeout`, aborts
+    /// the rest (their streams get `Finished { reason: Abort }` and `Usage`), and joins the
+    /// engine thread. Blocking: call it from `spawn_blocking`. Later calls return at once.
+    pub fn shutdown(&self, drain_timeout: Duration) {
+        self.shared.accepting.store(false, Ordering::Release);
+        let _ = self.tx.send(Command::Shutdown { deadline: Instant::now() + drain_timeout });
+        let thread = self.shared.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The events of one request. `next().await` yields them in order and `None` after the last
+/// (`Usage` or `Error`). Also a `futures::Stream`. Dropping it early cancels the request.
+#[derive(Debug)]
+pub struct GenerationStream {
+    rx: tokio_mpsc::UnboundedReceiver<GenerationEvent>,
+    key: u64,
+    cancel: mpsc::Sender<Command>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Submit { key, .. } => write!(f, "Submit({key})"),
+            Command::Cancel(key) => write!(f, "Cancel({key})"),
+            Command::Shutdown { .. } => write!(f, "Shutdown"),
+        }
+    }
+}
+
+impl GenerationStream {
+    /// The next event; `None` once the request is over.
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<GenerationEvent>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(ev)) => {
+                if matches!(ev, GenerationEvent::Usage(_) | GenerationEvent::Error(_)) {
+                    self.done = true;
+                }
+                Poll::Ready(Some(ev))
+            }
+            Poll::Ready(None) => {
+                // The engine went away without closing the request (it stopped or died).
+                self.done = true;
+                Poll::Ready(Some(GenerationEvent::Error("the engine stopped before the request finished".into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl futures::Stream for GenerationStream {
+    type Item = GenerationEvent;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<GenerationEvent>> {
+        self.get_mut().poll_event(cx)
+    }
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.cancel.send(Command::Cancel(self.key));
+        }
+    }
+}
+
+/// Text state of one choice: detokenizer plus held-back text that may start a stop string.
+struct Choice {
+    sampler: SeqSampler,
+    decoder: IncrementalDecoder,
+    /// Decoded but not yet emitted: a suffix that may be the start of a stop string.
+    held: String,
+    done: bool,
+}
+
+struct Request {
+    tx: tokio_mpsc::UnboundedSender<GenerationEvent>,
+    params: SamplingParams,
+    prompt_len: usize,
+    submitted: Instant,
+    started: bool,
+    queue_time: Duration,
+    cached_tokens: usize,
+    completion_tokens: u32,
+    choices: Vec<Choice>,
+    unfinished: u32,
+}
+
+impl Request {
+    fn send(&self, ev: GenerationEvent) {
+        // A closed receiver means the client left; the Cancel it sent is on its way.
+        let _ = self.tx.send(ev);
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len as u32,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens as u32,
+            queue_time: self.queue_time,
+        }
+    }
+}
+
+struct Engine {
+    runner: Box<dyn ModelRunner>,
+    sched: Scheduler,
+    tokenizer: Arc<Tokenizer>,
+    eos: Vec<u32>,
+    /// Logits beyond this are never sampled: ids the tokenizer cannot decode (padded embeddings).
+    sample_width: usize,
+    requests: HashMap<u64, Request>,
+    shared: Arc<Shared>,
+    shutdown_deadline: Option<Instant>,
+}
+
+/// Outcome of looking for stop strings in decoded text.
+#[derive(Debug, PartialEq, Eq)]
+enum StopScan {
+    /// A stop string starts at byte `at`: emit `text[..at]`, drop the rest.
+    Matched { at: usize, stop: usize },
+    /// No match: emit `text[..emit]`, hold back the rest (a prefix of some stop string).
+    Clear { emit: usize },
+}
+
+fn scan_stops(text: &str, stops: &[String]) -> StopScan {
+    let first = stops.iter().enumerate().filter_map(|(i, s)| text.find(s.as_str()).map(|at| (at, i))).min();
+    if let Some((at, stop)) = first {
+        return StopScan::Matched { at, stop };
+    }
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    for k in (1..longest.min(text.len() + 1)).rev() {
+        let start = text.len() - k;
+        if text.is_char_boundary(start) && stops.iter().any(|s| s.len() > k && s.starts_with(&text[start..])) {
+            return StopScan::Clear { emit: start };
+        }
+    }
+    StopScan::Clear { emit: text.len() }
+}
+
+impl Engine {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        self.shared.beat();
+        loop {
+            let step = std::panic::catch_unwind(AssertUnwindSafe(|| self.iteration(&rx)));
+            match step {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(panic) => {
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(model = %self.shared.info.served_name, panic = %msg, "engine thread panicked; model marked dead");
+                    self.shared.alive.store(false, Ordering::Release);
+                    self.shared.accepting.store(false, Ordering::Release);
+                    let err = format!("engine of model `{}` crashed: {msg}", self.shared.info.served_name);
+                    for (_, req) in self.requests.drain() {
+                        req.send(GenerationEvent::Error(err.clone()));
+                    }
+                    while let Ok(cmd) = rx.try_recv() {
+                        if let Command::Submit { tx, .. } = cmd {
+                            let _ = tx.send(GenerationEvent::Error(err.clone()));
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        self.shared.alive.store(false, Ordering::Release);
+        self.shared.accepting.store(false, Ordering::Release);
+        self.shared.counters.unstarted.store(0, Ordering::Relaxed);
+        self.shared.counters.running.store(0, Ordering::Relaxed);
+        self.shared.counters.preempted_waiting.store(0, Ordering::Relaxed);
+    }
+
+    /// One loop turn: take commands, run one step. False when the thread should end.
+    fn iteration(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
+        self.shared.beat();
+        // Block for commands only when idle; the timeout keeps the heartbeat going.
+        if !self.sched.has_work() && self.shutdown_deadline.is_none() {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(cmd) => self.command(cmd),
+                Err(RecvTimeoutError::Timeout) => return true,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => self.command(cmd),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    if !self.sched.has_work() {
+                        return false;
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(deadline) = self.shutdown_deadline {
+            if !self.sched.has_work() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                self.abort_all("drain timeout reached at shutdown");
+                return false;
+            }
+        }
+        if self.sched.has_work() {
+            self.step();
+        } else if self.shutdown_deadline.is_some() {
+            return false;
+        }
+        self.publish_stats();
+        true
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { key, req, tx, at } => self.add_request(key, req, tx, at),
+            Command::Cancel(key) => {
+                if let Some(req) = self.requests.remove(&key) {
+                    if !req.started {
+                        self.shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    self.sched.abort_group(key);
+                    tracing::debug!(key, "request cancelled");
+                }
+            }
+            Command::Shutdown { deadline } => {
+                self.shutdown_deadline = Some(self.shutdown_deadline.map_or(deadline, |d| d.min(deadline)));
+            }
+        }
+        self.publish_stats();
+    }
+
+    fn add_request(
+        &mut self,
+        key: u64,
+        req: GenerateRequest,
+        tx: tokio_mpsc::UnboundedSender<GenerationEvent>,
+        at: Instant,
+    ) {
+        let fail = |shared: &Shared, tx: &tokio_mpsc::UnboundedSender<GenerationEvent>, msg: String| {
+            shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
+            let _ = tx.send(GenerationEvent::Error(msg));
+        };
+        let mut choices = Vec::with_capacity(req.n as usize);
+        for c in 0..req.n {
+            let decoder = match self.tokenizer.incremental_decoder(&req.prompt_tokens, req.sampling.skip_special_tokens)
+            {
+                Ok(d) => d,
+                Err(e) => return fail(&self.shared, &tx, format!("tokenizer: {e}")),
+            };
+            choices.push(Choice {
+                sampler: SeqSampler::new(&req.sampling, &req.prompt_tokens, c, &self.eos),
+                decoder,
+                held: String::new(),
+                done: false,
+            });
+        }
+        let prompt_len = req.prompt_tokens.len();
+        if let Err(e) = self.sched.add(key, req.prompt_tokens, req.n, req.sampling.max_tokens as usize) {
+            return fail(&self.shared, &tx, e.to_string());
+        }
+        self.requests.insert(
+            key,
+            Request {
+                tx,
+                params: req.sampling,
+                prompt_len,
+                submitted: at,
+                started: false,
+                queue_time: Duration::ZERO,
+                cached_tokens: 0,
+                completion_tokens: 0,
+                choices,
+                unfinished: req.n,
+            },
+        );
+    }
+
+    fn publish_stats(&self) {
+        let c = &self.shared.counters;
+        let unstarted_here = self.requests.values().filter(|r| !r.started).count();
+        c.running.store(self.sched.num_running(), Ordering::Relaxed);
+        c.preempted_waiting.store(self.sched.num_waiting().saturating_sub(unstarted_here), Ordering::Relaxed);
+        c.kv_used.store(self.sched.kv().num_used_blocks(), Ordering::Relaxed);
+        let (q, h) = self.sched.prefix_cache_counters();
+        c.prefix_queries.store(q, Ordering::Relaxed);
+        c.prefix_hits.store(h, Ordering::Relaxed);
+        c.preemptions.store(self.sched.preemptions(), Ordering::Relaxed);
+    }
+
+    fn step(&mut self) {
+        let out = self.sched.schedule();
+        if out.is_empty() {
+            // Nothing fits right now (cannot happen with a lone request: `add` refuses those);
+            // avoid a hot loop while waiting for cancellations.
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        }
+        let now = Instant::now();
+        for &id in &out.first_scheduled {
+            let Some(seq) = self.sched.seq(id) else { continue };
+            let (group, cached) = (seq.group, seq.cached_tokens());
+            if let Some(req) = self.requests.get_mut(&group) {
+                if !req.started {
+                    req.started = true;
+                    req.queue_time = now.saturating_duration_since(req.submitted);
+                    req.cached_tokens = cached;
+                    self.shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
+                    self.shared.counters.prompt_tokens.fetch_add(req.prompt_len as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let result = self.run_forward(&out);
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(model = %self.shared.info.served_name, error = %e, "forward step failed");
+                let groups: Vec<u64> =
+                    out.scheduled.iter().filter_map(|s| self.sched.seq(s.seq).map(|q| q.group)).collect();
+                for g in groups {
+                    self.fail_request(g, format!("model error: {e}"));
+                }
+                return;
+            }
+        };
+        self.sched.complete_step(&out);
+        let with_logits = out.scheduled.iter().filter(|s| s.wants_logits).map(|s| s.seq);
+        for (id, row) in with_logits.zip(rows) {
+            self.on_logits(id, &row);
+        }
+    }
+
+    fn run_forward(&mut self, out: &SchedulerOutput) -> Result<Vec<Vec<f32>>, ModelError> {
+        for &(src, dst) in &out.copies {
+            self.runner.copy_block(src, dst)?;
+        }
+        let logits = self.runner.forward(&out.batch)?;
+        let wanted = out.scheduled.iter().filter(|s| s.wants_logits).count();
+        if logits.rows.len() != wanted {
+            return Err(ModelError::Backend(format!(
+                "runner returned {} logits rows, expected {wanted}",
+                logits.rows.len()
+            )));
+        }
+        Ok(logits.rows)
+    }
+
+    fn on_logits(&mut self, id: SeqId, row: &[f32]) {
+        let Some(seq) = self.sched.seq(id) else { return };
+        let group = seq.group;
+        let mut seqs = vec![id];
+        if seq.pending_forks() > 0 {
+            seqs.extend(self.sched.fork(id));
+        }
+        let row = &row[..self.sample_width.min(row.len())];
+        for s in seqs {
+            let Some(choice) = self.sched.seq(s).map(|q| q.choice) else { continue };
+            if let Err(msg) = self.sample_choice(group, s, choice as usize, row) {
+                self.fail_request(group, msg);
+                return;
+            }
+        }
+    }
+
+    fn sample_choice(&mut self, group: u64, seq: SeqId, c: usize, row: &[f32]) -> Result<(), String> {
+        let Some(req) = self.requests.get_mut(&group) else { return Ok(()) };
+        let params = &req.params;
+        let choice = &mut req.choices[c];
+        let sampled = choice.sampler.sample(params, row);
+        let tok = sampled.token;
+        req.completion_tokens += 1;
+        self.shared.counters.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        let logprobs = match params.logprobs {
+            Some(_) => vec![position_logprobs(&self.tokenizer, &sampled)],
+            None => Vec::new(),
+        };
+        let n_out = choice.sampler.num_output();
+
+        let stop_id = if !params.ignore_eos && self.eos.contains(&tok) {
+            Some(StopMatch::Eos(tok))
+        } else if params.stop_token_ids.contains(&tok) {
+            Some(StopMatch::Token(tok))
+        } else {
+            None
+        };
+        let mut finish: Option<(FinishReason, Option<StopMatch>)> = None;
+        let mut text = String::new();
+        let mut tail = String::new();
+        if let Some(m) = stop_id {
+            // The stop token itself is not part of the text; held-back text was not a stop.
+            tail = std::mem::take(&mut choice.held);
+            tail.push_str(&choice.decoder.finish().map_err(|e| format!("tokenizer: {e}"))?);
+            finish = Some((FinishReason::Stop, Some(m)));
+        } else {
+            let new = choice.decoder.push(tok).map_err(|e| format!("tokenizer: {e}"))?;
+            let mut buf = std::mem::take(&mut choice.held);
+            buf.push_str(&new);
+            if params.stop.is_empty() {
+                text = buf;
+            } else {
+                match scan_stops(&buf, &params.stop) {
+                    StopScan::Matched { at, stop } => {
+                        buf.truncate(at);
+                        text = buf;
+                        finish = Some((FinishReason::Stop, Some(StopMatch::String(params.stop[stop].clone()))));
+                    }
+                    StopScan::Clear { emit } => {
+                        choice.held = buf.split_off(emit);
+                        text = buf;
+                    }
+                }
+            }
+            if finish.is_none() && n_out >= params.max_tokens {
+                tail = std::mem::take(&mut choice.held);
+                tail.push_str(&choice.decoder.finish().map_err(|e| format!("tokenizer: {e}"))?);
+                // The flushed tail may complete a stop string.
+                if let StopScan::Matched { at, stop } = scan_stops(&tail, &params.stop) {
+                    tail.truncate(at);
+                    finish = Some((FinishReason::Stop, Some(StopMatch::String(params.stop[stop].clone()))));
+                } else {
+                    finish = Some((FinishReason::Length, None));
+                }
+            }
+        }
+        choice.done = finish.is_some();
+        req.send(GenerationEvent::Token { index: c as u32, token_ids: vec![tok], text, logprobs });
+        match finish {
+            Some((reason, stop)) => {
+                req.send(GenerationEvent::Finished { index: c as u32, reason, text: tail, stop });
+                req.unfinished -= 1;
+                self.sched.finish(seq);
+                if req.unfinished == 0 {
+                    req.send(GenerationEvent::Usage(req.usage()));
+                    self.requests.remove(&group);
+                }
+            }
+            None => self.sched.append_token(seq, tok),
+        }
+        Ok(())
+    }
+
+    fn fail_request(&mut self, group: u64, msg: String) {
+        self.sched.abort_group(group);
+        if let Some(req) = self.requests.remove(&group) {
+            if !req.started {
+                self.shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
+            }
+            req.send(GenerationEvent::Error(msg));
+        }
+    }
+
+    fn abort_all(&mut self, why: &str) {
+        tracing::warn!(model = %self.shared.info.served_name, requests = self.requests.len(), "{why}; aborting");
+        self.sched.abort_all();
+        for (_, mut req) in self.requests.drain() {
+            if !req.started {
+                self.shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
+            }
+            for (i, ch) in req.choices.iter_mut().enumerate() {
+                if !ch.done {
+                    ch.done = true;
+                    let _ = req.tx.send(GenerationEvent::Finished {
+                        index: i as u32,
+                        reason: FinishReason::Abort,
+                        text: String::new(),
+                        stop: None,
+                    });
+                }
+            }
+            req.send(GenerationEvent::Usage(req.usage()));
+        }
+    }
+}
+
+fn token_logprob(tok: &Tokenizer, id: u32, logprob: f32) -> TokenLogprob {
+    TokenLogprob {
+        token_id: id,
+        token: tok.decode(&[id], false).unwrap_or_default(),
+        bytes: tok.token_bytes(id),
+        logprob,
+    }
+}
+
+fn position_logprobs(tok: &Tokenizer, s: &Sampled) -> PositionLogprobs {
+    PositionLogprobs {
+        chosen: token_logprob(tok, s.token, s.logprob),
+        top: s.top.iter().map(|&(id, lp)| token_logprob(tok, id, lp)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stops(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn stop_scan_finds_earliest_match() {
+        assert_eq!(scan_stops("abc END x STOP", &stops(&["STOP", "END"])), StopScan::Matched { at: 4, stop: 1 });
+    }
+
+    #[test]
+    fn stop_scan_holds_back_possible_prefix() {
+        assert_eq!(scan_stops("hello EN", &stops(&["END"])), StopScan::Clear { emit: 6 });
+        assert_eq!(scan_stops("hello E", &stops(&["END", "xx"])), StopScan::Clear { emit: 6 });
+        assert_eq!(scan_stops("hello", &stops(&["END"])), StopScan::Clear { emit: 5 });
+        // Multi-byte characters: never split one.
+        assert_eq!(scan_stops("日本", &stops(&["本語"])), StopScan::Clear { emit: 3 });
+        assert_eq!(scan_stops("日本", &stops(&["x本"])), StopScan::Clear { emit: 6 });
+    }
 }

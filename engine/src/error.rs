@@ -9,7 +9,9 @@ pub enum EngineError {
     Tokenizer(String),
     #[error(transparent)]
     InvalidParam(#[from] crate::request::InvalidParam),
-    #[error("prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the model's max_model_len of {max_model_len}")]
+    #[error(
+        "prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the model's max_model_len of {max_model_len}"
+    )]
     PromptTooLong { prompt_tokens: usize, max_tokens: u32, max_model_len: u32 },
     #[error("prompt is empty")]
     EmptyPrompt,

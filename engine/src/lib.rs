@@ -14,6 +14,7 @@ pub mod request;
 pub mod sampler;
 pub mod scheduler;
 
+pub use engine::{EngineHandle, GenerationStream, LoadProgress, ModelFacts};
 pub use engine::{EngineStats, LoadOptions, ModelInfo};
 pub use error::EngineError;
 pub use request::*;

@@ -83,19 +83,31 @@ impl SamplingParams {
             return bad("min_p", format!("`min_p` must be between 0 and 1, got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
-            return bad("repetition_penalty", format!("`repetition_penalty` must be > 0 and <= 10, got {}", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!("`repetition_penalty` must be > 0 and <= 10, got {}", self.repetition_penalty),
+            );
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) || self.presence_penalty.is_nan() {
-            return bad("presence_penalty", format!("`presence_penalty` must be between -2 and 2, got {}", self.presence_penalty));
+            return bad(
+                "presence_penalty",
+                format!("`presence_penalty` must be between -2 and 2, got {}", self.presence_penalty),
+            );
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) || self.frequency_penalty.is_nan() {
-            return bad("frequency_penalty", format!("`frequency_penalty` must be between -2 and 2, got {}", self.frequency_penalty));
+            return bad(
+                "frequency_penalty",
+                format!("`frequency_penalty` must be between -2 and 2, got {}", self.frequency_penalty),
+            );
         }
         if self.max_tokens == 0 {
             return bad("max_tokens", "`max_tokens` must be >= 1, got 0".to_string());
         }
         if self.min_tokens > self.max_tokens {
-            return bad("min_tokens", format!("`min_tokens` ({}) must be <= `max_tokens` ({})", self.min_tokens, self.max_tokens));
+            return bad(
+                "min_tokens",
+                format!("`min_tokens` ({}) must be <= `max_tokens` ({})", self.min_tokens, self.max_tokens),
+            );
         }
         if self.stop.len() > MAX_STOP_STRINGS {
             return bad("stop", format!("`stop` may hold at most {MAX_STOP_STRINGS} strings, got {}", self.stop.len()));
@@ -105,7 +117,10 @@ impl SamplingParams {
         }
         if let Some(k) = self.logprobs {
             if k > MAX_TOP_LOGPROBS {
-                return bad("top_logprobs", format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"));
+                return bad(
+                    "top_logprobs",
+                    format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+                );
             }
         }
         Ok(())
