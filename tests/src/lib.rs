@@ -47,6 +47,8 @@ pub fn open_tempdir() -> tempfile::TempDir {
 pub struct DaemonOptions {
     /// Extra TOML appended to the generated config (may add tables such as `[[models]]`).
     pub extra_toml: String,
+    /// Extra keys inside the generated `[control]` table (e.g. `max_connections = 2`).
+    pub control_extra: String,
     /// `control.dbus`; "off" unless a test starts a bus.
     pub dbus: String,
     pub env: Vec<(String, String)>,
@@ -58,7 +60,14 @@ pub struct DaemonOptions {
 
 impl Default for DaemonOptions {
     fn default() -> Self {
-        DaemonOptions { extra_toml: String::new(), dbus: "off".into(), env: Vec::new(), socket: None, wait_ready: true }
+        DaemonOptions {
+            extra_toml: String::new(),
+            control_extra: String::new(),
+            dbus: "off".into(),
+            env: Vec::new(),
+            socket: None,
+            wait_ready: true,
+        }
     }
 }
 
@@ -83,8 +92,18 @@ impl Daemon {
         let socket = opts.socket.clone().unwrap_or_else(|| dir.path().join("llmd.sock"));
         let port = free_port();
         let config = dir.path().join("llmd.toml");
-        std::fs::write(&config, Daemon::config_text(port, &socket, dir.path(), &opts.dbus, &opts.extra_toml))
-            .expect("write config");
+        std::fs::write(
+            &config,
+            Daemon::config_text(
+                port,
+                &socket,
+                dir.path(),
+                &opts.dbus,
+                &format!("{}\n", opts.control_extra),
+                &opts.extra_toml,
+            ),
+        )
+        .expect("write config");
         let log = dir.path().join("llmd.log");
         let child = spawn_llmd(&config, dir.path(), &log, &opts.env);
         let mut daemon = Daemon { dir, config, socket, port, log, child: Some(child) };
@@ -96,10 +115,10 @@ impl Daemon {
 
     /// The config the harness writes: free port, temp socket, group root (tests run as root),
     /// temp models dir, debug logs on stderr.
-    pub fn config_text(port: u16, socket: &Path, dir: &Path, dbus: &str, extra: &str) -> String {
+    pub fn config_text(port: u16, socket: &Path, dir: &Path, dbus: &str, control_extra: &str, extra: &str) -> String {
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout_secs = 5\n\n\
-             [control]\nsocket = {socket:?}\ngroup = {group:?}\ndbus = {dbus:?}\n\n\
+             [control]\nsocket = {socket:?}\ngroup = {group:?}\ndbus = {dbus:?}\n{control_extra}\n\
              [storage]\nmodels_dir = {models:?}\n\n\
              [log]\nlevel = \"debug\"\ntarget = \"stderr\"\n\n{extra}",
             socket = socket.display().to_string(),
