@@ -128,15 +128,23 @@ pub struct Caller {
     pub gids: Vec<u32>,
 }
 
+/// The `cuInit` smoke test.
+pub type CudaProbeFn = Box<dyn Fn() -> CudaProbe + Send + Sync>;
+/// Asks systemd for a unit's state: Ok("active" | "inactive" | "failed" | ...), Err when
+/// systemd could not be asked.
+pub type UnitStateFn = Box<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+/// Runs the NCCL all-reduce over the given GPU indices.
+pub type NcclFn = Box<dyn Fn(&[u32]) -> NcclOutcome + Send + Sync>;
+
 /// Injectable probes: the defaults do the real thing; tests replace them.
 pub struct Probes {
     /// The `cuInit` smoke test; default [`crate::cuda::probe_cuda`].
-    pub cuda: Box<dyn Fn() -> CudaProbe + Send + Sync>,
+    pub cuda: CudaProbeFn,
     /// `systemctl is-active <unit>`: Ok(stdout word, e.g. "active", "inactive", "failed"),
     /// Err when systemctl could not be run.
-    pub unit_state: Box<dyn Fn(&str) -> Result<String, String> + Send + Sync>,
+    pub unit_state: UnitStateFn,
     /// The NCCL all-reduce over the given GPU indices.
-    pub nccl: Box<dyn Fn(&[u32]) -> NcclOutcome + Send + Sync>,
+    pub nccl: NcclFn,
     /// Timeout of the hub connect.
     pub hub_timeout: Duration,
 }

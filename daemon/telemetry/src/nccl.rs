@@ -99,7 +99,7 @@ mod imp {
             let host = vec![(rank + 1) as f32; elems];
             sends.push(
                 stream
-                    .memcpy_stod(&host)
+                    .clone_htod(&host)
                     .map_err(|e| format!("GPU {}: cannot allocate {} MiB: {e}", gpus[rank], NCCL_BYTES >> 20))?,
             );
             recvs.push(
@@ -108,7 +108,7 @@ mod imp {
                     .map_err(|e| format!("GPU {}: cannot allocate {} MiB: {e}", gpus[rank], NCCL_BYTES >> 20))?,
             );
         }
-        let mut launch = |sends: &[CudaSlice<f32>], recvs: &mut [CudaSlice<f32>]| -> Result<(), String> {
+        let launch = |sends: &[CudaSlice<f32>], recvs: &mut [CudaSlice<f32>]| -> Result<(), String> {
             // One thread drives every GPU, so the per-rank calls must be grouped.
             cudarc::nccl::result::group_start().map_err(|e| format!("ncclGroupStart: {e:?}"))?;
             let mut first_err = None;
@@ -137,7 +137,7 @@ mod imp {
         let expected = expected_sum(n);
         let mut mismatch = None;
         for (rank, (stream, recv)) in streams.iter().zip(&recvs).enumerate() {
-            let got = stream.memcpy_dtov(recv).map_err(|e| format!("GPU {}: copy back: {e}", gpus[rank]))?;
+            let got = stream.clone_dtoh(recv).map_err(|e| format!("GPU {}: copy back: {e}", gpus[rank]))?;
             if let Some((i, v)) = got.iter().enumerate().find(|(_, v)| **v != expected) {
                 mismatch = Some(format!("GPU {} element {i}: expected {expected}, got {v}", gpus[rank]));
                 break;
