@@ -9,8 +9,10 @@ use llmd_tokenizer::{Tokenizer, TokenizerError};
 const BOS: &str = "<｜begin▁of▁sentence｜>";
 const EOS: &str = "<｜end▁of▁sentence｜>";
 
+/// Loaded once per test binary: parsing the 6 MB tokenizer.json dominates these tests.
 fn deepseek() -> Arc<Tokenizer> {
-    Arc::new(Tokenizer::from_dir(&common::deepseek_dir()).expect("load DeepSeek tokenizer"))
+    static TOK: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
+    TOK.get_or_init(|| Arc::new(Tokenizer::from_dir(&common::deepseek_dir()).expect("load DeepSeek tokenizer"))).clone()
 }
 
 #[test]
