@@ -56,7 +56,9 @@ pub struct MoeConfig {
 impl MoeConfig {
     /// Whether layer `idx` has routed experts (the rule of transformers' Qwen3MoeDecoderLayer).
     pub fn is_sparse_layer(&self, idx: usize) -> bool {
-        !self.mlp_only_layers.contains(&idx) && self.num_experts > 0 && (idx + 1) % self.decoder_sparse_step == 0
+        !self.mlp_only_layers.contains(&idx)
+            && self.num_experts > 0
+            && (idx + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 

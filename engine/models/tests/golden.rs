@@ -119,3 +119,69 @@ fn prefix_cached_prompt_matches() {
         check_seq(name, "prefix-cached", &seqs[0], p);
     }
 }
+
+/// transformers 5 can save Qwen3-MoE experts fused (`mlp.experts.gate_up_proj` `[E, 2I, H]`,
+/// `mlp.experts.down_proj` `[E, H, I]`); a checkpoint rewritten that way gives the same
+/// numbers as the hub layout.
+#[test]
+fn fused_expert_layout_matches() {
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+    use std::collections::BTreeMap;
+
+    let src = fixtures_root().join("qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    // Per layer: gate, up and down bytes of each expert.
+    type ExpertBytes = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>);
+    let mut fused: BTreeMap<String, ExpertBytes> = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), Dtype::F32);
+        if let Some((layer, rest)) = name.split_once(".mlp.experts.") {
+            let (e, proj) = rest.split_once('.').unwrap();
+            let e: usize = e.parse().unwrap();
+            let entry = fused.entry(layer.to_string()).or_default();
+            let slot = match proj {
+                "gate_proj.weight" => &mut entry.0,
+                "up_proj.weight" => &mut entry.1,
+                "down_proj.weight" => &mut entry.2,
+                other => panic!("unexpected expert tensor {other}"),
+            };
+            if slot.len() <= e {
+                slot.resize(e + 1, Vec::new());
+            }
+            slot[e] = view.data().to_vec();
+        } else {
+            out.insert(name, (view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    let (h, i) = (64usize, 32usize);
+    for (layer, (gate, up, down)) in fused {
+        let e = gate.len();
+        let mut gu = Vec::new();
+        for x in 0..e {
+            gu.extend_from_slice(&gate[x]);
+            gu.extend_from_slice(&up[x]);
+        }
+        out.insert(format!("{layer}.mlp.experts.gate_up_proj"), (vec![e, 2 * i, h], gu));
+        out.insert(format!("{layer}.mlp.experts.down_proj"), (vec![e, h, i], down.concat()));
+    }
+    let views: Vec<(String, TensorView)> =
+        out.iter().map(|(n, (s, b))| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
+
+    let opts = llmd_models::LoadConfig { kv_cache_bytes: 1 << 20, block_size: BLOCK_SIZE };
+    let mut m = llmd_models::load_cpu(tmp.path(), &opts, &mut |_, _| {}).unwrap();
+    let g = golden("qwen3_moe");
+    for p in &g.prompts {
+        let mut alloc = BlockAlloc::default();
+        let mut seqs = vec![Seq::new(&p.ids)];
+        generate(m.runner.as_mut(), &mut seqs, &mut alloc, usize::MAX, p.greedy.len());
+        check_seq("qwen3_moe", "fused experts", &seqs[0], p);
+    }
+}

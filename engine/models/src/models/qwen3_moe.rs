@@ -14,6 +14,9 @@ use crate::config::{ModelConfig, MoeConfig};
 use crate::loader::Weights;
 use crate::models::layers::{AttentionOptions, CausalLm, FeedForward, Linear, Mlp};
 
+/// One expert's tokens `(row, routing weight)` and its output rows.
+type ExpertOutput = (Vec<(usize, f32)>, Vec<f32>);
+
 /// A routed-expert block.
 #[derive(Debug)]
 pub struct SparseMoe {
@@ -70,7 +73,7 @@ impl SparseMoe {
                 assigned[i].push((r, probs[i] / norm));
             }
         }
-        let partial: Vec<Result<Option<(Vec<(usize, f32)>, Vec<f32>)>, ModelError>> = assigned
+        let partial: Vec<Result<Option<ExpertOutput>, ModelError>> = assigned
             .into_par_iter()
             .enumerate()
             .map(|(ei, toks)| {
