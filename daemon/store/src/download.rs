@@ -295,7 +295,7 @@ impl FetchJob<'_> {
         let writer = tokio::task::spawn_blocking(move || -> Result<Partial, StoreError> {
             let mut partial = partial;
             // Buffered so small network chunks become large writes.
-            let mut out = std::io::BufWriter::with_capacity(4 << 20, &partial.file);
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, &partial.file);
             while let Some(chunk) = rx.blocking_recv() {
                 partial.hasher.update(&chunk);
                 out.write_all(&chunk).at(&path)?;

@@ -277,7 +277,8 @@ impl Store {
             exclude: params.exclude.clone(),
         };
         let progress: ProgressFn = Arc::new(progress);
-        let mut rx = {
+        // The table lock is never held across an await (the future must stay `Send`).
+        let (rx, op) = {
             let mut pulls = self.inner.pulls.lock();
             if let Some(shared) = pulls.get(&key) {
                 tracing::info!(model = %r, operation = %shared.operation, "joining a running pull");
@@ -285,44 +286,38 @@ impl Store {
                 if let Some(p) = shared.last.lock().clone() {
                     progress(p);
                 }
-                let rx = shared.result.clone();
-                drop(pulls);
-                return wait(rx, &shared_op(&self.inner, &key)).await;
+                (shared.result.clone(), shared.operation.clone())
+            } else {
+                let operation = format!("pull-{}", self.inner.next_op.fetch_add(1, Ordering::Relaxed));
+                let (tx, rx) = watch::channel(None);
+                let shared = Arc::new(PullShared {
+                    operation: operation.clone(),
+                    key: key.clone(),
+                    subscribers: Mutex::new(vec![progress]),
+                    last: Mutex::new(None),
+                    result: rx.clone(),
+                    abort: Mutex::new(None),
+                    cancelled: AtomicBool::new(false),
+                });
+                pulls.insert(key.clone(), shared.clone());
+                let inner = self.inner.clone();
+                let guard = Deregister { inner: inner.clone(), key: key.clone() };
+                let task_shared = shared.clone();
+                let task = tokio::spawn(async move {
+                    let _guard = guard;
+                    let shared = task_shared;
+                    let tracker = Arc::new(Tracker::new(shared.operation.clone(), r.to_string()));
+                    let result = run_pull(&inner, &r, &filter, &tracker, &shared).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(model = %r, error = %e, "pull failed");
+                    }
+                    let _ = tx.send(Some(result));
+                });
+                *shared.abort.lock() = Some(task.abort_handle());
+                (rx, operation)
             }
-            let operation = format!("pull-{}", self.inner.next_op.fetch_add(1, Ordering::Relaxed));
-            let (tx, rx) = watch::channel(None);
-            let shared = Arc::new(PullShared {
-                operation: operation.clone(),
-                key: key.clone(),
-                subscribers: Mutex::new(vec![progress]),
-                last: Mutex::new(None),
-                result: rx.clone(),
-                abort: Mutex::new(None),
-                cancelled: AtomicBool::new(false),
-            });
-            pulls.insert(key.clone(), shared.clone());
-            let inner = self.inner.clone();
-            let guard = Deregister { inner: inner.clone(), key: key.clone() };
-            let task = tokio::spawn(async move {
-                let _guard = guard;
-                let tracker = Arc::new(Tracker::new(shared.operation.clone(), r.to_string()));
-                let result = run_pull(&inner, &r, &filter, &tracker, &shared).await;
-                if let Err(e) = &result {
-                    tracing::warn!(model = %r, error = %e, "pull failed");
-                }
-                let _ = tx.send(Some(result));
-            });
-            if let Some(s) = pulls.get(&key) {
-                *s.abort.lock() = Some(task.abort_handle());
-            }
-            rx
         };
-        let op = shared_op(&self.inner, &key);
-        let res = rx.wait_for(Option::is_some).await.map(|v| v.clone());
-        match res {
-            Ok(Some(r)) => r,
-            _ => Err(StoreError::Cancelled(op)),
-        }
+        wait(rx, &op).await
     }
 
     /// The folder to load `source` from: a local folder as is, a complete cached snapshot, or
@@ -487,11 +482,6 @@ impl Store {
         let cfg = self.inner.cfg.clone();
         blocking(move || remove_blocking(&cfg, &r)).await
     }
-}
-
-/// The operation id of the running pull for `key` (for the `Cancelled` message).
-fn shared_op(inner: &Inner, key: &PullKey) -> String {
-    inner.pulls.lock().get(key).map(|s| s.operation.clone()).unwrap_or_else(|| "pull".into())
 }
 
 async fn wait(mut rx: watch::Receiver<PullResult>, op: &str) -> Result<PulledModel, StoreError> {
