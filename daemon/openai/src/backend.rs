@@ -23,6 +23,9 @@ pub enum TemplateError {
     /// The template raised or failed on these messages (bad roles, `raise_exception`...).
     #[error("chat template error: {0}")]
     Render(String),
+    /// An argument has the wrong shape; `param` is its JSON path.
+    #[error("{message}")]
+    Invalid { param: String, message: String },
 }
 
 /// One loaded model as the HTTP layer sees it.
@@ -46,6 +49,10 @@ pub trait ModelBackend: Send + Sync + 'static {
         add_generation_prompt: bool,
         extra: &serde_json::Value,
     ) -> Result<String, TemplateError>;
+    /// The reasoning parser this model needs, detected from its chat template.
+    fn detect_reasoning_parser(&self) -> ReasoningParser {
+        ReasoningParser::detect(self.chat_template_source().as_deref())
+    }
     /// Queues a validated request.
     fn submit(&self, request: GenerateRequest) -> Result<EventStream, EngineError>;
 }
@@ -111,10 +118,14 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
+    /// The real engine as a served model; `reasoning_parser: None` detects it.
+    pub fn from_engine(handle: llmd_engine::EngineHandle, reasoning_parser: Option<ReasoningParser>) -> Self {
+        ServedModel::new(Arc::new(handle), reasoning_parser)
+    }
+
     /// A served model; `reasoning_parser: None` detects it from the chat template.
     pub fn new(backend: Arc<dyn ModelBackend>, reasoning_parser: Option<ReasoningParser>) -> Self {
-        let parser =
-            reasoning_parser.unwrap_or_else(|| ReasoningParser::detect(backend.chat_template_source().as_deref()));
+        let parser = reasoning_parser.unwrap_or_else(|| backend.detect_reasoning_parser());
         let created = backend.info().loaded_at;
         ServedModel { backend, reasoning_parser: parser, created }
     }

@@ -37,6 +37,7 @@ pub(crate) fn render_prompt(
     model.backend.render_chat(&messages, tools, add_generation_prompt, &extra).map_err(|e| match e {
         TemplateError::NoTemplate(_) => ApiError::param("messages", e.to_string()),
         TemplateError::Render(_) => ApiError::param("messages", e.to_string()),
+        TemplateError::Invalid { param, message } => ApiError::InvalidParam { param: Some(param), message },
     })
 }
 

@@ -16,6 +16,7 @@
 pub mod backend;
 mod chat;
 mod completions;
+mod engine_backend;
 pub mod error;
 pub mod metrics;
 pub mod parse;
