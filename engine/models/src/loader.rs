@@ -222,7 +222,10 @@ impl Checkpoint {
 
     /// Reads tensor `name`, checks its shape against `expected` and converts it to an f32
     /// tensor on the CPU.
-    pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Tensor, ModelError> {
+    /// The stored bytes of tensor `name` after checking its shape against `expected`, its dtype
+    /// (f32, f16 or bf16) and its byte length. Backends that keep the checkpoint's precision
+    /// (the GPU) upload these bytes directly.
+    pub fn raw(&self, name: &str, expected: &[usize]) -> Result<RawTensor<'_>, ModelError> {
         let entry = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         if entry.shape != expected {
             return Err(ModelError::ShapeMismatch {
@@ -252,13 +255,28 @@ impl Checkpoint {
                 ),
             ));
         }
-        let data: Vec<f32> = match entry.dtype {
+        Ok(RawTensor { dtype: entry.dtype, shape: &entry.shape, bytes })
+    }
+
+    /// Loads tensor `name` as an f32 CPU tensor, checking its shape against `expected`.
+    pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Tensor, ModelError> {
+        let raw = self.raw(name, expected)?;
+        let bytes = raw.bytes;
+        let data: Vec<f32> = match raw.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             _ => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         };
-        Ok(Tensor::from_vec(data, entry.shape.as_slice(), &Device::Cpu)?)
+        Ok(Tensor::from_vec(data, raw.shape, &Device::Cpu)?)
     }
+}
+
+/// A tensor's bytes inside the memory map, as stored (little-endian f32, f16 or bf16).
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
 }
 
 fn torch_dtype_name(d: Dtype) -> String {

@@ -134,6 +134,11 @@ impl Rope {
         Rope { inv_freq: inv.into_iter().map(|f| f as f32).collect(), head_dim }
     }
 
+    /// Inverse frequencies, `head_dim / 2` of them (for backends that build cos/sin tables).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// Rotates `x` of `[tokens, heads, head_dim]` in place; `positions[t]` is token t's position.
     pub fn apply(&self, x: &mut [f32], positions: &[u32], heads: usize) {
         let hd = self.head_dim;

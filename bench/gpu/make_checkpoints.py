@@ -1,0 +1,111 @@
+"""Writes random-weight checkpoints for the GPU checks and benchmarks (run on the GPU machine).
+
+check models: small transformers models of every dense architecture with realistic head
+geometry (head_dim 128, GQA), saved in float32 by save_pretrained so the CPU runner is an exact
+reference. bench model: Llama-3-8B-shaped random bf16 weights written straight to safetensors
+(transformers' init of 8B parameters on the CPU would take minutes), plus config.json.
+
+usage: python3 make_checkpoints.py OUT_DIR [--bench-8b]
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+fixtures = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "models", "qwen2")
+
+
+def copy_tokenizer(dst):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(fixtures, f), dst)
+
+
+def small_models():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=3, vocab_size=512,
+                  max_position_embeddings=2048, rms_norm_eps=1e-6)
+    specs = {
+        "llama": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                  high_freq_factor=4.0, original_max_position_embeddings=256),
+                                rope_theta=500000.0, tie_word_embeddings=False)),
+        "mistral": ("mistral", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=64, sliding_window=None)),
+        "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+        "qwen3": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=1, head_dim=128, tie_word_embeddings=True)),
+    }
+    for name, (model_type, extra) in specs.items():
+        torch.manual_seed(len(name))
+        cfg = AutoConfig.for_model(model_type, **common, **extra)
+        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.05)
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.uniform_(0.8, 1.2)
+        d = os.path.join(out, "check-" + name)
+        model.save_pretrained(d, safe_serialization=True)
+        copy_tokenizer(d)
+        print("wrote", d, flush=True)
+
+
+def llama3_8b():
+    d = os.path.join(out, "llama3-8b-random")
+    os.makedirs(d, exist_ok=True)
+    h, inter, layers, heads, kv, vocab = 4096, 14336, 32, 32, 8, 128256
+    hd = h // heads
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=h, intermediate_size=inter,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
+               vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+               tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape, std=0.02):
+        return (torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32) * std).to(torch.bfloat16)
+
+    shard, idx, n = {}, {}, 0
+
+    def flush():
+        nonlocal shard, n
+        if shard:
+            fname = f"model-{n:05d}.safetensors"
+            save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(d, fname), metadata={"format": "pt"})
+            for k in shard:
+                idx[k] = fname
+            shard, n = {}, n + 1
+
+    shard["model.embed_tokens.weight"] = r(vocab, h)
+    shard["lm_head.weight"] = r(vocab, h)
+    shard["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16, device="cuda")
+    flush()
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shard[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16, device="cuda")
+        shard[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16, device="cuda")
+        shard[p + "self_attn.q_proj.weight"] = r(heads * hd, h)
+        shard[p + "self_attn.k_proj.weight"] = r(kv * hd, h)
+        shard[p + "self_attn.v_proj.weight"] = r(kv * hd, h)
+        shard[p + "self_attn.o_proj.weight"] = r(h, heads * hd)
+        shard[p + "mlp.gate_proj.weight"] = r(inter, h)
+        shard[p + "mlp.up_proj.weight"] = r(inter, h)
+        shard[p + "mlp.down_proj.weight"] = r(h, inter)
+        if i % 4 == 3:
+            flush()
+    flush()
+    json.dump({"metadata": {}, "weight_map": idx}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
+    copy_tokenizer(d)
+    print("wrote", d, flush=True)
+
+
+small_models()
+if "--bench-8b" in sys.argv:
+    llama3_8b()

@@ -1,0 +1,231 @@
+//! GPU checks and micro-benchmarks of the CUDA runner, run on the GPU machine by
+//! `bench/gpu/run.sh`.
+//!
+//! `llmd-cuda-check check <model_dir>`: the CUDA runner against the CPU runner on the same
+//! checkpoint (f32 reference), over a batched prefill, a chunked prefill, and teacher-forced
+//! decode steps. Fails (exit 1) on NaN, an unwritten output, or a relative error above bf16
+//! tolerance.
+//!
+//! `llmd-cuda-check bench <model_dir> --batch 1,8,64 --prompt 512 --gen_len 256`: runner-level
+//! prefill and decode speed (no HTTP, no sampling beyond argmax on the host).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use llmd_cuda::{CudaLoadConfig, load_cuda};
+use llmd_models::runner::{ForwardBatch, SeqSlice};
+use llmd_models::{LoadConfig, load_cpu};
+
+/// Deterministic pseudo-random token ids (no RNG dependency needed).
+fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Sequences with contiguous block ids, as the block manager would hand out on a fresh cache.
+struct Seqs {
+    block_size: usize,
+    tables: Vec<Vec<u32>>,
+    lens: Vec<usize>,
+    next_block: u32,
+}
+
+impl Seqs {
+    fn new(block_size: usize, n: usize) -> Self {
+        Seqs { block_size, tables: vec![Vec::new(); n], lens: vec![0; n], next_block: 0 }
+    }
+
+    /// Adds `chunk` to sequence `i` in `batch`.
+    fn push(&mut self, batch: &mut ForwardBatch, i: usize, chunk: &[u32], wants_logits: bool) {
+        let before = self.lens[i];
+        let after = before + chunk.len();
+        while self.tables[i].len() * self.block_size < after {
+            self.tables[i].push(self.next_block);
+            self.next_block += 1;
+        }
+        batch.seqs.push(SeqSlice { start: batch.tokens.len(), len: chunk.len(), context_before: before, block_table: self.tables[i].clone(), wants_logits });
+        batch.tokens.extend_from_slice(chunk);
+        batch.positions.extend((before..after).map(|p| p as u32));
+        self.lens[i] = after;
+    }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// ‖a − b‖ / ‖b‖ and whether `a` has a non-finite value.
+fn rel_err(a: &[f32], b: &[f32]) -> (f64, bool) {
+    let (mut num, mut den, mut bad) = (0f64, 0f64, false);
+    for (x, y) in a.iter().zip(b) {
+        bad |= !x.is_finite();
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    ((num / den.max(1e-30)).sqrt(), bad)
+}
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+fn check(dir: PathBuf) -> Result<bool, String> {
+    let e = |x: llmd_models::ModelError| x.to_string();
+    let mut cpu = load_cpu(&dir, &LoadConfig { kv_cache_bytes: 512 << 20, block_size: 16 }, &mut |_, _| {}).map_err(e)?;
+    let opts = CudaLoadConfig { ordinal: 0, gpu_memory_utilization: 0.5, block_size: 16, max_num_batched_tokens: 2048, max_model_len: 1024 };
+    let mut gpu = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
+    let vocab = cpu.vocab_size;
+    println!("model {} ({}), vocab {vocab}, gpu {}", dir.display(), cpu.config.architecture, gpu.runner.device_name());
+    let prompts: Vec<Vec<u32>> = [37usize, 300, 5].iter().enumerate().map(|(i, &n)| tokens(i as u64 + 1, n, vocab)).collect();
+    let mut worst = 0f64;
+    let mut ok = true;
+
+    // 1. Batched prefill of all prompts in one step.
+    let mut cs = Seqs::new(16, prompts.len());
+    let mut gs = Seqs::new(16, prompts.len());
+    let (mut cb, mut gb) = (ForwardBatch::default(), ForwardBatch::default());
+    for (i, p) in prompts.iter().enumerate() {
+        cs.push(&mut cb, i, p, true);
+        gs.push(&mut gb, i, p, true);
+    }
+    let cl = cpu.runner.forward(&cb).map_err(e)?;
+    let gl = gpu.runner.forward(&gb).map_err(e)?;
+    for (i, (g, c)) in gl.rows.iter().zip(&cl.rows).enumerate() {
+        let (err, bad) = rel_err(g, c);
+        println!("prefill seq {i} (len {:>3}): rel err {err:.2e}{}  argmax gpu {} cpu {}", prompts[i].len(), if bad { " NON-FINITE" } else { "" }, argmax(g), argmax(c));
+        worst = worst.max(err);
+        ok &= !bad;
+    }
+
+    // 2. Teacher-forced decode: both runners get the CPU's greedy token.
+    let mut agree = 0;
+    let mut steps = 0;
+    let mut next: Vec<u32> = cl.rows.iter().map(|r| argmax(r)).collect();
+    for _ in 0..24 {
+        let (mut cb, mut gb) = (ForwardBatch::default(), ForwardBatch::default());
+        for (i, t) in next.iter().enumerate() {
+            cs.push(&mut cb, i, &[*t], true);
+            gs.push(&mut gb, i, &[*t], true);
+        }
+        let cl = cpu.runner.forward(&cb).map_err(e)?;
+        let gl = gpu.runner.forward(&gb).map_err(e)?;
+        for (g, c) in gl.rows.iter().zip(&cl.rows) {
+            let (err, bad) = rel_err(g, c);
+            worst = worst.max(err);
+            ok &= !bad;
+            agree += usize::from(argmax(g) == argmax(c));
+            steps += 1;
+        }
+        next = cl.rows.iter().map(|r| argmax(r)).collect();
+    }
+    println!("decode: {steps} teacher-forced steps, argmax agreement {agree}/{steps}");
+
+    // 3. Chunked prefill on the GPU (3 chunks + a cached-prefix continuation) vs one CPU pass.
+    let long = tokens(99, 200, vocab);
+    let mut cs = Seqs::new(16, 1);
+    let mut gs = Seqs::new(16, 1);
+    cs.next_block = 200;
+    gs.next_block = 200;
+    let mut cb = ForwardBatch::default();
+    cs.push(&mut cb, 0, &long, true);
+    let cl = cpu.runner.forward(&cb).map_err(e)?;
+    let mut last = Vec::new();
+    for chunk in [&long[..70], &long[70..150], &long[150..]] {
+        let mut gb = ForwardBatch::default();
+        gs.push(&mut gb, 0, chunk, true);
+        last = gpu.runner.forward(&gb).map_err(e)?.rows.remove(0);
+    }
+    let (err, bad) = rel_err(&last, &cl.rows[0]);
+    println!("chunked prefill (70+80+50): rel err {err:.2e}");
+    worst = worst.max(err);
+    ok &= !bad;
+
+    let tol = 3e-2;
+    ok &= worst < tol && agree * 10 >= steps * 9;
+    println!("worst relative error {worst:.2e} (tolerance {tol:.0e} for bf16 vs f32): {}", if ok { "PASS" } else { "FAIL" });
+    Ok(ok)
+}
+
+fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
+    let e = |x: llmd_models::ModelError| x.to_string();
+    let batches: Vec<usize> = arg(args, "--batch", "1,8,32,64").split(',').filter_map(|s| s.parse().ok()).collect();
+    let prompt: usize = arg(args, "--prompt", "512").parse().map_err(|_| "--prompt")?;
+    let gen_len: usize = arg(args, "--gen", "256").parse().map_err(|_| "--gen")?;
+    let max_batch = *batches.iter().max().unwrap_or(&1);
+    let t0 = Instant::now();
+    let opts = CudaLoadConfig { ordinal: 0, gpu_memory_utilization: 0.9, block_size: 16, max_num_batched_tokens: 8192, max_model_len: prompt + gen_len + 16 };
+    let mut m = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    println!("load {load_s:.2} s, {} params, {:.2} GB weights", m.num_params, m.weight_bytes as f64 / 1e9);
+    let vocab = m.vocab_size;
+    for &b in &batches {
+        let mut s = Seqs::new(16, b);
+        // Prefill one sequence at a time (TTFT-like), then decode all together.
+        let mut ttft = Vec::new();
+        let mut next = Vec::new();
+        for i in 0..b {
+            let mut fb = ForwardBatch::default();
+            s.push(&mut fb, i, &tokens(i as u64 + 7, prompt, vocab), true);
+            let t = Instant::now();
+            let l = m.runner.forward(&fb).map_err(e)?;
+            ttft.push(t.elapsed().as_secs_f64());
+            next.push(argmax(&l.rows[0]));
+        }
+        let t = Instant::now();
+        for _ in 0..gen_len {
+            let mut fb = ForwardBatch::default();
+            for (i, tok) in next.iter().enumerate() {
+                s.push(&mut fb, i, &[*tok], true);
+            }
+            let l = m.runner.forward(&fb).map_err(e)?;
+            next = l.rows.iter().map(|r| argmax(r)).collect();
+        }
+        let dt = t.elapsed().as_secs_f64();
+        ttft.sort_by(f64::total_cmp);
+        println!(
+            "batch {b:>3}: prefill {prompt} tokens {:.1} ms (median), decode {:.1} tokens/s ({:.2} ms/step)",
+            ttft[ttft.len() / 2] * 1e3,
+            (b * gen_len) as f64 / dt,
+            dt / gen_len as f64 * 1e3
+        );
+        if b == max_batch {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: llmd-cuda-check check <model_dir> | bench <model_dir> [--batch 1,8] [--prompt N] [--gen N]";
+    let (Some(cmd), Some(dir)) = (args.get(1), args.get(2)) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    let result = match cmd.as_str() {
+        "check" => check(PathBuf::from(dir)).map(|ok| if ok { 0 } else { 1 }),
+        "bench" => bench(PathBuf::from(dir), &args).map(|_| 0),
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Safe wrappers around the kernels in `kernels/llmd.cu` and the cuBLAS GEMM.
+//!
+//! Each wrapper checks the shapes and element types it documents before launching, so a bad
+//! call is an error instead of an out-of-bounds access. Pointers come from live
+//! [`DeviceTensor`](crate::device::DeviceTensor)s of the caller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use crate::device::{DType, Gpu, TensorRef};
+use crate::error::CudaError;
+
+#[cfg(llmd_cuda_kernels)]
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/llmd_kernels.fatbin"));
+#[cfg(not(llmd_cuda_kernels))]
+static FATBIN: &[u8] = &[];
+
+/// Head dims (as values per lane = head_dim / 32) and GQA group caps compiled for paged attention.
+const ATTENTION_VARIANTS: &[(usize, &[usize])] =
+    &[(1, &[1, 2, 4, 8, 16]), (2, &[1, 2, 4, 8, 16]), (3, &[1, 2, 4, 8]), (4, &[1, 2, 4, 8, 16]), (8, &[1, 2, 4, 8])];
+
+/// Context length handled by one block of paged attention before it splits (flash-decoding).
+pub const ATTENTION_SPLIT_LEN: usize = 256;
+
+pub struct Kernels {
+    embedding: CudaFunction,
+    add_rmsnorm: CudaFunction,
+    qkv_rope_cache: CudaFunction,
+    attention: HashMap<(usize, usize), CudaFunction>,
+    attention_merge: CudaFunction,
+    silu_mul: CudaFunction,
+    gather_rows: CudaFunction,
+    argmax: CudaFunction,
+    f32_to_bf16: CudaFunction,
+    f16_to_bf16: CudaFunction,
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, CudaError> {
+        if FATBIN.is_empty() {
+            return Err(CudaError::NoKernels);
+        }
+        let module = ctx.load_module(Ptx::from_binary(FATBIN.to_vec()))?;
+        let f = |name: &str| module.load_function(name);
+        let mut attention = HashMap::new();
+        for (epl, groups) in ATTENTION_VARIANTS {
+            for g in *groups {
+                attention.insert((*epl, *g), f(&format!("paged_attention_bf16_d{epl}_g{g}"))?);
+            }
+        }
+        Ok(Kernels {
+            embedding: f("embedding_bf16")?,
+            add_rmsnorm: f("add_rmsnorm_bf16")?,
+            qkv_rope_cache: f("qkv_rope_cache_bf16")?,
+            attention,
+            attention_merge: f("attention_merge_bf16")?,
+            silu_mul: f("silu_mul_bf16")?,
+            gather_rows: f("gather_rows_bf16")?,
+            argmax: f("argmax_f32")?,
+            f32_to_bf16: f("f32_to_bf16")?,
+            f16_to_bf16: f("f16_to_bf16")?,
+        })
+    }
+
+    /// The attention variant for `head_dim` and GQA group size, if compiled.
+    fn attention_for(&self, head_dim: usize, group: usize) -> Option<&CudaFunction> {
+        if head_dim % 32 != 0 {
+            return None;
+        }
+        let epl = head_dim / 32;
+        let (_, groups) = ATTENTION_VARIANTS.iter().find(|(e, _)| *e == epl)?;
+        let cap = groups.iter().copied().find(|g| *g >= group)?;
+        self.attention.get(&(epl, cap))
+    }
+
+    /// Whether paged attention supports this head size and GQA group.
+    pub fn supports_attention(&self, head_dim: usize, group: usize) -> bool {
+        self.attention_for(head_dim, group).is_some()
+    }
+}
+
+fn check(t: &TensorRef, name: &str, dtype: DType, shape: &[usize]) -> Result<(), CudaError> {
+    if t.dtype != dtype || t.shape != shape {
+        return Err(CudaError::Shape(format!("`{name}` is {:?} {:?}, expected {dtype:?} {shape:?}", t.dtype, t.shape)));
+    }
+    Ok(())
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds i32")))
+}
+
+/// Builds and launches a kernel with the given arguments in order.
+macro_rules! launch {
+    ($gpu:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let mut builder = $gpu.stream.launch_builder($f);
+        $( builder.arg($arg); )*
+        // SAFETY: every wrapper checked the shapes of the buffers it passes against the kernel's
+        // documented contract; pointers come from live allocations of this context.
+        unsafe { builder.launch($cfg) }.map(|_| ()).map_err(CudaError::from)
+    }};
+}
+
+impl Gpu {
+    /// out[T, H] = table[ids[T], :]. table: bf16 [V, H]; ids: u32 [T] (checked < V by the caller).
+    pub fn embedding(&self, out: &TensorRef, table: &TensorRef, ids: &TensorRef) -> Result<(), CudaError> {
+        let (t, h) = (ids.shape[0], table.shape[1]);
+        check(out, "out", DType::BF16, &[t, h])?;
+        check(ids, "ids", DType::U32, &[t])?;
+        let hidden = i32_of(h, "hidden")?;
+        launch!(self, &self.kernels.embedding, cfg((t as u32, 1, 1), 256), &out.ptr, &table.ptr, &ids.ptr, &hidden)
+    }
+
+    /// residual += x (when given); out = rmsnorm(residual) * weight. All bf16 [T, H]; weight [H].
+    pub fn add_rmsnorm(&self, out: &TensorRef, residual: &TensorRef, x: Option<&TensorRef>, weight: &TensorRef, eps: f32) -> Result<(), CudaError> {
+        let (t, h) = (residual.shape[0], residual.shape[1]);
+        check(out, "out", DType::BF16, &[t, h])?;
+        check(residual, "residual", DType::BF16, &[t, h])?;
+        if let Some(x) = x {
+            check(x, "x", DType::BF16, &[t, h])?;
+        }
+        check(weight, "weight", DType::BF16, &[h])?;
+        let x_ptr = x.map_or(0u64, |x| x.ptr);
+        let hidden = i32_of(h, "hidden")?;
+        let threads = if h >= 4096 { 1024 } else if h >= 1024 { 512 } else { 128 };
+        launch!(self, &self.kernels.add_rmsnorm, cfg((t as u32, 1, 1), threads), &out.ptr, &residual.ptr, &x_ptr, &weight.ptr, &hidden, &eps)
+    }
+
+    /// Bias (optional), per-head RMSNorm of q and k (optional), rotary embedding, and the
+    /// KV-cache write of one layer.
+    /// qkv: bf16 [T, (Hq + 2 Hkv) D]; q_out: bf16 [T, Hq, D]; caches: bf16 [blocks, block_size, Hkv, D];
+    /// cos_sin: f32 [max_pos, D]; positions: i32 [T]; slots: i64 [T].
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv_rope_cache(&self, qkv: &TensorRef, bias: Option<&TensorRef>, q_norm: Option<&TensorRef>, k_norm: Option<&TensorRef>, eps: f32, cos_sin: &TensorRef, positions: &TensorRef, slots: &TensorRef, q_out: &TensorRef, k_cache: &TensorRef, v_cache: &TensorRef) -> Result<(), CudaError> {
+        let (t, hq, d) = (q_out.shape[0], q_out.shape[1], q_out.shape[2]);
+        let hkv = k_cache.shape[2];
+        if d % 2 != 0 || d > 256 {
+            return Err(CudaError::Unsupported(format!("head_dim {d} (must be even and <= 256)")));
+        }
+        let width = (hq + 2 * hkv) * d;
+        check(qkv, "qkv", DType::BF16, &[t, width])?;
+        if let Some(b) = bias {
+            check(b, "bias", DType::BF16, &[width])?;
+        }
+        for (n, w) in [("q_norm", q_norm), ("k_norm", k_norm)] {
+            if let Some(w) = w {
+                check(w, n, DType::BF16, &[d])?;
+            }
+        }
+        check(cos_sin, "cos_sin", DType::F32, &[cos_sin.shape[0], d])?;
+        check(positions, "positions", DType::I32, &[t])?;
+        check(slots, "slots", DType::I64, &[t])?;
+        check(v_cache, "v_cache", DType::BF16, &k_cache.shape.clone())?;
+        let (bias_p, qn, kn) = (bias.map_or(0u64, |b| b.ptr), q_norm.map_or(0u64, |w| w.ptr), k_norm.map_or(0u64, |w| w.ptr));
+        let (hq_i, hkv_i, d_i) = (i32_of(hq, "n_heads")?, i32_of(hkv, "n_kv_heads")?, i32_of(d, "head_dim")?);
+        let warps = (hq + 2 * hkv).min(8) as u32;
+        launch!(self, &self.kernels.qkv_rope_cache, cfg((t as u32, 1, 1), 32 * warps), &qkv.ptr, &bias_p, &qn, &kn, &eps, &cos_sin.ptr, &positions.ptr, &slots.ptr, &q_out.ptr, &k_cache.ptr, &v_cache.ptr, &hq_i, &hkv_i, &d_i)
+    }
+
+    /// Paged attention of `n_queries` query tokens over their sequences' cached K/V, causal
+    /// (query i sees positions 0..=query_pos[i]), split along the context, then merged.
+    /// q/out: bf16 [Q, Hq, D]; caches: bf16 [blocks, block_size, Hkv, D]; block_tables: i32 [S, max_blocks];
+    /// query_seq, query_pos: i32 [Q]; part_acc: f32 [>= Q*Hq*splits*D]; part_ml: f32 [>= Q*Hq*splits*2].
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(&self, out: &TensorRef, q: &TensorRef, k_cache: &TensorRef, v_cache: &TensorRef, block_tables: &TensorRef, query_seq: &TensorRef, query_pos: &TensorRef, max_context: usize, part_acc: &TensorRef, part_ml: &TensorRef, scale: f32) -> Result<(), CudaError> {
+        let (nq, hq, d) = (q.shape[0], q.shape[1], q.shape[2]);
+        let (block_size, hkv) = (k_cache.shape[1], k_cache.shape[2]);
+        check(out, "out", DType::BF16, &[nq, hq, d])?;
+        check(k_cache, "k_cache", DType::BF16, &[k_cache.shape[0], block_size, hkv, d])?;
+        check(v_cache, "v_cache", DType::BF16, &k_cache.shape.clone())?;
+        check(query_seq, "query_seq", DType::I32, &[nq])?;
+        check(query_pos, "query_pos", DType::I32, &[nq])?;
+        if block_tables.dtype != DType::I32 || block_tables.shape.len() != 2 {
+            return Err(CudaError::Shape(format!("`block_tables` is {:?} {:?}", block_tables.dtype, block_tables.shape)));
+        }
+        let group = hq / hkv;
+        let f = self.kernels.attention_for(d, group).ok_or_else(|| CudaError::Unsupported(format!("paged attention for head_dim {d} with {group} query heads per KV head")))?;
+        // Split long contexts (flash-decoding) as far as the workspace allows.
+        let capacity = (part_acc.numel() / (nq * hq * d)).min(part_ml.numel() / (nq * hq * 2));
+        if capacity == 0 {
+            return Err(CudaError::Shape(format!("attention workspace too small for {nq} queries")));
+        }
+        let splits = max_context.div_ceil(ATTENTION_SPLIT_LEN).clamp(1, capacity);
+        let split_len = max_context.div_ceil(splits).max(1);
+        let (mb, hq_i, hkv_i, bs_i, split_i, splits_i, d_i) = (
+            i32_of(block_tables.shape[1], "max_blocks")?,
+            i32_of(hq, "n_heads")?,
+            i32_of(hkv, "n_kv_heads")?,
+            i32_of(block_size, "block_size")?,
+            i32_of(split_len, "split_len")?,
+            i32_of(splits, "splits")?,
+            i32_of(d, "head_dim")?,
+        );
+        launch!(self, f, cfg((nq as u32, hkv as u32, splits as u32), 128), &q.ptr, &k_cache.ptr, &v_cache.ptr, &block_tables.ptr, &mb, &query_seq.ptr, &query_pos.ptr, &part_acc.ptr, &part_ml.ptr, &hq_i, &hkv_i, &bs_i, &split_i, &scale)?;
+        launch!(self, &self.kernels.attention_merge, cfg((nq as u32, hq as u32, 1), d.min(256) as u32), &out.ptr, &part_acc.ptr, &part_ml.ptr, &hq_i, &splits_i, &d_i)
+    }
+
+    /// out[T, I] = silu(gate_up[T, :I]) * gate_up[T, I:]. bf16.
+    pub fn silu_mul(&self, out: &TensorRef, gate_up: &TensorRef) -> Result<(), CudaError> {
+        let (t, i) = (out.shape[0], out.shape[1]);
+        check(out, "out", DType::BF16, &[t, i])?;
+        check(gate_up, "gate_up", DType::BF16, &[t, 2 * i])?;
+        let inter = i32_of(i, "intermediate")?;
+        launch!(self, &self.kernels.silu_mul, cfg((i.div_ceil(256) as u32, t as u32, 1), 256), &out.ptr, &gate_up.ptr, &inter)
+    }
+
+    /// out[R, W] = x[rows[R], :]. bf16; rows: i32 [R].
+    pub fn gather_rows(&self, out: &TensorRef, x: &TensorRef, rows: &TensorRef) -> Result<(), CudaError> {
+        let (r, w) = (rows.shape[0], x.shape[1]);
+        check(out, "out", DType::BF16, &[r, w])?;
+        check(rows, "rows", DType::I32, &[r])?;
+        let width = i32_of(w, "width")?;
+        launch!(self, &self.kernels.gather_rows, cfg((r as u32, 1, 1), 256), &out.ptr, &x.ptr, &rows.ptr, &width)
+    }
+
+    /// ids[R] = argmax(logits[R, V]) (lowest index on ties). logits f32, ids u32.
+    pub fn argmax(&self, ids: &TensorRef, logits: &TensorRef) -> Result<(), CudaError> {
+        let (r, v) = (logits.shape[0], logits.shape[1]);
+        check(logits, "logits", DType::F32, &[r, v])?;
+        check(ids, "ids", DType::U32, &[r])?;
+        let vocab = i32_of(v, "vocab")?;
+        launch!(self, &self.kernels.argmax, cfg((r as u32, 1, 1), 1024), &ids.ptr, &logits.ptr, &vocab)
+    }
+
+    /// Converts a device f32 or f16 tensor into bf16 `out` of the same element count.
+    pub fn to_bf16(&self, out: &TensorRef, x: &TensorRef, x_is_f16: bool) -> Result<(), CudaError> {
+        if out.numel() != x.numel() || out.dtype != DType::BF16 {
+            return Err(CudaError::Shape(format!("to_bf16 of {:?} into {:?}", x.shape, out.shape)));
+        }
+        let n = x.numel();
+        let f = if x_is_f16 { &self.kernels.f16_to_bf16 } else { &self.kernels.f32_to_bf16 };
+        launch!(self, f, cfg((n.div_ceil(256).min(65535) as u32, 1, 1), 256), &out.ptr, &x.ptr, &n)
+    }
+
+    /// y[T, N] = x[T, K] · w[N, K]ᵀ with bf16 inputs and f32 accumulation; y is bf16 or f32.
+    /// (Row-major; computed by cuBLAS as the column-major product wᵀ·x.)
+    pub fn linear(&self, y: &TensorRef, x: &TensorRef, w: &TensorRef) -> Result<(), CudaError> {
+        let (t, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
+        check(x, "x", DType::BF16, &[t, k])?;
+        check(w, "w", DType::BF16, &[n, k])?;
+        if y.shape != [t, n] || !matches!(y.dtype, DType::BF16 | DType::F32) {
+            return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype, y.shape)));
+        }
+        let y_type = if y.dtype == DType::F32 { blas_sys::cudaDataType::CUDA_R_32F } else { blas_sys::cudaDataType::CUDA_R_16BF };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: shapes checked above; the handle is bound to this GPU's stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                i32_of(n, "out_features")?,
+                i32_of(t, "tokens")?,
+                i32_of(k, "in_features")?,
+                &alpha as *const f32 as *const _,
+                w.ptr as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                x.ptr as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const _,
+                y.ptr as *mut _,
+                y_type,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+}
