@@ -107,8 +107,16 @@ pub struct Logged {
     pub range_start: Option<u64>,
     pub authorization: bool,
     pub on_lfs_host: bool,
-    /// Body bytes sent (known when the body finished or was cut).
+    /// The file whose body this request asked for.
     pub file: Option<String>,
+    /// Body bytes sent for this request so far.
+    pub sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Logged {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 pub struct HubState {
@@ -249,7 +257,9 @@ async fn handle(
         authorization: authorization.is_some(),
         on_lfs_host: on_lfs,
         file: None,
+        sent: Arc::default(),
     };
+    let sent = entry.sent.clone();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let authorized = authorization.as_deref() == Some(&format!("Bearer {}", state.token));
     let resp = match s.as_slice() {
@@ -281,7 +291,7 @@ async fn handle(
                 None => status(404, None),
                 Some(f) => {
                     entry.file = Some(f.path.clone());
-                    serve(&state, &method, &f, range_start, HeaderMap::new()).await
+                    serve(&state, &method, &f, range_start, HeaderMap::new(), sent).await
                 }
             }
         }
@@ -348,7 +358,7 @@ async fn handle(
                         } else {
                             h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{}\"", f.git_sha1())).unwrap());
                             entry.file = Some(f.path.clone());
-                            serve(&state, &method, f, range_start, h).await
+                            serve(&state, &method, f, range_start, h, sent).await
                         }
                     }
                 },
@@ -362,7 +372,7 @@ async fn handle(
                 None => status(404, None),
                 Some(f) => {
                     entry.file = Some(f.path.clone());
-                    serve(&state, &method, &f, range_start, HeaderMap::new()).await
+                    serve(&state, &method, &f, range_start, HeaderMap::new(), sent).await
                 }
             }
         }
@@ -387,6 +397,7 @@ async fn serve(
     f: &FakeFile,
     range_start: Option<u64>,
     mut h: HeaderMap,
+    sent: Arc<std::sync::atomic::AtomicU64>,
 ) -> Response {
     let len = f.content.len();
     let (drop_after, corrupt, throttle) = {
@@ -428,6 +439,7 @@ async fn serve(
     let content = f.content.clone();
     let stream = async_stream(content, start, drop_after, corrupt, throttle, move |n| {
         *state.bytes_sent.lock().entry(name.clone()).or_default() += n;
+        sent.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
     });
     (code, h, Body::from_stream(stream)).into_response()
 }
