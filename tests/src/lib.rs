@@ -274,6 +274,46 @@ pub struct TestBus {
 
 impl TestBus {
     pub fn start() -> TestBus {
+        TestBus::start_with(
+            "session",
+            r#"<policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>"#,
+        )
+    }
+
+    /// A bus shaped like the system bus (default deny, as in Debian's system.conf) that
+    /// includes the shipped policy file `etc/dbus-1/system.d/org.llmd.Daemon1.conf`.
+    pub fn start_system_like() -> TestBus {
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../etc/dbus-1/system.d/org.llmd.Daemon1.conf");
+        let policy = policy.canonicalize().expect("shipped D-Bus policy file");
+        TestBus::start_with(
+            "system",
+            &format!(
+                r#"<policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>
+  <include>{}</include>"#,
+                policy.display()
+            ),
+        )
+    }
+
+    fn start_with(bus_type: &str, policy: &str) -> TestBus {
         assert!(
             which("dbus-daemon"),
             "dbus-daemon not found: install dbus (apt-get install -y dbus); the D-Bus tests need a real bus"
@@ -287,15 +327,10 @@ impl TestBus {
                 r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
-  <type>session</type>
+  <type>{bus_type}</type>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>
+  {policy}
 </busconfig>
 "#,
                 sock.display()

@@ -110,3 +110,31 @@ fn bus_name_is_released_on_stop() {
     // A second daemon can own the name right away.
     let _again = start(&bus);
 }
+
+/// The shipped system-bus policy, loaded by a real dbus-daemon: root may own the name and call
+/// everything; another user may call the read-only methods and read State, and the bus itself
+/// stops it from calling the mutating ones.
+#[test]
+fn shipped_system_policy() {
+    if !can_switch_uid() {
+        eprintln!("SKIPPED shipped_system_policy: needs root and setpriv (CI runs as root)");
+        return;
+    }
+    let bus = TestBus::start_system_like();
+    let _daemon = Daemon::start_with(DaemonOptions {
+        dbus: "system".into(),
+        env: vec![("DBUS_SYSTEM_BUS_ADDRESS".into(), bus.address.clone())],
+        ..Default::default()
+    });
+    let client = bin("llmd-e2e-client");
+    let (_, out, err) = run_as_nobody(&client, &["dbus", &bus.address, "Status"], &[]);
+    assert!(out.starts_with("ok {"), "{out} {err}");
+    let (_, out, err) = run_as_nobody(&client, &["dbus", &bus.address, "Ps"], &[]);
+    assert!(out.starts_with("ok ["), "{out} {err}");
+    let (_, out, err) = run_as_nobody(&client, &["dbus", &bus.address, "Unload", "x"], &[]);
+    assert!(out.starts_with("err org.freedesktop.DBus.Error.AccessDenied"), "{out} {err}");
+    // Root passes the bus policy and reaches the daemon.
+    let out = std::process::Command::new(&client).args(["dbus", &bus.address, "Unload", "x"]).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.starts_with("err org.llmd.Daemon1.Error.NotFound"), "{out}");
+}
