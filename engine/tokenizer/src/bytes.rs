@@ -60,10 +60,10 @@ impl TokenBytes {
     /// `added` holds the ids of added tokens, whose content is literal text.
     pub(crate) fn new(inner: &tokenizers::Tokenizer, added: HashSet<u32>) -> TokenBytes {
         let mut types = Vec::new();
-        if let Some(dec) = inner.get_decoder() {
-            if let Ok(v) = serde_json::to_value(dec) {
-                decoder_types(&v, &mut types);
-            }
+        if let Some(dec) = inner.get_decoder()
+            && let Ok(v) = serde_json::to_value(dec)
+        {
+            decoder_types(&v, &mut types);
         }
         let has = |t: &str| types.iter().any(|x| x == t);
         let scheme = if has("ByteLevel") {
@@ -96,19 +96,60 @@ impl TokenBytes {
                 out
             }
             Scheme::Metaspace { byte_fallback } => {
-                if byte_fallback {
-                    if let Some(b) = token
+                if byte_fallback
+                    && let Some(b) = token
                         .strip_prefix("<0x")
                         .and_then(|r| r.strip_suffix('>'))
                         .filter(|h| h.len() == 2)
                         .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    {
-                        return vec![b];
-                    }
+                {
+                    return vec![b];
                 }
                 token.replace('\u{2581}', " ").into_bytes()
             }
             Scheme::Decode => inner.decode(&[id], false).map(String::into_bytes).unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn byte_level_alphabet_is_a_bijection() {
+        let map = byte_level_alphabet();
+        assert_eq!(map.len(), 256);
+        let mut bytes: Vec<u8> = map.values().copied().collect();
+        bytes.sort_unstable();
+        bytes.dedup();
+        assert_eq!(bytes.len(), 256);
+        assert_eq!(map[&'Ġ'], b' ');
+        assert_eq!(map[&'Ċ'], b'\n');
+        assert_eq!(map[&'A'], b'A');
+    }
+
+    #[test]
+    fn sentencepiece_tokens_with_byte_fallback() {
+        // A Llama-2/Mistral style tokenizer: Metaspace pieces, `<0xNN>` byte tokens.
+        let json = r#"{
+          "version": "1.0", "truncation": null, "padding": null, "added_tokens": [
+            {"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+          "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+          "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+          "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": {"<s>": 0, "▁hi": 1, "<0xE4>": 2, "<0x0A>": 3}, "merges": []}
+        }"#;
+        let tok = tokenizers::Tokenizer::from_str(json).unwrap();
+        let tb = TokenBytes::new(&tok, [0].into_iter().collect());
+        assert_eq!(tb.bytes(&tok, 1), b" hi");
+        assert_eq!(tb.bytes(&tok, 2), [0xE4]);
+        assert_eq!(tb.bytes(&tok, 3), b"\n");
+        assert_eq!(tb.bytes(&tok, 0), b"<s>");
+        assert!(tb.bytes(&tok, 99).is_empty());
     }
 }

@@ -280,12 +280,11 @@ fn normalize_messages(messages: &Json) -> Result<Json, TemplateError> {
         let mut map = map.clone();
         if let Some(Json::Array(calls)) = map.get_mut("tool_calls") {
             for call in calls.iter_mut() {
-                if let Some(args) = call.get_mut("function").and_then(|f| f.get_mut("arguments")) {
-                    if let Json::String(s) = args {
-                        if let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(s) {
-                            *args = parsed;
-                        }
-                    }
+                if let Some(args) = call.get_mut("function").and_then(|f| f.get_mut("arguments"))
+                    && let Json::String(text) = args
+                    && let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(text)
+                {
+                    *args = parsed;
                 }
             }
         }
