@@ -6,8 +6,6 @@
 //! cargo run -p llmd-telemetry --features cuda --example gpu_report [-- --quick]
 //! ```
 
-use std::path::PathBuf;
-
 use llmd_proto::messages::CheckStatus;
 use llmd_telemetry::{Caller, DoctorConfig, DoctorContext, Telemetry, run_checks};
 
@@ -28,7 +26,7 @@ fn main() {
 
     let uid = nix::unistd::getuid();
     let user = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| "root".to_string(), |u| u.name);
-    let config = DoctorConfig { models_dir: PathBuf::from(std::env::temp_dir()), ..DoctorConfig::default() };
+    let config = DoctorConfig { models_dir: std::env::temp_dir(), ..DoctorConfig::default() };
     let mut ctx = DoctorContext::new(report, config);
     ctx.p2p = p2p;
     ctx.caller = Some(Caller { uid: uid.as_raw(), gids: vec![nix::unistd::getgid().as_raw()] });
@@ -50,4 +48,32 @@ fn main() {
         }
     }
     println!("== doctor (JSON)\n{}", serde_json::to_string_pretty(&doctor).unwrap_or_default());
+
+    #[cfg(feature = "cuda")]
+    show_processes(&telemetry);
+}
+
+/// Holds 1 GiB on every GPU and prints the GPU process list, to show that processes, their
+/// memory and the owner mapping (`llmd_model`) come through.
+#[cfg(feature = "cuda")]
+fn show_processes(telemetry: &Telemetry) {
+    let me = std::process::id();
+    let count = cudarc::driver::CudaContext::device_count().unwrap_or(0);
+    let mut held = Vec::new();
+    for i in 0..count as usize {
+        match cudarc::driver::CudaContext::new(i).and_then(|ctx| ctx.default_stream().alloc_zeros::<u8>(1 << 30)) {
+            Ok(buf) => held.push(buf),
+            Err(e) => println!("GPU {i}: cannot allocate: {e}"),
+        }
+    }
+    let report = telemetry.report_with_owners(&|pid, gpu| (pid == me).then(|| format!("example-model@gpu{gpu}")));
+    for gpu in &report.gpus {
+        println!(
+            "== GPU {} processes (memory used {} MiB): {}",
+            gpu.index,
+            gpu.memory_used_bytes >> 20,
+            serde_json::to_string(&gpu.processes).unwrap_or_default()
+        );
+    }
+    drop(held);
 }

@@ -255,7 +255,7 @@ pub fn run_checks(ctx: &DoctorContext) -> DoctorReport {
         check_device_nodes(ctx, driver_loaded),
         check_nouveau(ctx),
         check_persistence(ctx, driver_loaded),
-        check_fabric_manager(ctx),
+        check_fabric_manager(ctx, cuda.as_ref()),
         check_p2p(ctx),
         check_nccl(ctx),
         check_models_disk(ctx),
@@ -690,38 +690,54 @@ fn nvswitch_present(ctx: &DoctorContext) -> Option<String> {
     nodes.first().map(|n| format!("/dev/{n}"))
 }
 
-fn check_fabric_manager(ctx: &DoctorContext) -> CheckResult {
+fn check_fabric_manager(ctx: &DoctorContext, cuda: Option<&CudaProbe>) -> CheckResult {
     const NAME: &str = "fabric_manager";
     let Some(evidence) = nvswitch_present(ctx) else {
         return skip(NAME, "no NVSwitch found; the fabric manager is not needed");
     };
     let fix = "`sudo systemctl enable --now nvidia-fabricmanager` (install nvidia-fabricmanager-<driver branch>; its version must match the driver's exactly)";
-    match (ctx.probes.unit_state)(FABRIC_MANAGER_UNIT) {
-        Ok(state) if state == "active" => {
-            pass(NAME, format!("NVSwitch present ({evidence}); nvidia-fabricmanager is active"))
-        }
-        Ok(state) => fail(
-            NAME,
-            format!("NVSwitch present ({evidence}) but nvidia-fabricmanager is {state}: CUDA fails with error 802"),
-            fix,
-        ),
+    // On NVSwitch systems cuInit answers 802 until the fabric is trained, so a successful
+    // cuInit proves the fabric is up even where the manager runs outside this machine
+    // (GPU pass-through VMs, where the hypervisor runs it).
+    let cuda_ok = matches!(cuda.map(|c| &c.init), Some(CudaInit::Ok { .. }));
+    let cuda_802 = matches!(cuda.map(|c| &c.init), Some(CudaInit::Failed { code: CUDA_ERROR_SYSTEM_NOT_READY, .. }));
+    let state = match (ctx.probes.unit_state)(FABRIC_MANAGER_UNIT) {
+        Ok(state) => state,
         Err(e) => {
             // Without systemctl (containers), systemd's runtime record of running units is
             // the next best witness.
             let record = ctx.path(format!("/run/systemd/units/invocation:{FABRIC_MANAGER_UNIT}"));
             if record.exists() {
-                pass(
+                "active".into()
+            } else if cuda_ok {
+                return pass(
                     NAME,
-                    format!("NVSwitch present ({evidence}); nvidia-fabricmanager is running (per /run/systemd/units)"),
-                )
+                    format!(
+                        "NVSwitch present ({evidence}); cuInit succeeded, so the fabric is up (systemd not reachable: {e})"
+                    ),
+                );
             } else {
-                warn(
+                return warn(
                     NAME,
                     format!("NVSwitch present ({evidence}); cannot tell whether nvidia-fabricmanager runs: {e}"),
                     fix,
-                )
+                );
             }
         }
+    };
+    if state == "active" {
+        pass(NAME, format!("NVSwitch present ({evidence}); nvidia-fabricmanager is active"))
+    } else if cuda_ok {
+        pass(
+            NAME,
+            format!(
+                "NVSwitch present ({evidence}); nvidia-fabricmanager is {state} here, but cuInit succeeded: the fabric is managed elsewhere (e.g. by the hypervisor)"
+            ),
+        )
+    } else {
+        let consequence =
+            if cuda_802 { "cuInit fails with error 802" } else { "CUDA fails with error 802 until it runs" };
+        fail(NAME, format!("NVSwitch present ({evidence}) but nvidia-fabricmanager is {state}: {consequence}"), fix)
     }
 }
 

@@ -462,8 +462,13 @@ fn fabric_manager_outcomes() {
         "NVSwitch present (/proc/driver/nvidia-nvswitch); nvidia-fabricmanager is active",
         "",
     );
+    let not_ready = || CudaProbe {
+        driver_version: Some(12040),
+        init: CudaInit::Failed { code: 802, name: "CUDA_ERROR_SYSTEM_NOT_READY".into() },
+    };
 
     let mut inactive = ctx(&host, report(1));
+    inactive.probes.cuda = Box::new(not_ready);
     inactive.probes.unit_state = Box::new(|unit| {
         assert_eq!(unit, "nvidia-fabricmanager.service");
         Ok("failed".into())
@@ -471,11 +476,15 @@ fn fabric_manager_outcomes() {
     expect(
         &check(&inactive, "fabric_manager"),
         Fail,
-        "nvidia-fabricmanager is failed",
+        "nvidia-fabricmanager is failed: cuInit fails with error 802",
         "systemctl enable --now nvidia-fabricmanager",
     );
+    // Inactive here but CUDA works: the fabric is managed outside (pass-through VM).
+    inactive.probes.cuda = Box::new(cuda_ok);
+    expect(&check(&inactive, "fabric_manager"), Pass, "is failed here, but cuInit succeeded", "");
 
     let mut no_systemctl = ctx(&host, report(1));
+    no_systemctl.probes.cuda = Box::new(not_ready);
     no_systemctl.probes.unit_state = Box::new(|_| Err("cannot run systemctl: No such file or directory".into()));
     expect(
         &check(&no_systemctl, "fabric_manager"),
@@ -483,17 +492,27 @@ fn fabric_manager_outcomes() {
         "cannot tell whether nvidia-fabricmanager runs",
         "nvidia-fabricmanager",
     );
+    no_systemctl.probes.cuda = Box::new(cuda_ok);
+    expect(&check(&no_systemctl, "fabric_manager"), Pass, "cuInit succeeded, so the fabric is up", "");
+    no_systemctl.probes.cuda = Box::new(not_ready);
     host.write("run/systemd/units/invocation:nvidia-fabricmanager.service", "");
-    expect(&check(&no_systemctl, "fabric_manager"), Pass, "per /run/systemd/units", "");
+    expect(&check(&no_systemctl, "fabric_manager"), Pass, "nvidia-fabricmanager is active", "");
 
-    // NVSwitch seen through its device node only.
+    // NVSwitch seen through its device node only; cuInit not yet answering either.
     let dev_only = Host::fixture("open-driver-no-uvm");
     dev_only.dev("nvidia-nvswitchctl", 0o666);
     let mut c = ctx(&dev_only, report(1));
+    c.probes.cuda = Box::new(|| CudaProbe { driver_version: None, init: CudaInit::LibraryMissing("x".into()) });
     c.probes.unit_state = Box::new(|_| Ok("inactive".into()));
-    expect(&check(&c, "fabric_manager"), Fail, "NVSwitch present (/dev/nvidia-nvswitchctl)", "nvidia-fabricmanager");
+    expect(
+        &check(&c, "fabric_manager"),
+        Fail,
+        "NVSwitch present (/dev/nvidia-nvswitchctl) but nvidia-fabricmanager is inactive: CUDA fails with error 802 until it runs",
+        "nvidia-fabricmanager",
+    );
 
-    expect(&check(&ctx(&Host::fixture("open-driver-no-uvm"), report(1)), "fabric_manager"), Skip, "no NVSwitch", "");
+    let plain = Host::fixture("open-driver-no-uvm");
+    expect(&check(&ctx(&plain, report(1)), "fabric_manager"), Skip, "no NVSwitch", "");
 }
 
 fn pair(a: u32, b: u32, status: &str, nvlink: bool) -> P2pPair {
