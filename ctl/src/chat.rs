@@ -115,6 +115,7 @@ impl Api {
     /// Turns a non-2xx answer into the server's own OpenAI-shaped message.
     async fn status_error(&self, response: reqwest::Response) -> Failure {
         let status = response.status();
+        let url = response.url().to_string();
         let body = response.text().await.unwrap_or_default();
         let message = serde_json::from_str::<Value>(&body)
             .ok()
@@ -122,7 +123,12 @@ impl Api {
             .unwrap_or(body);
         let hint =
             if status == reqwest::StatusCode::UNAUTHORIZED { "; pass --api-key or set LLMD_API_KEY" } else { "" };
-        Failure::Failed(format!("HTTP {status}: {}{hint}", message.trim()))
+        let message = message.trim();
+        if message.is_empty() {
+            // No OpenAI error body: most likely not llmd's API at all, or a path it lacks.
+            return Failure::Failed(format!("HTTP {status} from {url} (is this an OpenAI-compatible API?){hint}"));
+        }
+        Failure::Failed(format!("HTTP {status}: {message}{hint}"))
     }
 
     /// Fails early, with the served names, when the model is not served. Servers without

@@ -163,7 +163,7 @@ async fn long_operation(
             return Err(e.into());
         }
         None => {
-            view.finish(false);
+            view.freeze();
             return interrupted(socket, what, view.operation(), is_pull, cancel_on_interrupt, json).await;
         }
     };

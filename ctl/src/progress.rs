@@ -156,19 +156,34 @@ impl ProgressView {
         }
     }
 
+    /// After Ctrl-C: stops drawing and leaves the last frame on screen as it is, so it shows
+    /// how far the operation got. No final redraw: the terminal's `^C` echo has moved the
+    /// cursor behind indicatif's back, and a redraw would land a line off.
+    pub fn freeze(&mut self) {
+        if let Mode::Bars { total, files, multi } = &mut self.mode {
+            multi.set_draw_target(ProgressDrawTarget::hidden());
+            for bar in files.values().chain(total.iter()) {
+                bar.abandon();
+            }
+            eprintln!();
+        }
+    }
+
     /// Stops drawing. `keep` leaves the last state on screen (success); otherwise the bars are
     /// cleared so an error message is not buried under them.
     pub fn finish(&mut self, keep: bool) {
         if let Mode::Bars { total, files, multi } = &mut self.mode {
-            for bar in files.values().chain(total.iter()) {
-                if keep {
-                    bar.finish();
-                } else {
-                    bar.finish_and_clear();
-                }
-            }
             if !keep {
+                // Wipe the whole block first, then stop drawing: finishing bars one by one
+                // redraws a shrinking block and can leave a stale line behind.
                 let _ = multi.clear();
+                multi.set_draw_target(ProgressDrawTarget::hidden());
+            }
+            for bar in files.values().chain(total.iter()) {
+                // `abandon` keeps the bar at its last position; `finish` would jump to 100%.
+                if !bar.is_finished() {
+                    bar.abandon();
+                }
             }
         }
     }
