@@ -478,6 +478,7 @@ pub struct GenerationStream {
 }
 
 impl std::fmt::Debug for Command {
+    // Manual: the request's prompt would flood logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Submit { key, .. } => write!(f, "Submit({key})"),
@@ -726,6 +727,7 @@ impl Engine {
             });
         }
         let prompt_len = req.prompt_tokens.len();
+        tracing::debug!(request_id = %req.request_id, key, prompt_len, n = req.n, "request queued");
         if let Err(e) = self.sched.add(key, req.prompt_tokens, req.n, req.sampling.max_tokens as usize) {
             return fail(&self.shared, &tx, e.to_string());
         }
@@ -770,14 +772,12 @@ impl Engine {
         for &id in &out.first_scheduled {
             let Some(seq) = self.sched.seq(id) else { continue };
             let (group, cached) = (seq.group, seq.cached_tokens());
-            if let Some(req) = self.requests.get_mut(&group) {
-                if !req.started {
-                    req.started = true;
-                    req.queue_time = now.saturating_duration_since(req.submitted);
-                    req.cached_tokens = cached;
-                    self.shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
-                    self.shared.counters.prompt_tokens.fetch_add(req.prompt_len as u64, Ordering::Relaxed);
-                }
+            if let Some(req) = self.requests.get_mut(&group).filter(|r| !r.started) {
+                req.started = true;
+                req.queue_time = now.saturating_duration_since(req.submitted);
+                req.cached_tokens = cached;
+                self.shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
+                self.shared.counters.prompt_tokens.fetch_add(req.prompt_len as u64, Ordering::Relaxed);
             }
         }
         let result = self.run_forward(&out);
@@ -964,6 +964,15 @@ mod tests {
 
     fn stops(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn handle_and_stream_cross_threads() {
+        assert_send_sync::<EngineHandle>();
+        assert_send::<GenerationStream>();
     }
 
     #[test]

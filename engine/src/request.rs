@@ -115,13 +115,8 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "`stop` strings must not be empty".to_string());
         }
-        if let Some(k) = self.logprobs {
-            if k > MAX_TOP_LOGPROBS {
-                return bad(
-                    "top_logprobs",
-                    format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
-                );
-            }
+        if let Some(k) = self.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return bad("top_logprobs", format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"));
         }
         Ok(())
     }

@@ -45,8 +45,9 @@ pub struct Sampled {
 #[derive(Debug, Clone)]
 pub struct SeqSampler {
     rng: ChaCha20Rng,
-    /// Every token of the prompt and the output (repetition penalty).
+    /// Every token of the prompt and the output (repetition penalty only).
     seen: HashSet<u32>,
+    track_seen: bool,
     /// Output token counts (presence / frequency penalties).
     output_counts: HashMap<u32, u32>,
     num_output: u32,
@@ -68,6 +69,7 @@ impl SeqSampler {
         SeqSampler {
             rng,
             seen: if params.repetition_penalty != 1.0 { prompt.iter().copied().collect() } else { HashSet::new() },
+            track_seen: params.repetition_penalty != 1.0,
             output_counts: HashMap::new(),
             num_output: 0,
             min_tokens_mask,
@@ -139,7 +141,7 @@ impl SeqSampler {
     fn record(&mut self, token: u32) {
         self.num_output += 1;
         *self.output_counts.entry(token).or_default() += 1;
-        if !self.seen.is_empty() {
+        if self.track_seen {
             self.seen.insert(token);
         }
     }

@@ -521,6 +521,80 @@ mod tests {
         }
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add { len: usize, n: u32, max_tokens: usize, base: u32 },
+        Step,
+        Abort { group: u64 },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1usize..14, 1u32..4, 1usize..6, 0u32..3).prop_map(|(len, n, max_tokens, base)| Op::Add {
+                len,
+                n,
+                max_tokens,
+                base
+            }),
+            Just(Op::Step),
+            Just(Op::Step),
+            Just(Op::Step),
+            (0u64..10).prop_map(|group| Op::Abort { group }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Random traffic on a tiny pool: no panic, budget and pool respected, and once the
+        /// traffic stops every request finishes (no deadlock) and every block comes back.
+        #[test]
+        fn random_traffic_always_drains(ops in proptest::collection::vec(op(), 1..80), bs in 1usize..4, budget in 3usize..12) {
+            let blocks = 20 / bs + 1;
+            let mut s = sched(blocks, bs, 3, budget);
+            let mut generated: HashMap<SeqId, usize> = HashMap::new();
+            let mut limits: HashMap<u64, usize> = HashMap::new();
+            let mut group = 0u64;
+            let mut run_step = |s: &mut Scheduler, generated: &mut HashMap<SeqId, usize>, limits: &HashMap<u64, usize>| {
+                let out = s.schedule();
+                check_batch(&out, bs);
+                assert!(out.batch.num_tokens() <= budget);
+                s.complete_step(&out);
+                for sc in out.scheduled.iter().filter(|x| x.wants_logits) {
+                    let mut ids = vec![sc.seq];
+                    ids.extend(s.fork(sc.seq));
+                    for id in ids {
+                        let limit = limits[&s.seq(id).unwrap().group];
+                        let g = generated.entry(id).or_default();
+                        *g += 1;
+                        if *g >= limit { s.finish(id) } else { s.append_token(id, 1) }
+                    }
+                }
+                out.is_empty()
+            };
+            for op in ops {
+                match op {
+                    Op::Add { len, n, max_tokens, base } => {
+                        if s.add(group, prompt(len, base), n, max_tokens).is_ok() {
+                            limits.insert(group, max_tokens);
+                        }
+                        group += 1;
+                    }
+                    Op::Step => { run_step(&mut s, &mut generated, &limits); }
+                    Op::Abort { group } => { s.abort_group(group); }
+                }
+                assert!(s.kv().num_used_blocks() <= blocks);
+            }
+            let mut idle = 0;
+            for _ in 0..2000 {
+                if !s.has_work() { break; }
+                if run_step(&mut s, &mut generated, &limits) { idle += 1; } else { idle = 0; }
+                proptest::prop_assert!(idle < 2, "scheduler stalled with work left");
+            }
+            proptest::prop_assert!(!s.has_work(), "requests left after 2000 steps");
+            proptest::prop_assert_eq!(s.kv().num_used_blocks(), 0);
+        }
+    }
+
     #[test]
     fn budget_respected_and_prompt_chunked() {
         let mut s = sched(64, 4, 8, 10);
