@@ -257,5 +257,9 @@ async fn watch_gpus(socket: &Path, secs: f64, json: bool) -> Result<i32, Failure
             return Ok(0);
         }
     }
+    if interactive && !json {
+        // Ctrl-C was echoed at the end of the last frame; give the shell prompt its own line.
+        println!();
+    }
     Ok(0)
 }
