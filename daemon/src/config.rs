@@ -576,10 +576,10 @@ impl Config {
             if let Some(len) = m.max_model_len {
                 check_range(&key("max_model_len"), len, 1, 1 << 24)?;
             }
-            if let Some(d) = &m.dtype {
-                if !DTYPES.contains(&d.as_str()) {
-                    return Err(invalid(key("dtype"), format!("= {d:?} must be one of {}", DTYPES.join(", "))));
-                }
+            if let Some(d) = &m.dtype
+                && !DTYPES.contains(&d.as_str())
+            {
+                return Err(invalid(key("dtype"), format!("= {d:?} must be one of {}", DTYPES.join(", "))));
             }
         }
 
@@ -612,7 +612,7 @@ impl Presence {
 fn apply_mode_defaults(mut config: Config, present: &Presence, dev: bool, env: &Env) -> Config {
     if !present.has("control", "socket") {
         if dev {
-            let base = env.xdg_runtime_dir.clone().unwrap_or_else(|| dev_fallback_runtime_dir());
+            let base = env.xdg_runtime_dir.clone().unwrap_or_else(dev_fallback_runtime_dir);
             config.control.socket = base.join("llmd").join("llmd.sock");
         } else if let Some(dir) = &env.runtime_directory {
             config.control.socket = dir.join("llmd.sock");
@@ -739,9 +739,7 @@ fn walk_table(table: &toml::de::DeTable<'_>, at: usize, path: &mut String) -> bo
         let covers_key = k.span().contains(&at);
         let covers_value = v.span().contains(&at) || v.span().start == at;
         if covers_key || covers_value {
-            if !path.is_empty() && !path.ends_with(']') {
-                path.push('.');
-            } else if path.ends_with(']') {
+            if !path.is_empty() {
                 path.push('.');
             }
             path.push_str(k.get_ref());

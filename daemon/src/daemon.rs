@@ -33,7 +33,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Socket(#[from] SocketError),
     #[error(transparent)]
-    Dbus(#[from] dbus::DbusSetupError),
+    Dbus(#[from] Box<dbus::DbusSetupError>),
     #[error("cannot load model `{name}` listed in [[models]]: {source}")]
     ModelLoad {
         name: String,
@@ -167,7 +167,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             Err(e) => {
                 let _ = stop_tx.send(true);
                 let _ = socket_task.await;
-                return Err(e.into());
+                return Err(Box::new(e).into());
             }
         }
     } else {

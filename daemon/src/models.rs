@@ -368,14 +368,14 @@ impl Actor {
             )));
             return;
         }
-        if let Some(tp) = params.tp {
-            if tp == 0 || tp > 64 {
-                let _ = reply.send(Err(ControlError::new(
-                    ErrorCode::InvalidArgument,
-                    format!("`tp` = {tp} must be between 1 and 64"),
-                )));
-                return;
-            }
+        if let Some(tp) = params.tp
+            && (tp == 0 || tp > 64)
+        {
+            let _ = reply.send(Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                format!("`tp` = {tp} must be between 1 and 64"),
+            )));
+            return;
         }
         params.name = Some(name.clone());
         let path = match self.resolver.resolve(&params) {

@@ -92,13 +92,12 @@ impl Drop for BoundSocket {
 /// place, so it is never reachable with looser permissions.
 pub fn bind(path: &Path, group: &SocketGroup) -> Result<BoundSocket, SocketError> {
     use std::os::unix::fs::FileTypeExt;
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(io("create the socket folder", dir))?;
-            // Group members must reach the socket; the socket's own mode guards it.
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-                .map_err(io("set the mode of", dir))?;
-        }
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(io("create the socket folder", dir))?;
+        // Group members must reach the socket; the socket's own mode guards it.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io("set the mode of", dir))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {

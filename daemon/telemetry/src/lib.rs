@@ -21,7 +21,7 @@ pub mod xid;
 
 pub use doctor::{Caller, ConfiguredModel, DoctorConfig, DoctorContext, P2pPair, Probes, run_checks};
 pub use llmd_proto::messages::GpuReport;
-pub use metrics::{dcgm_metrics, dcgm_metrics_with_energy};
+pub use metrics::dcgm_metrics;
 pub use nvml::Telemetry;
 pub use placement::{MemoryEstimate, PlacementError, estimate_memory, place, place_estimate};
 pub use xid::{XidCounters, describe_xid, xid_info};

@@ -81,18 +81,13 @@ fn labels(g: &GpuInfo, hostname: &str) -> String {
     )
 }
 
-/// dcgm-exporter-compatible gauges for every GPU in `report`, without the energy counter.
+/// dcgm-exporter-compatible gauges for every GPU in `report`, including
+/// `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` where the GPU reports it.
 /// An empty or unavailable report gives no series (and no HELP/TYPE lines).
-pub fn dcgm_metrics(report: &GpuReport, hostname: &str) -> String {
-    dcgm_metrics_with_energy(report, &BTreeMap::new(), hostname)
-}
-
-/// Like [`dcgm_metrics`], plus `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` from `energy_mj`
-/// (GPU index → millijoules, as [`crate::Telemetry::energy_mj`] returns).
 ///
 /// A metric family is written only when at least one GPU has a value for it, so a field no
 /// GPU supports does not produce a dangling HELP/TYPE header.
-pub fn dcgm_metrics_with_energy(report: &GpuReport, energy_mj: &BTreeMap<u32, u64>, hostname: &str) -> String {
+pub fn dcgm_metrics(report: &GpuReport, hostname: &str) -> String {
     let mut out = String::new();
     let rows: Vec<(String, &GpuInfo)> = report.gpus.iter().map(|g| (labels(g, hostname), g)).collect();
     for (name, kind, help, get) in FIELDS {
@@ -101,7 +96,7 @@ pub fn dcgm_metrics_with_energy(report: &GpuReport, energy_mj: &BTreeMap<u32, u6
     }
     let (name, kind, help) = ENERGY;
     let samples: Vec<(&str, String)> =
-        rows.iter().filter_map(|(l, g)| energy_mj.get(&g.index).map(|v| (l.as_str(), v.to_string()))).collect();
+        rows.iter().filter_map(|(l, g)| g.total_energy_mj.map(|v| (l.as_str(), v.to_string()))).collect();
     write_family(&mut out, name, kind, help, &samples);
     out
 }
@@ -150,9 +145,11 @@ mod tests {
         // A field the second GPU cannot report is left out for it only.
         second.temperature_c = None;
         second.power_draw_w = Some(100.0);
-        let report = GpuReport { gpus: vec![h100(0), second], ..GpuReport::default() };
-        let energy = BTreeMap::from([(0, 123_456_789), (1, 42)]);
-        let text = dcgm_metrics_with_energy(&report, &energy, "node-7");
+        second.total_energy_mj = Some(42);
+        let mut first = h100(0);
+        first.total_energy_mj = Some(123_456_789);
+        let report = GpuReport { gpus: vec![first, second], ..GpuReport::default() };
+        let text = dcgm_metrics(&report, "node-7");
         let l0 = "gpu=\"0\",UUID=\"GPU-00000000-aaaa-bbbb-cccc-ddddeeeeffff\",pci_bus_id=\"00000000:10:00.0\",modelName=\"NVIDIA H100 80GB HBM3\",Hostname=\"node-7\"";
         let l1 = "gpu=\"1\",UUID=\"GPU-00000001-aaaa-bbbb-cccc-ddddeeeeffff\",pci_bus_id=\"00000000:11:00.0\",modelName=\"NVIDIA H100 80GB HBM3\",Hostname=\"node-7\"";
         let expected = format!(

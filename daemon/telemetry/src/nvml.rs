@@ -111,23 +111,10 @@ impl Telemetry {
         GpuReport { unavailable: None, driver_version, cuda_driver_version, gpus }
     }
 
-    /// Total energy per GPU index in millijoules since the driver loaded
-    /// (`DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`); GPUs that do not report it are left out.
-    pub fn energy_mj(&self) -> BTreeMap<u32, u64> {
-        let Backend::Nvml { nvml, .. } = &self.backend else { return BTreeMap::new() };
-        let count = nvml.device_count().unwrap_or(0);
-        (0..count)
-            .filter_map(|i| {
-                let device = nvml.device_by_index(i).ok()?;
-                Some((i, device.total_energy_consumption().ok()?))
-            })
-            .collect()
-    }
-
-    /// Prometheus text for `/metrics`: a fresh report plus the energy counters, with
-    /// dcgm-exporter's names (see [`crate::metrics`]).
+    /// Prometheus text for `/metrics`: a fresh report with dcgm-exporter's names
+    /// (see [`crate::metrics`]).
     pub fn dcgm_metrics(&self, hostname: &str) -> String {
-        crate::metrics::dcgm_metrics_with_energy(&self.report(), &self.energy_mj(), hostname)
+        crate::metrics::dcgm_metrics(&self.report(), hostname)
     }
 
     /// Peer-to-peer status of every GPU pair, for the doctor's P2P check; `None` without NVML.
@@ -197,6 +184,7 @@ fn read_gpu(
         name: device.name().unwrap_or_default(),
         uuid: device.uuid().unwrap_or_default(),
         pci_bus_id: device.pci_info().map(|p| p.bus_id).unwrap_or_default(),
+        total_energy_mj: device.total_energy_consumption().ok(),
         utilization_gpu_pct: utilization.as_ref().map(|u| u.gpu),
         utilization_memory_pct: utilization.as_ref().map(|u| u.memory),
         memory_used_bytes: memory.as_ref().map_or(0, |m| m.used),
@@ -307,7 +295,6 @@ mod tests {
         let report = t.report();
         assert_eq!(report.unavailable.as_deref(), Some("no driver"));
         assert!(report.gpus.is_empty());
-        assert!(t.energy_mj().is_empty());
         assert!(t.p2p_matrix().is_none());
         let text = t.dcgm_metrics("host");
         assert!(!text.contains("gpu=\""), "no GPU series without NVML: {text}");
