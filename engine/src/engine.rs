@@ -780,6 +780,9 @@ impl Engine {
                 self.shared.counters.prompt_tokens.fetch_add(req.prompt_len as u64, Ordering::Relaxed);
             }
         }
+        // Published before any event of this step goes out, so a client that sees a token
+        // also sees the blocks behind it.
+        self.publish_stats();
         let result = self.run_forward(&out);
         let rows = match result {
             Ok(rows) => rows,
