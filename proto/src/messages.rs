@@ -342,6 +342,9 @@ pub struct GpuInfo {
     #[serde(default)]
     pub throttle_reasons: Vec<String>,
     pub xid_errors: u64,
+    /// Energy used since the driver loaded, in millijoules (DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION).
+    #[serde(default)]
+    pub total_energy_mj: Option<u64>,
     #[serde(default)]
     pub processes: Vec<GpuProcess>,
 }

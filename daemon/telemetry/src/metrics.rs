@@ -8,7 +8,6 @@
 //! the *number* of XID events since the daemon started (the code itself is in the journal).
 //! Both are 0 on a healthy GPU, so "alert when non-zero" rules keep working.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use llmd_proto::messages::{GpuInfo, GpuReport};

@@ -4,7 +4,6 @@
 //! driver, no GPU, driver/library mismatch) the handle still works and every report says why
 //! in `unavailable`, so the daemon serves on the CPU instead of crashing.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
