@@ -511,3 +511,31 @@ async fn metrics_text_has_vllm_names() {
     }
     assert!(text.ends_with("# EOF\n"));
 }
+
+#[tokio::test]
+async fn client_disconnect_cancels_a_non_streaming_generation() {
+    let mut b = ScriptedBackend::new("tiny", &"word ".repeat(40));
+    b.token_delay = Duration::from_millis(20);
+    let (m, backend) = served(b, None);
+    let base = serve(state(Registry::new(vec![m]), &[], ApiOptions::default())).await;
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let r = client.post(format!("{base}/v1/completions")).json(&json!({"model": "tiny", "prompt": "x"})).send().await;
+    assert!(r.is_err(), "the client gave up before the 4 s generation ended");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while backend.running.load(Ordering::SeqCst) != 0 {
+        assert!(std::time::Instant::now() < deadline, "generation still running after the client left");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn request_timeout_cancels_and_answers_504() {
+    let mut b = ScriptedBackend::new("tiny", &"word ".repeat(40));
+    b.token_delay = Duration::from_millis(20);
+    let (m, backend) = served(b, None);
+    let opts = ApiOptions { request_timeout: Some(Duration::from_millis(100)), ..Default::default() };
+    let base = serve(state(Registry::new(vec![m]), &[], opts)).await;
+    let (status, v) = post(&base, "/v1/chat/completions", json!({"model": "tiny", "messages": user("x")})).await;
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(backend.running.load(Ordering::SeqCst), 0);
+}
