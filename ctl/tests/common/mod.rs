@@ -188,6 +188,7 @@ pub fn gpu_report() -> GpuReport {
         ecc_errors_uncorrected: Some(0),
         throttle_reasons: if model.is_some() { vec!["sw_power_cap".into()] } else { vec![] },
         xid_errors: 0,
+        total_energy_mj: Some(9_876_543_210),
         processes: model
             .map(|m| {
                 vec![GpuProcess {
