@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the GPU machine: builds random checkpoints with transformers/torch, checks the CUDA runner
+# against the CPU runner on every dense architecture, then times the runner on a
+# Llama-3-8B-shaped checkpoint next to the measured memory bandwidth (the decode roofline).
+# Expects the release binary at .bin/llmd-cuda-check.xz (built here with --features cuda).
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/ck
+python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.bin/llmd-cuda-check.xz'), open('/tmp/llmd-cuda-check','wb'))"
+chmod +x /tmp/llmd-cuda-check
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 bench/gpu/make_checkpoints.py /tmp/ck ${BENCH_8B:+--bench-8b} 2>&1 | tail -8
+status=0
+for m in /tmp/ck/check-*; do
+  echo "== $m"
+  /tmp/llmd-cuda-check check "$m" || status=1
+done 2>&1 | tee "$OUT/check.txt"
+python3 - <<'PY' | tee "$OUT/bandwidth.txt"
+import torch
+x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+s, e = torch.cuda.Event(True), torch.cuda.Event(True); torch.cuda.synchronize(); s.record()
+for _ in range(10): y.copy_(x)
+e.record(); torch.cuda.synchronize()
+print(f"device copy bandwidth (read+write): {2 * 10 * x.numel() / (s.elapsed_time(e) / 1e3) / 1e9:.0f} GB/s")
+PY
+if [ -n "${BENCH_8B:-}" ]; then
+  cat /tmp/ck/llama3-8b-random/*.safetensors > /dev/null  # page cache, as "load from the page cache"
+  /tmp/llmd-cuda-check bench /tmp/ck/llama3-8b-random --batch ${BATCHES:-1,8,32,64} --prompt 512 --gen 128 2>&1 | tee "$OUT/bench.txt"
+fi
+exit $status
