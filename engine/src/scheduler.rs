@@ -554,7 +554,7 @@ mod tests {
             let mut generated: HashMap<SeqId, usize> = HashMap::new();
             let mut limits: HashMap<u64, usize> = HashMap::new();
             let mut group = 0u64;
-            let mut run_step = |s: &mut Scheduler, generated: &mut HashMap<SeqId, usize>, limits: &HashMap<u64, usize>| {
+            let run_step = |s: &mut Scheduler, generated: &mut HashMap<SeqId, usize>, limits: &HashMap<u64, usize>| {
                 let out = s.schedule();
                 check_batch(&out, bs);
                 assert!(out.batch.num_tokens() <= budget);
