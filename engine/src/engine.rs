@@ -240,19 +240,21 @@ impl std::fmt::Debug for EngineHandle {
 
 impl EngineHandle {
     /// Loads the model folder of `opts` and starts its engine thread. Blocking (seconds to
-    /// minutes): call it from `spawn_blocking`. On the CPU (`device` "auto" or "cpu") it uses
-    /// the llmd-models CPU backend; "cuda" fails with a clear error in this build.
+    /// minutes): call it from `spawn_blocking`. Device "cpu" uses the llmd-models CPU backend;
+    /// "cuda" the llmd-cuda backend (GPU 0), which needs a build with the `cuda` feature;
+    /// "auto" picks CUDA when built with it and a GPU is usable, else the CPU.
     pub fn load(opts: LoadOptions, progress: &mut dyn FnMut(LoadProgress)) -> Result<EngineHandle, EngineError> {
         opts.validate()?;
-        match opts.device.as_str() {
-            "auto" | "cpu" => {}
+        let use_cuda = match opts.device.as_str() {
+            "cpu" => false,
+            "auto" => cuda_usable(),
             "cuda" => {
-                let why = if cfg!(feature = "cuda") {
-                    "the CUDA backend is not implemented yet; use device \"cpu\""
-                } else {
-                    "this llmd was built without the `cuda` feature; use device \"cpu\""
-                };
-                return Err(EngineError::Model(ModelError::Backend(why.into())));
+                if !cfg!(feature = "cuda") {
+                    return Err(EngineError::Model(ModelError::Backend(
+                        "device \"cuda\" needs an llmd built with the `cuda` feature; use device \"cpu\"".into(),
+                    )));
+                }
+                true
             }
             other => {
                 return Err(EngineError::Model(ModelError::Config {
@@ -260,14 +262,19 @@ impl EngineHandle {
                     message: format!("`device` must be auto, cpu or cuda, got `{other}`"),
                 }));
             }
-        }
+        };
         progress(LoadProgress { phase: "tokenizer", done: 0, total: 1 });
         let tokenizer = Tokenizer::from_dir(&opts.path).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         progress(LoadProgress { phase: "tokenizer", done: 1, total: 1 });
-        let cfg = llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
-        let loaded = llmd_models::load_cpu(&opts.path, &cfg, &mut |done, total| {
+        let mut weights = |done: usize, total: usize| {
             progress(LoadProgress { phase: "weights", done: done as u64, total: total as u64 })
-        })?;
+        };
+        let loaded = if use_cuda {
+            load_cuda(&opts, &mut weights)?
+        } else {
+            let cfg = llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
+            llmd_models::load_cpu(&opts.path, &cfg, &mut weights)?
+        };
         let facts = ModelFacts {
             architecture: loaded.config.architecture.clone(),
             num_params: loaded.num_params,
@@ -943,6 +950,43 @@ impl Engine {
             req.send(GenerationEvent::Usage(req.usage()));
         }
     }
+}
+
+/// Whether "auto" should pick the GPU: built with CUDA and at least one device usable.
+#[cfg(feature = "cuda")]
+fn cuda_usable() -> bool {
+    llmd_cuda::device_count().is_ok_and(|n| n > 0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_usable() -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+fn load_cuda(
+    opts: &LoadOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<llmd_models::LoadedModel, EngineError> {
+    let config = llmd_models::ModelConfig::from_dir(&opts.path)?;
+    let max_model_len =
+        opts.max_model_len.map_or(config.max_position_embeddings, |m| (m as usize).min(config.max_position_embeddings));
+    let cfg = llmd_cuda::CudaLoadConfig {
+        ordinal: 0,
+        gpu_memory_utilization: opts.gpu_memory_utilization,
+        block_size: opts.block_size,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        max_model_len,
+    };
+    Ok(llmd_cuda::load_cuda(&opts.path, &cfg, progress)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_cuda(
+    _opts: &LoadOptions,
+    _progress: &mut dyn FnMut(usize, usize),
+) -> Result<llmd_models::LoadedModel, EngineError> {
+    Err(EngineError::Model(ModelError::Backend("this llmd was built without the `cuda` feature".into())))
 }
 
 fn token_logprob(tok: &Tokenizer, id: u32, logprob: f32) -> TokenLogprob {
