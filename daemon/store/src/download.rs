@@ -5,7 +5,7 @@
 //! through a bounded channel, so the socket is read while the previous chunk is hashed.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -282,29 +282,49 @@ impl FetchJob<'_> {
         Ok(partial)
     }
 
-    /// Streams the body into the partial file through a writer thread. Returns the partial file
-    /// (or the write error) and whether the body ended cleanly.
+    /// Streams the body into the partial file. Hashing and writing run on two blocking threads
+    /// fed with the same chunks (a `Bytes` clone is a reference count), so SHA-256, the slowest
+    /// step, has a core to itself. Returns the partial file (or the write error) and whether the
+    /// body ended cleanly; either way both threads saw exactly the chunks that were received.
     async fn stream_body(
         &self,
         resp: reqwest::Response,
         partial: Partial,
     ) -> (Result<Partial, StoreError>, Result<(), reqwest::Error>) {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let Partial { file, written, mut hasher } = partial;
+        let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Bytes>(256);
+        let (htx, mut hrx) = tokio::sync::mpsc::channel::<Bytes>(256);
         let path = self.incomplete.clone();
         let done = self.done.clone();
-        let writer = tokio::task::spawn_blocking(move || -> Result<Partial, StoreError> {
-            let mut partial = partial;
-            // Buffered so small network chunks become large writes.
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, &partial.file);
-            while let Some(chunk) = rx.blocking_recv() {
-                partial.hasher.update(&chunk);
-                out.write_all(&chunk).at(&path)?;
-                partial.written += chunk.len() as u64;
-                done.store(partial.written, Ordering::Relaxed);
+        let writer = tokio::task::spawn_blocking(move || -> Result<(File, u64), StoreError> {
+            let mut written = written;
+            // Small network chunks are gathered into ~1 MiB vectored writes, without copying.
+            let mut batch: Vec<Bytes> = Vec::new();
+            let mut batch_len = 0usize;
+            loop {
+                let next = wrx.blocking_recv();
+                let end = next.is_none();
+                if let Some(c) = next {
+                    batch_len += c.len();
+                    batch.push(c);
+                }
+                if batch_len >= (1 << 20) || batch.len() >= 512 || (end && batch_len > 0) {
+                    write_batch(&file, &batch).at(&path)?;
+                    written += batch_len as u64;
+                    done.store(written, Ordering::Relaxed);
+                    batch.clear();
+                    batch_len = 0;
+                }
+                if end {
+                    return Ok((file, written));
+                }
             }
-            out.flush().at(&path)?;
-            drop(out);
-            Ok(partial)
+        });
+        let hashing = tokio::task::spawn_blocking(move || {
+            while let Some(c) = hrx.blocking_recv() {
+                hasher.update(&c);
+            }
+            hasher
         });
         let mut body = resp.bytes_stream();
         let mut outcome = Ok(());
@@ -312,8 +332,8 @@ impl FetchJob<'_> {
             match item {
                 Ok(chunk) => {
                     self.fetched.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    if tx.send(chunk).await.is_err() {
-                        // The writer stopped on an I/O error; it reports it below.
+                    // A closed channel means the writer stopped on an I/O error, reported below.
+                    if wtx.send(chunk.clone()).await.is_err() || htx.send(chunk).await.is_err() {
                         break;
                     }
                 }
@@ -323,15 +343,43 @@ impl FetchJob<'_> {
                 }
             }
         }
-        drop(tx);
-        let partial = match writer.await {
-            Ok(r) => r,
-            Err(e) => {
-                Err(StoreError::io(&self.incomplete, std::io::Error::other(format!("writer thread failed: {e}"))))
-            }
+        drop((wtx, htx));
+        let failed = |e: tokio::task::JoinError| {
+            StoreError::io(&self.incomplete, std::io::Error::other(format!("download thread failed: {e}")))
+        };
+        let partial = match (writer.await, hashing.await) {
+            (Ok(Ok((file, written))), Ok(hasher)) => Ok(Partial { file, written, hasher }),
+            (Ok(Err(e)), _) => Err(e),
+            (Err(e), _) | (_, Err(e)) => Err(failed(e)),
         };
         (partial, outcome)
     }
+}
+
+/// Writes every chunk of `batch` at the file's position with vectored writes.
+fn write_batch(mut file: &File, batch: &[Bytes]) -> std::io::Result<()> {
+    let (mut idx, mut off) = (0usize, 0usize);
+    while idx < batch.len() {
+        let slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&batch[idx][off..]))
+            .chain(batch[idx + 1..].iter().map(|b| IoSlice::new(b)))
+            .collect();
+        let mut n = file.write_vectored(&slices)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && idx < batch.len() {
+            let rest = batch[idx].len() - off;
+            if n >= rest {
+                n -= rest;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs blocking file work off the async threads.
@@ -369,6 +417,17 @@ mod tests {
         let mut h = Hasher::new(Some(&Expected::GitSha1(String::new())), Some(6));
         h.update(b"hello\n");
         assert_eq!(h.finish().unwrap(), "ce013625030ba8dba906f756967f9e9ca394464a");
+    }
+
+    #[test]
+    fn vectored_batches_are_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = File::create(&p).unwrap();
+        let batch: Vec<Bytes> = (0..600u32).map(|i| Bytes::from(vec![i as u8; 1 + (i as usize % 7) * 1000])).collect();
+        write_batch(&f, &batch).unwrap();
+        let expected: Vec<u8> = batch.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(std::fs::read(&p).unwrap(), expected);
     }
 
     #[test]
