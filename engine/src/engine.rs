@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use llmd_models::ModelError;
-use llmd_models::runner::ModelRunner;
+use llmd_models::runner::{ModelRunner, RowOutput};
 use llmd_tokenizer::{IncrementalDecoder, Tokenizer};
 use tokio::sync::mpsc as tokio_mpsc;
 
@@ -810,29 +810,39 @@ impl Engine {
         }
     }
 
-    fn run_forward(&mut self, out: &SchedulerOutput) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn run_forward(&mut self, out: &SchedulerOutput) -> Result<Vec<RowOutput>, ModelError> {
         for &(src, dst) in &out.copies {
             self.runner.copy_block(src, dst)?;
         }
-        let logits = self.runner.forward(&out.batch)?;
-        let wanted = out.scheduled.iter().filter(|s| s.wants_logits).count();
-        if logits.rows.len() != wanted {
-            return Err(ModelError::Backend(format!(
-                "runner returned {} logits rows, expected {wanted}",
-                logits.rows.len()
-            )));
+        // Rows whose next token is a plain argmax may be picked on the device.
+        let widths: Vec<Option<u32>> = out
+            .scheduled
+            .iter()
+            .filter(|s| s.wants_logits)
+            .map(|s| {
+                let seq = self.sched.seq(s.seq)?;
+                if seq.pending_forks() > 0 {
+                    return None;
+                }
+                let req = self.requests.get(&seq.group)?;
+                let choice = req.choices.get(seq.choice as usize)?;
+                choice.sampler.is_plain_greedy(&req.params).then_some(self.sample_width as u32)
+            })
+            .collect();
+        let rows = self.runner.forward_argmax(&out.batch, &widths)?;
+        if rows.len() != widths.len() {
+            return Err(ModelError::Backend(format!("runner returned {} logits rows, expected {}", rows.len(), widths.len())));
         }
-        Ok(logits.rows)
+        Ok(rows)
     }
 
-    fn on_logits(&mut self, id: SeqId, row: &[f32]) {
+    fn on_logits(&mut self, id: SeqId, row: &RowOutput) {
         let Some(seq) = self.sched.seq(id) else { return };
         let group = seq.group;
         let mut seqs = vec![id];
         if seq.pending_forks() > 0 {
             seqs.extend(self.sched.fork(id));
         }
-        let row = &row[..self.sample_width.min(row.len())];
         for s in seqs {
             let Some(choice) = self.sched.seq(s).map(|q| q.choice) else { continue };
             if let Err(msg) = self.sample_choice(group, s, choice as usize, row) {
@@ -842,11 +852,15 @@ impl Engine {
         }
     }
 
-    fn sample_choice(&mut self, group: u64, seq: SeqId, c: usize, row: &[f32]) -> Result<(), String> {
+    fn sample_choice(&mut self, group: u64, seq: SeqId, c: usize, row: &RowOutput) -> Result<(), String> {
+        let width = self.sample_width;
         let Some(req) = self.requests.get_mut(&group) else { return Ok(()) };
         let params = &req.params;
         let choice = &mut req.choices[c];
-        let sampled = choice.sampler.sample(params, row);
+        let sampled = match row {
+            RowOutput::Logits(l) => choice.sampler.sample(params, &l[..width.min(l.len())]),
+            RowOutput::Argmax(token) => choice.sampler.accept(*token),
+        };
         let tok = sampled.token;
         req.completion_tokens += 1;
         self.shared.counters.generation_tokens.fetch_add(1, Ordering::Relaxed);

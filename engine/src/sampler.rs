@@ -120,6 +120,24 @@ impl SeqSampler {
         greedy
     }
 
+    /// Whether `sample` would reduce to a plain argmax of the raw logits for the next token, so
+    /// a backend may pick it on the device (no penalties, no temperature, no logprobs, no
+    /// min_tokens mask in force).
+    pub fn is_plain_greedy(&self, params: &SamplingParams) -> bool {
+        params.temperature == 0.0
+            && params.repetition_penalty == 1.0
+            && params.presence_penalty == 0.0
+            && params.frequency_penalty == 0.0
+            && params.logprobs.is_none()
+            && self.num_output >= params.min_tokens
+    }
+
+    /// Records a token the backend picked greedily on the device (see [`Self::is_plain_greedy`]).
+    pub fn accept(&mut self, token: u32) -> Sampled {
+        self.record(token);
+        Sampled { token, logprob: 0.0, top: Vec::new() }
+    }
+
     /// Picks the next token from `logits` (one vocabulary row) and records it.
     pub fn sample(&mut self, params: &SamplingParams, logits: &[f32]) -> Sampled {
         let mut l = logits.to_vec();

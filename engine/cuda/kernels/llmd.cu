@@ -375,10 +375,11 @@ extern "C" __global__ void gather_rows_bf16(bf16* __restrict__ out, const bf16* 
   for (int i = threadIdx.x; i < width; i += blockDim.x) out[r * width + i] = src[i];
 }
 
-// Greedy sampling: ids[r] = argmax(logits[r, :]) (lowest index on ties, as torch.argmax).
-// logits f32 [n_rows, vocab].  grid = n_rows, block = 1024.
-extern "C" __global__ void argmax_f32(uint32_t* __restrict__ ids, const float* __restrict__ logits, int vocab) {
-  const float* row = logits + (size_t)blockIdx.x * vocab;
+// Greedy sampling: ids[r] = argmax(logits[r, :width]) (lowest index on ties, as torch.argmax;
+// NaN never wins).  logits f32 [n_rows, stride].  grid = n_rows, block = 1024.
+extern "C" __global__ void argmax_f32(uint32_t* __restrict__ ids, const float* __restrict__ logits, int vocab,
+                                      int stride) {
+  const float* row = logits + (size_t)blockIdx.x * stride;
   float best = -INFINITY;
   int best_i = 0x7fffffff;
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {

@@ -202,7 +202,11 @@ pub struct Gpu {
     pub kernels: Kernels,
     pub name: String,
     pub compute_capability: (i32, i32),
+    _blas_workspace: CudaSlice<u8>,
 }
+
+/// cuBLAS workspace (as PyTorch sizes it for Hopper).
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -225,12 +229,23 @@ impl Gpu {
         // graph capture and cost time on every launch.
         // SAFETY: all work of this context goes to one stream, so no cross-stream hazards exist.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A real stream, not the legacy default one: only real streams can be captured into graphs.
+        let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         let kernels = Kernels::load(&ctx)?;
         let name = ctx.name()?;
         let compute_capability = ctx.compute_capability()?;
-        Ok(Gpu { ordinal, ctx, stream, blas, kernels, name, compute_capability })
+        // cuBLAS must not allocate while a graph is being captured: give it a fixed workspace.
+        let blas_workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)?;
+        {
+            let (ptr, _sync) = blas_workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (both owned by this Gpu).
+            let status = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut std::ffi::c_void, CUBLAS_WORKSPACE_BYTES)
+            };
+            status.result()?;
+        }
+        Ok(Gpu { ordinal, ctx, stream, blas, kernels, name, compute_capability, _blas_workspace: blas_workspace })
     }
 
     /// (free, total) device memory in bytes.

@@ -221,13 +221,16 @@ impl Gpu {
         launch!(self, &self.kernels.gather_rows, cfg((r as u32, 1, 1), 256), &out.ptr, &x.ptr, &rows.ptr, &width)
     }
 
-    /// ids[R] = argmax(logits[R, V]) (lowest index on ties). logits f32, ids u32.
-    pub fn argmax(&self, ids: &TensorRef, logits: &TensorRef) -> Result<(), CudaError> {
+    /// ids[R] = argmax(logits[R, :width]) (lowest index on ties). logits f32 [R, V], ids u32, width <= V.
+    pub fn argmax(&self, ids: &TensorRef, logits: &TensorRef, width: usize) -> Result<(), CudaError> {
         let (r, v) = (logits.shape[0], logits.shape[1]);
         check(logits, "logits", DType::F32, &[r, v])?;
         check(ids, "ids", DType::U32, &[r])?;
-        let vocab = i32_of(v, "vocab")?;
-        launch!(self, &self.kernels.argmax, cfg((r as u32, 1, 1), 1024), &ids.ptr, &logits.ptr, &vocab)
+        if width == 0 || width > v {
+            return Err(CudaError::Shape(format!("argmax width {width} for rows of {v}")));
+        }
+        let (width, stride) = (i32_of(width, "width")?, i32_of(v, "vocab")?);
+        launch!(self, &self.kernels.argmax, cfg((r as u32, 1, 1), 1024), &ids.ptr, &logits.ptr, &width, &stride)
     }
 
     /// Converts a device f32 or f16 tensor into bf16 `out` of the same element count.

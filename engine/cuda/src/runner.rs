@@ -13,7 +13,7 @@ use llmd_models::config::{GenerationConfig, ModelConfig};
 use llmd_models::cpu::LoadedModel;
 use llmd_models::loader::Checkpoint;
 use llmd_models::models::layers::Rope;
-use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
+use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, StepLogits};
 use safetensors::Dtype;
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
@@ -48,12 +48,9 @@ struct Layer {
 
 /// Activation buffers, allocated once for `max_tokens` rows.
 struct Activations {
-    ids: DeviceTensor,
-    positions: DeviceTensor,
-    slots: DeviceTensor,
-    query_seq: DeviceTensor,
-    block_tables: DeviceTensor,
-    logit_rows: DeviceTensor,
+    /// Step metadata (ids, positions, slots, query→sequence map, block tables, logit rows),
+    /// packed by [`StepMeta`] and uploaded with one copy per step.
+    meta: DeviceTensor,
     residual: DeviceTensor,
     normed: DeviceTensor,
     qkv: DeviceTensor,
@@ -66,6 +63,7 @@ struct Activations {
     part_ml: DeviceTensor,
     selected: DeviceTensor,
     logits: DeviceTensor,
+    sampled: DeviceTensor,
 }
 
 /// The model on one GPU. Owns weights, KV cache and activation buffers.
@@ -82,6 +80,74 @@ pub struct CudaRunner {
     max_tokens: usize,
     max_seqs: usize,
     max_blocks_per_seq: usize,
+    max_model_len: usize,
+    /// Decode graphs by padded batch size.
+    graphs: std::collections::HashMap<usize, DecodeGraph>,
+}
+
+/// A captured decode step. cudarc's graph handle is not `Send`; the runner moves to the engine
+/// thread once and is then used by that thread alone, and `launch` binds the context first.
+struct DecodeGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: see above — one owner thread at a time, context bound on every launch.
+unsafe impl Send for DecodeGraph {}
+
+/// Batch sizes decode graphs are captured for; a decode batch is padded up to the next one.
+const GRAPH_BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256];
+
+/// Byte layout of one step's metadata inside the packed buffer: regions in a fixed order,
+/// each aligned to 16 bytes, sized for `t` tokens, `s` sequences and `stride` blocks per row
+/// of the block table. The same (t, s, stride) always gives the same offsets, which is what
+/// lets a captured graph reuse them.
+#[derive(Debug, Clone, Copy)]
+struct StepMeta {
+    t: usize,
+    s: usize,
+    stride: usize,
+    ids: usize,
+    positions: usize,
+    slots: usize,
+    query_seq: usize,
+    tables: usize,
+    rows: usize,
+    bytes: usize,
+}
+
+impl StepMeta {
+    fn new(t: usize, s: usize, stride: usize) -> StepMeta {
+        let align = |x: usize| x.div_ceil(16) * 16;
+        let ids = 0;
+        let positions = align(ids + 4 * t);
+        let slots = align(positions + 4 * t);
+        let query_seq = align(slots + 8 * t);
+        let tables = align(query_seq + 4 * t);
+        let rows = align(tables + 4 * s * stride);
+        let bytes = align(rows + 4 * s);
+        StepMeta { t, s, stride, ids, positions, slots, query_seq, tables, rows, bytes }
+    }
+
+    fn capacity_bytes(max_tokens: usize, max_seqs: usize, max_blocks: usize) -> usize {
+        // In 4-byte words (the buffer is typed U32).
+        StepMeta::new(max_tokens, max_seqs, max_blocks).bytes.div_ceil(4)
+    }
+
+    fn view(&self, base: u64, offset: usize, shape: &[usize], dtype: DType) -> TensorRef {
+        TensorRef { ptr: base + offset as u64, shape: shape.to_vec(), dtype }
+    }
+}
+
+/// Everything one forward pass reads besides weights, as device views.
+struct StepViews {
+    t: usize,
+    ids: TensorRef,
+    positions: TensorRef,
+    slots: TensorRef,
+    query_seq: TensorRef,
+    tables: TensorRef,
+    rows: TensorRef,
+    n_rows: usize,
+    /// Context length the attention splits are planned for.
+    max_context: usize,
 }
 
 impl std::fmt::Debug for CudaRunner {
@@ -213,12 +279,7 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
     let z = |shape: &[usize], dt| DeviceTensor::zeros(&gpu, shape, dt);
     let qkv_width = (hq + 2 * hkv) * d;
     let act = Activations {
-        ids: z(&[max_tokens], DType::U32)?,
-        positions: z(&[max_tokens], DType::I32)?,
-        slots: z(&[max_tokens], DType::I64)?,
-        query_seq: z(&[max_tokens], DType::I32)?,
-        block_tables: z(&[max_seqs, max_blocks_per_seq], DType::I32)?,
-        logit_rows: z(&[max_seqs], DType::I32)?,
+        meta: z(&[StepMeta::capacity_bytes(max_tokens, max_seqs, max_blocks_per_seq)], DType::U32)?,
         residual: z(&[max_tokens, h], DType::BF16)?,
         normed: z(&[max_tokens, h], DType::BF16)?,
         qkv: z(&[max_tokens, qkv_width], DType::BF16)?,
@@ -231,6 +292,7 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
         part_ml: z(&[attn_ws_elems / d * 2], DType::F32)?,
         selected: z(&[max_seqs, h], DType::BF16)?,
         logits: z(&[max_seqs, cfg.vocab_size], DType::F32)?,
+        sampled: z(&[max_seqs], DType::U32)?,
     };
     gpu.synchronize()?;
 
@@ -271,7 +333,22 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
         b as u64
     };
     let eos_token_ids = llmd_models::config::eos_token_ids(&cfg, &generation);
-    let runner = CudaRunner { gpu, cfg: cfg.clone(), embed, lm_head, final_norm, cos_sin, layers, act, layout, max_tokens, max_seqs, max_blocks_per_seq };
+    let runner = CudaRunner {
+        gpu,
+        cfg: cfg.clone(),
+        embed,
+        lm_head,
+        final_norm,
+        cos_sin,
+        layers,
+        act,
+        layout,
+        max_tokens,
+        max_seqs,
+        max_blocks_per_seq,
+        max_model_len: opts.max_model_len,
+        graphs: Default::default(),
+    };
     Ok(LoadedModel {
         runner: Box::new(runner),
         num_params: ckpt.num_elements(),
@@ -286,59 +363,82 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
 }
 
 impl CudaRunner {
-    fn step(&mut self, batch: &ForwardBatch) -> Result<StepLogits, CudaError> {
+    /// Validates the batch and packs its metadata for `t_pad` tokens / `s_pad` sequences
+    /// (padding rows write no KV and produce ignored outputs).
+    fn pack(&self, batch: &ForwardBatch, t_pad: usize, s_pad: usize, stride: usize) -> Result<(StepMeta, Vec<u8>, usize, usize), CudaError> {
         let t = batch.num_tokens();
         let s = batch.seqs.len();
-        if t == 0 || t > self.max_tokens || s > self.max_seqs {
-            return Err(CudaError::Shape(format!("batch of {t} tokens / {s} sequences (limits {} / {})", self.max_tokens, self.max_seqs)));
-        }
         let bs = self.layout.block_size;
-        // Host-side metadata for this step.
-        let mut slots = vec![0i64; t];
-        let mut query_seq = vec![0i32; t];
-        let mut tables = vec![0i32; s * self.max_blocks_per_seq];
-        let mut logit_rows = Vec::new();
+        let meta = StepMeta::new(t_pad, s_pad, stride);
+        let mut buf = vec![0u8; meta.bytes];
+        let put = |buf: &mut Vec<u8>, off: usize, bytes: &[u8]| buf[off..off + bytes.len()].copy_from_slice(bytes);
         let mut max_context = 0usize;
+        let mut n_rows = 0usize;
+        for (i, &id) in batch.tokens.iter().enumerate() {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(CudaError::Shape(format!("token id {id} >= vocab size {}", self.cfg.vocab_size)));
+            }
+            put(&mut buf, meta.ids + 4 * i, &id.to_ne_bytes());
+            put(&mut buf, meta.positions + 4 * i, &(batch.positions[i] as i32).to_ne_bytes());
+        }
+        for i in t..t_pad {
+            put(&mut buf, meta.slots + 8 * i, &(-1i64).to_ne_bytes());
+        }
         for (si, seq) in batch.seqs.iter().enumerate() {
             let ctx = seq.context_before + seq.len;
-            if seq.block_table.len() * bs < ctx || seq.block_table.len() > self.max_blocks_per_seq {
-                return Err(CudaError::Shape(format!("sequence {si}: {} blocks for {ctx} tokens (max {} blocks)", seq.block_table.len(), self.max_blocks_per_seq)));
+            if seq.block_table.len() * bs < ctx || seq.block_table.len() > stride {
+                return Err(CudaError::Shape(format!("sequence {si}: {} blocks for {ctx} tokens (max {stride} blocks)", seq.block_table.len())));
             }
             if let Some(&b) = seq.block_table.iter().find(|&&b| b as usize >= self.layout.num_blocks) {
                 return Err(CudaError::Shape(format!("sequence {si}: block id {b} >= {} blocks", self.layout.num_blocks)));
             }
             max_context = max_context.max(ctx);
             for (j, &b) in seq.block_table.iter().enumerate() {
-                tables[si * self.max_blocks_per_seq + j] = b as i32;
+                put(&mut buf, meta.tables + 4 * (si * stride + j), &(b as i32).to_ne_bytes());
             }
             for k in 0..seq.len {
                 let pos = seq.context_before + k;
                 let ti = seq.start + k;
-                slots[ti] = seq.block_table[pos / bs] as i64 * bs as i64 + (pos % bs) as i64;
-                query_seq[ti] = si as i32;
+                let slot = seq.block_table[pos / bs] as i64 * bs as i64 + (pos % bs) as i64;
+                put(&mut buf, meta.slots + 8 * ti, &slot.to_ne_bytes());
+                put(&mut buf, meta.query_seq + 4 * ti, &(si as i32).to_ne_bytes());
             }
             if seq.wants_logits {
-                logit_rows.push((seq.start + seq.len - 1) as i32);
+                put(&mut buf, meta.rows + 4 * n_rows, &((seq.start + seq.len - 1) as i32).to_ne_bytes());
+                n_rows += 1;
             }
         }
-        let positions: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
-        if let Some(&bad) = batch.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(CudaError::Shape(format!("token id {bad} >= vocab size {}", self.cfg.vocab_size)));
-        }
-        let gpu = &self.gpu;
-        let a = &mut self.act;
-        a.ids.upload(gpu, &batch.tokens)?;
-        a.positions.upload(gpu, &positions)?;
-        a.slots.upload(gpu, &slots)?;
-        a.query_seq.upload(gpu, &query_seq)?;
-        a.block_tables.upload(gpu, &tables)?;
-        a.logit_rows.upload(gpu, &logit_rows)?;
+        // Padding rows (t..t_pad, s..s_pad) keep zeros: token 0 at position 0 of sequence 0,
+        // slot -1 (no KV write), logits from row 0; their outputs are never read.
+        debug_assert!(t <= t_pad && s <= s_pad);
+        Ok((meta, buf, max_context, n_rows))
+    }
 
+    fn views(&self, meta: &StepMeta, n_rows: usize, max_context: usize) -> StepViews {
+        let base = self.act.meta.r().ptr;
+        let (t, s) = (meta.t, meta.s);
+        StepViews {
+            t,
+            ids: meta.view(base, meta.ids, &[t], DType::U32),
+            positions: meta.view(base, meta.positions, &[t], DType::I32),
+            slots: meta.view(base, meta.slots, &[t], DType::I64),
+            query_seq: meta.view(base, meta.query_seq, &[t], DType::I32),
+            tables: meta.view(base, meta.tables, &[s, meta.stride], DType::I32),
+            rows: meta.view(base, meta.rows, &[n_rows], DType::I32),
+            n_rows,
+            max_context,
+        }
+    }
+
+    /// Issues every launch of one forward pass (no host synchronisation, so it can be captured).
+    fn launch_forward(&self, v: &StepViews) -> Result<(), CudaError> {
+        let gpu = &self.gpu;
+        let a = &self.act;
         let cfg = &self.cfg;
         let (d, hq) = (cfg.head_dim, cfg.num_attention_heads);
         let eps = cfg.rms_norm_eps as f32;
         let scale = 1.0 / (d as f32).sqrt();
-        let ids = a.ids.rows(0, t);
+        let t = v.t;
         let residual = a.residual.rows(0, t);
         let normed = a.normed.rows(0, t);
         let qkv = a.qkv.rows(0, t);
@@ -347,12 +447,7 @@ impl CudaRunner {
         let x = a.x.rows(0, t);
         let gate_up = a.gate_up.rows(0, t);
         let act = a.act.rows(0, t);
-        let positions_r = a.positions.rows(0, t);
-        let slots_r = a.slots.rows(0, t);
-        let query_seq_r = a.query_seq.rows(0, t);
-        let tables_r = a.block_tables.rows(0, s);
-
-        gpu.embedding(&residual, &self.embed.r(), &ids)?;
+        gpu.embedding(&residual, &self.embed.r(), &v.ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let prev = if li == 0 { None } else { Some(&x) };
             gpu.add_rmsnorm(&normed, &residual, prev, &layer.input_norm.r(), eps)?;
@@ -364,13 +459,13 @@ impl CudaRunner {
                 layer.k_norm.as_ref().map(|b| b.r()).as_ref(),
                 eps,
                 &self.cos_sin.r(),
-                &positions_r,
-                &slots_r,
+                &v.positions,
+                &v.slots,
                 &q,
                 &layer.k_cache.r(),
                 &layer.v_cache.r(),
             )?;
-            gpu.paged_attention(&attn, &q, &layer.k_cache.r(), &layer.v_cache.r(), &tables_r, &query_seq_r, &positions_r, max_context, &a.part_acc.r(), &a.part_ml.r(), scale)?;
+            gpu.paged_attention(&attn, &q, &layer.k_cache.r(), &layer.v_cache.r(), &v.tables, &v.query_seq, &v.positions, v.max_context, &a.part_acc.r(), &a.part_ml.r(), scale)?;
             gpu.linear(&x, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
             gpu.add_rmsnorm(&normed, &residual, Some(&x), &layer.post_norm.r(), eps)?;
             gpu.linear(&gate_up, &normed, &layer.gate_up.r())?;
@@ -378,19 +473,70 @@ impl CudaRunner {
             gpu.linear(&x, &act, &layer.down.r())?;
         }
         gpu.add_rmsnorm(&normed, &residual, Some(&x), &self.final_norm.r(), eps)?;
-        let r = logit_rows.len();
-        if r == 0 {
-            gpu.synchronize()?;
-            return Ok(StepLogits { vocab_size: cfg.vocab_size, rows: Vec::new() });
+        if v.n_rows > 0 {
+            let selected = a.selected.rows(0, v.n_rows);
+            gpu.gather_rows(&selected, &normed, &v.rows)?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed).r();
+            gpu.linear(&a.logits.rows(0, v.n_rows), &selected, &head)?;
         }
-        let selected = a.selected.rows(0, r);
-        gpu.gather_rows(&selected, &normed, &a.logit_rows.rows(0, r))?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed).r();
-        let logits = a.logits.rows(0, r);
-        gpu.linear(&logits, &selected, &head)?;
-        let flat = a.logits.download_f32(gpu, r * cfg.vocab_size)?;
-        let rows = flat.chunks_exact(cfg.vocab_size).map(<[f32]>::to_vec).collect();
-        Ok(StepLogits { vocab_size: cfg.vocab_size, rows })
+        Ok(())
+    }
+
+    fn step(&mut self, batch: &ForwardBatch, argmax_width: &[Option<u32>]) -> Result<Vec<RowOutput>, CudaError> {
+        let t = batch.num_tokens();
+        let s = batch.seqs.len();
+        if t == 0 || t > self.max_tokens || s > self.max_seqs {
+            return Err(CudaError::Shape(format!("batch of {t} tokens / {s} sequences (limits {} / {})", self.max_tokens, self.max_seqs)));
+        }
+        let vocab = self.cfg.vocab_size;
+        let decode = batch.seqs.iter().all(|q| q.len == 1 && q.wants_logits);
+        let bucket = GRAPH_BUCKETS.iter().copied().find(|&b| b >= s && b <= self.max_seqs && b <= self.max_tokens);
+        let n_rows;
+        match bucket.filter(|_| decode) {
+            Some(b) => {
+                // Decode: padded to a bucket, fixed attention plan (max_model_len), replayed as a graph.
+                let (meta, host, _ctx, rows) = self.pack(batch, b, b, self.max_blocks_per_seq)?;
+                n_rows = rows;
+                self.act.meta.upload_at(&self.gpu, 0, &host)?;
+                if !self.graphs.contains_key(&b) {
+                    let views = self.views(&meta, b, self.max_model_len);
+                    // Run once eagerly (cuBLAS picks its kernels), then capture.
+                    self.launch_forward(&views)?;
+                    self.gpu.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                    let captured = self.launch_forward(&views);
+                    let graph = self.gpu.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
+                    captured?;
+                    let graph = graph.ok_or_else(|| CudaError::Shape("graph capture produced no graph".into()))?;
+                    tracing::debug!(batch = b, "captured decode graph");
+                    self.graphs.insert(b, DecodeGraph(graph));
+                }
+                self.graphs[&b].0.launch()?;
+            }
+            None => {
+                let stride = batch.seqs.iter().map(|q| q.block_table.len()).max().unwrap_or(1).max(1);
+                let (meta, host, ctx, rows) = self.pack(batch, t, s, stride)?;
+                n_rows = rows;
+                self.act.meta.upload_at(&self.gpu, 0, &host)?;
+                let views = self.views(&meta, rows, ctx);
+                self.launch_forward(&views)?;
+            }
+        }
+        if n_rows == 0 {
+            self.gpu.synchronize()?;
+            return Ok(Vec::new());
+        }
+        // Greedy rows: argmax on the device, one id back per row. If every row is greedy with
+        // one width, the logits never leave the GPU.
+        let widths: Vec<Option<u32>> = (0..n_rows).map(|i| argmax_width.get(i).copied().flatten()).collect();
+        let uniform = widths.first().copied().flatten().filter(|w| widths.iter().all(|x| *x == Some(*w)));
+        if let Some(w) = uniform {
+            let logits = self.act.logits.rows(0, n_rows);
+            self.gpu.argmax(&self.act.sampled.rows(0, n_rows), &logits, (w as usize).min(vocab))?;
+            let ids = self.act.sampled.download_u32(&self.gpu, n_rows)?;
+            return Ok(ids.into_iter().map(RowOutput::Argmax).collect());
+        }
+        let flat = self.act.logits.download_f32(&self.gpu, n_rows * vocab)?;
+        Ok(flat.chunks_exact(vocab).map(|r| RowOutput::Logits(r.to_vec())).collect())
     }
 }
 
@@ -400,7 +546,19 @@ impl ModelRunner for CudaRunner {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, ModelError> {
-        Ok(self.step(batch)?)
+        let rows = self.step(batch, &[])?;
+        let rows = rows
+            .into_iter()
+            .map(|r| match r {
+                RowOutput::Logits(l) => Ok(l),
+                RowOutput::Argmax(_) => Err(ModelError::Backend("argmax row without an argmax request".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(StepLogits { vocab_size: self.cfg.vocab_size, rows })
+    }
+
+    fn forward_argmax(&mut self, batch: &ForwardBatch, argmax_width: &[Option<u32>]) -> Result<Vec<RowOutput>, ModelError> {
+        Ok(self.step(batch, argmax_width)?)
     }
 
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), ModelError> {

@@ -16,4 +16,4 @@ pub mod runner;
 pub use config::{GenerationConfig, ModelConfig};
 pub use cpu::{CpuRunner, LoadConfig, LoadedModel, load_cpu};
 pub use error::ModelError;
-pub use runner::{ForwardBatch, KvCacheLayout, ModelRunner, SeqSlice, StepLogits};
+pub use runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, SeqSlice, StepLogits};

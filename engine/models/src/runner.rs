@@ -81,12 +81,31 @@ pub struct StepLogits {
     pub rows: Vec<Vec<f32>>,
 }
 
+/// One row of a step's output, for a sequence that wanted logits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutput {
+    /// The full logits row.
+    Logits(Vec<f32>),
+    /// Only the greedy choice: the index of the largest logit among the first `width` (ties to
+    /// the lowest index, NaN never wins), picked on the device so the row never leaves it.
+    Argmax(u32),
+}
+
 /// A loaded model on one device together with its KV storage.
 pub trait ModelRunner: Send {
     /// The KV cache this runner allocated; the block manager hands out ids below `num_blocks`.
     fn kv_layout(&self) -> KvCacheLayout;
     /// Runs one step: writes K/V of the new tokens into their slots and returns logits.
     fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, crate::ModelError>;
+    /// Like [`ModelRunner::forward`], for a caller that needs only the argmax of some rows:
+    /// `argmax_width[i]` is `Some(width)` when the i-th logits row is sampled greedily over ids
+    /// below `width`. A backend that can pick it on the device answers [`RowOutput::Argmax`] and
+    /// copies one id back instead of a vocabulary-wide row; the default returns full rows.
+    fn forward_argmax(&mut self, batch: &ForwardBatch, argmax_width: &[Option<u32>]) -> Result<Vec<RowOutput>, crate::ModelError> {
+        let _ = argmax_width;
+        Ok(self.forward(batch)?.rows.into_iter().map(RowOutput::Logits).collect())
+    }
+
     /// Copies the contents of block `src` into block `dst` in every layer (copy-on-write
     /// when a shared, partly filled block is about to be appended to).
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), crate::ModelError>;

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use llmd_cuda::{CudaLoadConfig, load_cuda};
-use llmd_models::runner::{ForwardBatch, SeqSlice};
+use llmd_models::runner::{ForwardBatch, RowOutput, SeqSlice};
 use llmd_models::{LoadConfig, load_cpu};
 
 /// Deterministic pseudo-random token ids (no RNG dependency needed).
@@ -131,6 +131,40 @@ fn check(dir: PathBuf) -> Result<bool, String> {
     }
     println!("decode: {steps} teacher-forced steps, argmax agreement {agree}/{steps}");
 
+    // 2b. Device argmax (greedy path, incl. the decode graph) equals the host argmax of the
+    //     same step's logits from a twin GPU runner fed identically.
+    let mut twin = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
+    let mut ts = Seqs::new(16, prompts.len());
+    let mut gs2 = Seqs::new(16, prompts.len());
+    let (mut tb, mut gb2) = (ForwardBatch::default(), ForwardBatch::default());
+    for (i, p) in prompts.iter().enumerate() {
+        ts.push(&mut tb, i, p, true);
+        gs2.push(&mut gb2, i, p, true);
+    }
+    let mut next_t: Vec<u32> = twin.runner.forward(&tb).map_err(e)?.rows.iter().map(|r| argmax(r)).collect();
+    gpu.runner.forward(&gb2).map_err(e)?;
+    let mut device_agree = 0;
+    for _ in 0..8 {
+        let (mut tb, mut gb2) = (ForwardBatch::default(), ForwardBatch::default());
+        for (i, t) in next_t.iter().enumerate() {
+            ts.push(&mut tb, i, &[*t], true);
+            gs2.push(&mut gb2, i, &[*t], true);
+        }
+        let host: Vec<u32> = twin.runner.forward(&tb).map_err(e)?.rows.iter().map(|r| argmax(r)).collect();
+        let widths = vec![Some(vocab as u32); prompts.len()];
+        let dev: Vec<u32> = gpu
+            .runner
+            .forward_argmax(&gb2, &widths)
+            .map_err(e)?
+            .into_iter()
+            .map(|r| if let RowOutput::Argmax(t) = r { t } else { u32::MAX })
+            .collect();
+        device_agree += host.iter().zip(&dev).filter(|(a, b)| a == b).count();
+        next_t = host;
+    }
+    println!("device argmax vs host argmax of identical runs: {device_agree}/{}", 8 * prompts.len());
+    ok &= device_agree == 8 * prompts.len();
+
     // 3. Chunked prefill on the GPU (3 chunks + a cached-prefix continuation) vs one CPU pass.
     let long = tokens(99, 200, vocab);
     let mut cs = Seqs::new(16, 1);
@@ -188,8 +222,17 @@ fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
             for (i, tok) in next.iter().enumerate() {
                 s.push(&mut fb, i, &[*tok], true);
             }
-            let l = m.runner.forward(&fb).map_err(e)?;
-            next = l.rows.iter().map(|r| argmax(r)).collect();
+            let widths = vec![Some(vocab as u32); b];
+            next = m
+                .runner
+                .forward_argmax(&fb, &widths)
+                .map_err(e)?
+                .into_iter()
+                .map(|r| match r {
+                    RowOutput::Argmax(t) => t,
+                    RowOutput::Logits(l) => argmax(&l),
+                })
+                .collect();
         }
         let dt = t.elapsed().as_secs_f64();
         ttft.sort_by(f64::total_cmp);
