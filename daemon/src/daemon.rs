@@ -226,12 +226,20 @@ async fn load_configured_models(
         let load = dispatcher.models.load(m.to_load_params(), m.reasoning_parser, Some(ptx));
         tokio::pin!(load);
         let mut keepalive = tokio::time::interval(LOAD_EXTENSION / 3);
+        let mut last_phase = String::new();
+        let mut last_status = std::time::Instant::now();
         let result = loop {
             tokio::select! {
                 r = &mut load => break r,
                 Some(p) = prx.recv() => {
-                    let pct = p.total.filter(|t| *t > 0).map(|t| format!(" {}%", p.done * 100 / t)).unwrap_or_default();
-                    notify::status(&format!("{base}: {}{pct}", p.phase));
+                    // One STATUS= per phase change or second: a load reports every tensor, and
+                    // sd_notify datagrams are sent synchronously.
+                    if p.phase != last_phase || last_status.elapsed() >= Duration::from_secs(1) {
+                        let pct = p.total.filter(|t| *t > 0).map(|t| format!(" {}%", p.done * 100 / t)).unwrap_or_default();
+                        notify::status(&format!("{base}: {}{pct}", p.phase));
+                        last_phase = p.phase.clone();
+                        last_status = std::time::Instant::now();
+                    }
                 }
                 _ = keepalive.tick() => notify::extend_timeout(LOAD_EXTENSION),
                 wake = signals.next() => match wake {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dbus;
+pub mod engine;
 pub mod env;
 pub mod http;
 pub mod logging;

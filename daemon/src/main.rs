@@ -57,7 +57,8 @@ fn run(settings: Settings, source: ConfigSource, env: Env) -> anyhow::Result<()>
         .thread_name("llmd")
         .build()
         .context("cannot start the async runtime")?;
-    let opts = daemon::Options::new(settings, source, env, log);
+    let mut opts = daemon::Options::new(settings, source, env, log);
+    opts.loader = std::sync::Arc::new(llmd_daemon::engine::EngineLoader::new());
     runtime.block_on(daemon::run(opts))?;
     Ok(())
 }

@@ -123,7 +123,9 @@ async fn load_errors_are_typed_and_harmless() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, ClientError::Remote(ref e) if e.code == ErrorCode::Unavailable), "{err}");
+    // An empty folder is not a model: the engine refuses it with a typed error naming the file.
+    assert!(matches!(err, ClientError::Remote(ref e) if e.code == ErrorCode::Failed), "{err}");
+    assert!(err.to_string().contains("cannot load `models`"), "{err}");
     assert!(matches!(client.call(Request::Ps, |_| {}).await, Ok(Reply::Ps { models }) if models.is_empty()));
 }
 
@@ -198,4 +200,44 @@ async fn connection_cap_and_idle_timeout() {
     }
     let mut client = daemon.client().await;
     assert!(matches!(client.call(Request::Status, |_| {}).await, Ok(Reply::Status(_))));
+}
+
+/// The tiny Qwen2 checkpoint committed under tests/fixtures (random weights, real layout).
+fn fixture_model() -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/qwen2");
+    p.canonicalize().expect("tests/fixtures/models/qwen2").display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_ps_unload_a_real_model() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let mut progress = Vec::new();
+    let params = llmd_proto::LoadParams { source: fixture_model(), name: Some("tiny".into()), ..Default::default() };
+    let loaded = match client.call(Request::Load(params.clone()), |p| progress.push(p.clone())).await {
+        Ok(Reply::Loaded(m)) => m,
+        other => panic!("load failed: {other:?}\n{}", daemon.log_text()),
+    };
+    assert_eq!(loaded.name, "tiny");
+    assert_eq!(loaded.architecture, "Qwen2ForCausalLM");
+    assert!(!progress.is_empty() && progress.iter().all(|p| p.operation.starts_with("load-") && p.model == "tiny"));
+
+    // Loading the same name again is a conflict, not a second copy.
+    let err = client.call(Request::Load(params), |_| {}).await.unwrap_err();
+    assert!(matches!(err, ClientError::Remote(ref e) if e.code == ErrorCode::Conflict), "{err}");
+
+    match client.call(Request::Ps, |_| {}).await.unwrap() {
+        Reply::Ps { models } => {
+            assert_eq!(models.len(), 1);
+            assert_eq!(models[0].name, "tiny");
+            assert!(models[0].kv_blocks_total > 0);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match client.call(Request::Status, |_| {}).await.unwrap() {
+        Reply::Status(s) => assert_eq!(s.models_loaded, 1),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(matches!(client.call(Request::Unload { name: "tiny".into() }, |_| {}).await, Ok(Reply::Unloaded { .. })));
+    assert!(matches!(client.call(Request::Ps, |_| {}).await, Ok(Reply::Ps { models }) if models.is_empty()));
 }

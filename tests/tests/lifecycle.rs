@@ -206,3 +206,42 @@ fn dev_mode_defaults_and_env_precedence() {
     assert!(out.contains("listen = \"127.0.0.1:8000\""), "{out}");
     assert!(out.contains("hf_endpoint = \"https://hf-mirror.com\""), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configured_models_load_before_ready() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/qwen2").canonicalize().unwrap();
+    let dir = llmd_e2e::open_tempdir();
+    let notify_path = dir.path().join("notify.sock");
+    let mut notify = NotifyListener::bind(&notify_path);
+    let mut daemon = Daemon::start_with(DaemonOptions {
+        extra_toml: format!("[[models]]\nsource = {:?}\nname = \"tiny\"\n", model.display().to_string()),
+        env: vec![("NOTIFY_SOCKET".into(), notify_path.display().to_string())],
+        // Read the notifications while it starts, as systemd does.
+        wait_ready: false,
+        ..Default::default()
+    });
+    let before = notify.wait_for("READY=1", Duration::from_secs(60));
+    assert!(before.iter().any(|l| l == "STATUS=loading model tiny (1/1)"), "{before:?}");
+    assert!(before.iter().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")), "{before:?}");
+    daemon.wait_ready(Duration::from_secs(10));
+    let mut client = daemon.client().await;
+    match client.call(llmd_proto::Request::Ps, |_| {}).await.unwrap() {
+        llmd_proto::Reply::Ps { models } => {
+            assert_eq!(models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["tiny"])
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_configured_model_that_cannot_load_fails_the_start() {
+    let mut daemon = Daemon::start_with(DaemonOptions {
+        extra_toml: "[[models]]\nsource = \"/nonexistent/model\"\nname = \"ghost\"\n".into(),
+        wait_ready: false,
+        ..Default::default()
+    });
+    let status = daemon.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1));
+    assert!(daemon.log_text().contains("cannot load model `ghost`"), "{}", daemon.log_text());
+    assert!(!daemon.socket.exists(), "socket left behind");
+}
