@@ -433,3 +433,87 @@ extern "C" __global__ void f16_to_bf16(bf16* __restrict__ out, const __half* __r
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     out[i] = __float2bfloat16(__half2float(x[i]));
 }
+
+// Skinny GEMM for decode: y[t, n] = sum_k x[t, k] * w[n, k] for T <= GEMV_MAX_T rows of x.
+// Bandwidth-bound on w: each warp streams whole rows of w with 16-byte loads (8 bf16 per lane,
+// 256 values per warp iteration), x is re-read from L1/L2 (it is tiny). K must be a multiple of 8.
+//   x: bf16 [T, K]; w: bf16 [N, K]; y: [T, N] bf16 (OutT = bf16) or f32 (OutT = float).
+// grid = ceil(N / (warps * ROWS)), block = 32 * warps; each warp computes ROWS consecutive rows.
+#define GEMV_MAX_T 8
+template <typename OutT, int T, int ROWS>
+__device__ void gemv_impl(OutT* __restrict__ y, const bf16* __restrict__ x, const bf16* __restrict__ w, int n, int k) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int row0 = (blockIdx.x * warps + warp) * ROWS;
+  if (row0 >= n) return;
+  float acc[ROWS][T];
+#pragma unroll
+  for (int r = 0; r < ROWS; r++)
+#pragma unroll
+    for (int t = 0; t < T; t++) acc[r][t] = 0.f;
+  const int chunks = k / 8;  // 16-byte chunks per row
+#pragma unroll 4
+  for (int c = lane; c < chunks; c += 32) {
+    float xv[T][8];
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+      uint4 raw = reinterpret_cast<const uint4*>(x + (size_t)t * k)[c];
+      const bf16* xb = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 8; e++) xv[t][e] = __bfloat162float(xb[e]);
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+      const int row = row0 + r;
+      if (row < n) {
+        uint4 raw = reinterpret_cast<const uint4*>(w + (size_t)row * k)[c];
+        const bf16* wb = reinterpret_cast<const bf16*>(&raw);
+        float wv[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) wv[e] = __bfloat162float(wb[e]);
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+#pragma unroll
+          for (int e = 0; e < 8; e++) acc[r][t] += xv[t][e] * wv[e];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; r++) {
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+      float v = warp_sum(acc[r][t]);
+      const int row = row0 + r;
+      if (lane == 0 && row < n) {
+        if constexpr (sizeof(OutT) == 4) {
+          y[(size_t)t * n + row] = v;
+        } else {
+          y[(size_t)t * n + row] = __float2bfloat16(v);
+        }
+      }
+    }
+  }
+}
+
+// One row per warp for T <= 3 (more blocks in flight), two for larger T (x re-reads halve).
+#define DEFINE_GEMV(NAME, OUT, T)                                                                    \
+  extern "C" __global__ void __launch_bounds__(256) NAME##_t##T(OUT* y, const bf16* x, const bf16* w, int n, \
+                                                                int k) {                            \
+    gemv_impl<OUT, T, (T <= 3 ? 1 : 2)>(y, x, w, n, k);                                              \
+  }
+DEFINE_GEMV(gemv_bf16, bf16, 1)
+DEFINE_GEMV(gemv_bf16, bf16, 2)
+DEFINE_GEMV(gemv_bf16, bf16, 3)
+DEFINE_GEMV(gemv_bf16, bf16, 4)
+DEFINE_GEMV(gemv_bf16, bf16, 5)
+DEFINE_GEMV(gemv_bf16, bf16, 6)
+DEFINE_GEMV(gemv_bf16, bf16, 7)
+DEFINE_GEMV(gemv_bf16, bf16, 8)
+DEFINE_GEMV(gemv_f32, float, 1)
+DEFINE_GEMV(gemv_f32, float, 2)
+DEFINE_GEMV(gemv_f32, float, 3)
+DEFINE_GEMV(gemv_f32, float, 4)
+DEFINE_GEMV(gemv_f32, float, 5)
+DEFINE_GEMV(gemv_f32, float, 6)
+DEFINE_GEMV(gemv_f32, float, 7)
+DEFINE_GEMV(gemv_f32, float, 8)

@@ -37,7 +37,12 @@ pub struct Kernels {
     argmax: CudaFunction,
     f32_to_bf16: CudaFunction,
     f16_to_bf16: CudaFunction,
+    /// Skinny GEMMs by row count 1..=GEMV_MAX_T: (bf16 output, f32 output).
+    gemv: Vec<(CudaFunction, CudaFunction)>,
 }
+
+/// Most rows of `x` the GEMV kernels take; larger batches go to cuBLAS.
+pub const GEMV_MAX_T: usize = 8;
 
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, CudaError> {
@@ -63,6 +68,9 @@ impl Kernels {
             argmax: f("argmax_f32")?,
             f32_to_bf16: f("f32_to_bf16")?,
             f16_to_bf16: f("f16_to_bf16")?,
+            gemv: (1..=GEMV_MAX_T)
+                .map(|t| Ok((f(&format!("gemv_bf16_t{t}"))?, f(&format!("gemv_f32_t{t}"))?)))
+                .collect::<Result<_, cudarc::driver::DriverError>>()?,
         })
     }
 
@@ -251,6 +259,16 @@ impl Gpu {
         check(w, "w", DType::BF16, &[n, k])?;
         if y.shape != [t, n] || !matches!(y.dtype, DType::BF16 | DType::F32) {
             return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype, y.shape)));
+        }
+        if t <= GEMV_MAX_T && k % 8 == 0 {
+            // Decode-sized batches: a bandwidth-bound kernel streams w at close to peak, where
+            // cuBLAS's skinny-GEMM kernels reach ~65% of it (bench/results/2026-11-21-h100-cuda-runner.md).
+            let (bf, fp) = &self.kernels.gemv[t - 1];
+            let f = if y.dtype == DType::F32 { fp } else { bf };
+            let rows_per_warp = if t <= 3 { 1 } else { 2 };
+            let blocks = n.div_ceil(8 * rows_per_warp) as u32;
+            let (n_i, k_i) = (i32_of(n, "out_features")?, i32_of(k, "in_features")?);
+            return launch!(self, f, cfg((blocks, 1, 1), 256), &y.ptr, &x.ptr, &w.ptr, &n_i, &k_i);
         }
         let y_type = if y.dtype == DType::F32 { blas_sys::cudaDataType::CUDA_R_32F } else { blas_sys::cudaDataType::CUDA_R_16BF };
         let (alpha, beta) = (1.0f32, 0.0f32);

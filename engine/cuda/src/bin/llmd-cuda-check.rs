@@ -184,6 +184,22 @@ fn check(dir: PathBuf) -> Result<bool, String> {
     println!("chunked prefill (70+80+50): rel err {err:.2e}");
     worst = worst.max(err);
     ok &= !bad;
+    // Single-sequence decode (batch 1: the GEMV path) continuing the same sequence.
+    let mut tok = argmax(&cl.rows[0]);
+    let mut worst_single = 0f64;
+    for _ in 0..6 {
+        let (mut cb, mut gb) = (ForwardBatch::default(), ForwardBatch::default());
+        cs.push(&mut cb, 0, &[tok], true);
+        gs.push(&mut gb, 0, &[tok], true);
+        let c = cpu.runner.forward(&cb).map_err(e)?;
+        let g = gpu.runner.forward(&gb).map_err(e)?;
+        let (err, bad) = rel_err(&g.rows[0], &c.rows[0]);
+        worst_single = worst_single.max(err);
+        ok &= !bad;
+        tok = argmax(&c.rows[0]);
+    }
+    println!("single-sequence decode (6 steps): worst rel err {worst_single:.2e}");
+    worst = worst.max(worst_single);
 
     let tol = 3e-2;
     ok &= worst < tol && agree * 10 >= steps * 9;
