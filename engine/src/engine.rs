@@ -66,6 +66,9 @@ pub struct LoadOptions {
     pub max_queue: usize,
     /// Reuse KV blocks of identical prompt prefixes across requests.
     pub enable_prefix_caching: bool,
+    /// GPU indices chosen by placement (CUDA device numbers, PCI bus order); empty means GPU 0.
+    /// One GPU is used until tensor parallelism lands.
+    pub gpus: Vec<u32>,
 }
 
 impl LoadOptions {
@@ -86,6 +89,7 @@ impl LoadOptions {
             block_size: 16,
             max_queue: 1024,
             enable_prefix_caching: true,
+            gpus: Vec::new(),
         }
     }
 
@@ -247,7 +251,7 @@ impl EngineHandle {
         opts.validate()?;
         let use_cuda = match opts.device.as_str() {
             "cpu" => false,
-            "auto" => cuda_usable(),
+            "auto" => cuda_usable(&opts.path),
             "cuda" => {
                 if !cfg!(feature = "cuda") {
                     return Err(EngineError::Model(ModelError::Backend(
@@ -967,13 +971,26 @@ impl Engine {
 }
 
 /// Whether "auto" should pick the GPU: built with CUDA and at least one device usable.
+/// "auto" uses the GPU when one is there and the CUDA backend serves this architecture;
+/// otherwise the model runs on the CPU (with a log line saying why).
 #[cfg(feature = "cuda")]
-fn cuda_usable() -> bool {
-    llmd_cuda::device_count().is_ok_and(|n| n > 0)
+fn cuda_usable(dir: &std::path::Path) -> bool {
+    if !llmd_cuda::device_count().is_ok_and(|n| n > 0) {
+        return false;
+    }
+    match llmd_models::ModelConfig::from_dir(dir) {
+        Ok(cfg) if llmd_cuda::supports_architecture(&cfg.architecture) => true,
+        Ok(cfg) => {
+            tracing::warn!(architecture = %cfg.architecture, "the CUDA backend does not serve this architecture yet; loading on the CPU");
+            false
+        }
+        // The CPU loader reports the config error with its details.
+        Err(_) => false,
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_usable() -> bool {
+fn cuda_usable(_dir: &std::path::Path) -> bool {
     false
 }
 
@@ -986,7 +1003,7 @@ fn load_cuda(
     let max_model_len =
         opts.max_model_len.map_or(config.max_position_embeddings, |m| (m as usize).min(config.max_position_embeddings));
     let cfg = llmd_cuda::CudaLoadConfig {
-        ordinal: 0,
+        ordinal: opts.gpus.first().copied().unwrap_or(0) as usize,
         gpu_memory_utilization: opts.gpu_memory_utilization,
         block_size: opts.block_size,
         max_num_batched_tokens: opts.max_num_batched_tokens,

@@ -15,4 +15,4 @@ pub mod runner;
 
 pub use device::{Gpu, device_count, driver_present};
 pub use error::CudaError;
-pub use runner::{CudaLoadConfig, CudaRunner, load_cuda};
+pub use runner::{CudaLoadConfig, CudaRunner, SUPPORTED_ARCHITECTURES, load_cuda, supports_architecture};

@@ -193,6 +193,14 @@ fn load_one(gpu: &Gpu, ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result
     load_concat(gpu, ckpt, &[name.to_string()], &[shape.to_vec()])
 }
 
+/// Architectures the CUDA backend serves (dense decoders; Qwen3-MoE runs on the CPU for now).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+
+/// Whether [`load_cuda`] serves HF `architectures[0]` = `arch`.
+pub fn supports_architecture(arch: &str) -> bool {
+    SUPPORTED_ARCHITECTURES.contains(&arch)
+}
+
 /// Loads an HF dense decoder onto GPU `opts.ordinal` and sizes its KV cache.
 pub fn load_cuda(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel, ModelError> {
     Ok(load_inner(dir, opts, progress)?)
@@ -201,9 +209,12 @@ pub fn load_cuda(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usi
 fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel, CudaError> {
     let cfg = ModelConfig::from_dir(dir)?;
     let generation = GenerationConfig::from_dir(dir)?;
-    match cfg.architecture.as_str() {
-        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" => {}
-        other => return Err(CudaError::Unsupported(format!("{other} (the CUDA backend serves dense Llama/Mistral/Qwen2/Qwen3 models)"))),
+    if !supports_architecture(&cfg.architecture) {
+        return Err(CudaError::Unsupported(format!(
+            "{} (the CUDA backend serves {})",
+            cfg.architecture,
+            SUPPORTED_ARCHITECTURES.join(", ")
+        )));
     }
     let gpu = Gpu::open(opts.ordinal)?;
     let (h, d, hq, hkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
