@@ -13,11 +13,14 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::Authorizer;
 use crate::config::{ConfigSource, DbusBus, Settings};
 use crate::control::{Dispatcher, Shared};
+use crate::engine::EngineRegistry;
 use crate::env::Env;
 use crate::logging::LogHandle;
-use crate::models::{LocalOnly, ModelLoader, ModelManager, NoEngine, SourceResolver};
+use crate::models::{ModelLoader, ModelManager, NoEngine};
 use crate::socket::{self, SocketError};
+use crate::store::StoreResolver;
 use crate::{dbus, http, notify};
+use llmd_telemetry::Telemetry;
 
 /// How much more start time each `EXTEND_TIMEOUT_USEC=` asks for while a model loads.
 const LOAD_EXTENSION: Duration = Duration::from_secs(90);
@@ -42,6 +45,8 @@ pub enum DaemonError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("cannot set up the model store ([storage]): {0}")]
+    Store(#[source] llmd_store::StoreError),
 }
 
 /// What [`run`] needs.
@@ -51,17 +56,25 @@ pub struct Options {
     pub source: ConfigSource,
     pub env: Env,
     pub log: LogHandle,
-    /// The engine; [`NoEngine`] until llmd-engine is linked in.
+    /// The engine; [`NoEngine`] refuses every load (for tests of the daemon without models).
     pub loader: Arc<dyn ModelLoader>,
-    /// Source → folder resolution; [`LocalOnly`] until llmd-store is linked in.
-    pub resolver: Arc<dyn SourceResolver>,
-    /// The OpenAI API router, merged next to /health.
-    pub api: Option<axum::Router>,
+    /// The models the HTTP API routes to (filled by the loader: `EngineLoader::registry()`).
+    pub served: EngineRegistry,
+    /// GPU telemetry, started once per process before any other thread.
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Options {
     pub fn new(settings: Settings, source: ConfigSource, env: Env, log: LogHandle) -> Options {
-        Options { settings, source, env, log, loader: Arc::new(NoEngine), resolver: Arc::new(LocalOnly), api: None }
+        Options {
+            settings,
+            source,
+            env,
+            log,
+            loader: Arc::new(NoEngine),
+            served: EngineRegistry::default(),
+            telemetry: Arc::new(Telemetry::unavailable("GPU telemetry is not started")),
+        }
     }
 }
 
@@ -96,7 +109,7 @@ impl Signals {
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns after a clean shutdown.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
-    let Options { settings, source, env, log, loader, resolver, api } = opts;
+    let Options { settings, source, env, log, loader, served, telemetry } = opts;
     for note in &settings.notes {
         tracing::info!("{note}");
     }
@@ -110,9 +123,18 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .await
         .map_err(|source| DaemonError::HttpBind { addr: cfg.server.listen, source })?;
     let http_addr = listener.local_addr().unwrap_or(cfg.server.listen);
+    let store = crate::store::open(&settings).map_err(DaemonError::Store)?;
+    tracing::info!(
+        models_dir = %cfg.storage.models_dir.display(),
+        hf_endpoint = %cfg.storage.hf_endpoint,
+        offline = cfg.storage.offline,
+        hf_token = settings.hf_token.is_some(),
+        "model store ready"
+    );
     let shared = Arc::new(Shared::new(settings, http_addr));
 
     let drain = Duration::from_secs(cfg.server.shutdown_timeout_secs);
+    let resolver = Arc::new(StoreResolver { store: store.clone() });
     let models = ModelManager::spawn(loader, resolver, cfg.engine.clone(), drain);
     let group = socket::resolve_group(&cfg.control.group, dev)?;
     if let Some(note) = &group.fallback_note {
@@ -123,12 +145,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         group_gid: group.gid,
         group_name: cfg.control.group.clone(),
     });
-    let dispatcher = Dispatcher { shared: shared.clone(), models: models.clone(), authz };
+    let dispatcher =
+        Dispatcher { shared: shared.clone(), models: models.clone(), authz, store, telemetry: telemetry.clone() };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(
-        axum::serve(listener, http::router(shared.clone(), api))
+        axum::serve(listener, http::router(shared.clone(), served, telemetry))
             .with_graceful_shutdown(async move {
                 let _ = http_stop.wait_for(|s| *s).await;
             })
@@ -285,7 +308,7 @@ fn reload(shared: &Shared, source: &ConfigSource, dev: bool, env: &Env, log: &Lo
             if let Err(e) = log.set_level(&new.config.log.level) {
                 tracing::error!("{e}");
             }
-            *shared.api_keys.write().unwrap_or_else(|e| e.into_inner()) = new.api_keys.clone();
+            shared.api_keys.replace(new.api_keys.iter().map(|k| k.expose()));
             tracing::info!(api_keys = new.api_keys.len(), log_level = %new.config.log.level, "configuration reloaded");
             *settings = new;
         }

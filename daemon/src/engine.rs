@@ -1,29 +1,54 @@
 //! The inference engine behind the model manager: [`EngineLoader`] loads models with
-//! `llmd_engine::EngineHandle::load` and keeps a registry of the served handles, which the
+//! `llmd_engine::EngineHandle::load` and keeps a registry of the served models, which the
 //! HTTP API reads to route requests by model name.
+//!
+//! Before a load that will run on a GPU, the loader estimates what the model needs
+//! (`llmd_telemetry::estimate_memory`: weights + KV cache of one `max_model_len` sequence +
+//! activation margin) and refuses with the numbers when the GPU cannot hold it.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use llmd_engine::{EngineError, EngineHandle, LoadOptions, LoadProgress};
+use llmd_openai::ServedModel;
 use llmd_proto::{ControlError, ErrorCode, Progress, ProgressUnit, RunningModel};
+use llmd_telemetry::Telemetry;
 
+use crate::config::{Device, ReasoningParser};
 use crate::models::{LoadRequest, LoadedModel, ModelLoader};
 
 /// Served models by name, shared with the HTTP API.
-pub type EngineRegistry = Arc<RwLock<HashMap<String, EngineHandle>>>;
+pub type EngineRegistry = Arc<RwLock<HashMap<String, ServedModel>>>;
 
 /// Loads models into `llmd_engine` engines.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineLoader {
     registry: EngineRegistry,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Default for EngineLoader {
+    fn default() -> Self {
+        EngineLoader::new(Arc::new(Telemetry::unavailable("GPU telemetry is not started")))
+    }
+}
+
+/// The HTTP layer's name for a configured reasoning parser.
+fn api_parser(p: ReasoningParser) -> llmd_openai::ReasoningParser {
+    match p {
+        ReasoningParser::DeepseekR1 => llmd_openai::ReasoningParser::DeepseekR1,
+        ReasoningParser::Qwen3 => llmd_openai::ReasoningParser::Qwen3,
+        ReasoningParser::None => llmd_openai::ReasoningParser::None,
+    }
 }
 
 impl EngineLoader {
-    pub fn new() -> EngineLoader {
-        EngineLoader::default()
+    /// A loader that checks GPU loads against `telemetry`'s memory figures.
+    pub fn new(telemetry: Arc<Telemetry>) -> EngineLoader {
+        EngineLoader { registry: EngineRegistry::default(), telemetry }
     }
 
     /// The handles of every loaded model (for the HTTP API).
@@ -71,6 +96,7 @@ impl ModelLoader for EngineLoader {
             ));
         }
         let name = request.served_name.clone();
+        let gpus = if runs_on_gpu(request.engine.device) { self.place(request)? } else { Vec::new() };
         let started = Instant::now();
         let mut on_progress = |p: LoadProgress| {
             let elapsed = started.elapsed().as_secs_f64();
@@ -91,14 +117,88 @@ impl ModelLoader for EngineLoader {
         let handle = EngineHandle::load(options(request), &mut on_progress).map_err(|e| engine_error(&name, e))?;
         // A cancelled load is stopped by the manager; do not publish it meanwhile.
         if !cancelled.load(std::sync::atomic::Ordering::SeqCst) {
-            self.registry.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), handle.clone());
+            let served = ServedModel::from_engine(handle.clone(), request.reasoning_parser.map(api_parser));
+            tracing::info!(model = %name, reasoning_parser = served.reasoning_parser.name(), "serving model");
+            self.registry.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), served);
         }
-        Ok(Arc::new(EngineModel {
-            handle,
-            registry: self.registry.clone(),
-            tp: request.params.tp.unwrap_or(1),
-            gpus: request.params.gpus.clone().unwrap_or_default(),
-        }))
+        // The engine says where it really runs; GPUs are reported only for a GPU engine.
+        let gpus = if handle.info().device.starts_with("cuda") { gpus } else { Vec::new() };
+        Ok(Arc::new(EngineModel { handle, registry: self.registry.clone(), tp: request.params.tp.unwrap_or(1), gpus }))
+    }
+}
+
+/// Whether the engine will put this load on a GPU: `cuda`, or `auto` in a CUDA build.
+fn runs_on_gpu(device: Device) -> bool {
+    match device {
+        Device::Cuda => true,
+        Device::Auto => cfg!(feature = "cuda"),
+        Device::Cpu => false,
+    }
+}
+
+/// Bytes of the weight files (`*.safetensors`) in a model folder.
+fn weight_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().ends_with(".safetensors") {
+            // metadata() follows symlinks (Hugging Face snapshots link into blobs/).
+            total += std::fs::metadata(entry.path())?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Bytes per KV element for a load's dtype (`auto` means the checkpoint's, 16-bit on GPUs).
+fn kv_dtype_bytes(dtype: Option<&str>) -> u32 {
+    match dtype {
+        Some("float32" | "f32") => 4,
+        _ => 2,
+    }
+}
+
+impl EngineLoader {
+    /// GPU placement of a load: the GPUs it goes on, or `InsufficientResources` with the
+    /// estimate and the free memory when it cannot fit. Without GPU telemetry (no NVML) the
+    /// load goes ahead and the engine reports what it finds.
+    fn place(&self, request: &LoadRequest) -> Result<Vec<u32>, ControlError> {
+        let name = &request.served_name;
+        if let Some(gpus) = request.params.gpus.as_deref()
+            && gpus != [0]
+        {
+            return Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                format!("cannot load `{name}` on `gpus` = {gpus:?}: this engine runs one model on GPU 0 (tp 1)"),
+            ));
+        }
+        let report = self.telemetry.report();
+        if let Some(reason) = &report.unavailable {
+            tracing::warn!(model = %name, "no GPU memory check before loading: {reason}");
+            return Ok(vec![0]);
+        }
+        let cfg = llmd_models::ModelConfig::from_dir(&request.path)
+            .map_err(|e| ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {e}")))?;
+        let weights = weight_bytes(&request.path).map_err(|e| {
+            ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {}: {e}", request.path.display()))
+        })?;
+        let max_model_len =
+            request.params.max_model_len.unwrap_or(u32::try_from(cfg.max_position_embeddings).unwrap_or(u32::MAX));
+        let tp = request.params.tp.unwrap_or(1);
+        let estimate = llmd_telemetry::estimate_memory(
+            weights,
+            u32::try_from(cfg.num_hidden_layers).unwrap_or(u32::MAX),
+            u32::try_from(cfg.num_key_value_heads).unwrap_or(u32::MAX),
+            u32::try_from(cfg.head_dim).unwrap_or(u32::MAX),
+            kv_dtype_bytes(request.params.dtype.as_deref()),
+            max_model_len,
+            tp,
+        );
+        // The CUDA engine runs on the first GPU in PCI bus order (CUDA_DEVICE_ORDER=PCI_BUS_ID,
+        // the order NVML numbers them in), so that is the GPU that must fit it.
+        let placed = llmd_telemetry::place_estimate(&report, Some(&[0]), &estimate)
+            .map_err(|e| ControlError::new(ErrorCode::InsufficientResources, format!("cannot load `{name}`: {e}")))?;
+        tracing::info!(model = %name, gpus = ?placed, need = %estimate, "placement checked");
+        Ok(placed)
     }
 }
 

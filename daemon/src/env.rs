@@ -43,6 +43,24 @@ pub const VARS: &[(&str, &str)] = &[
     ("DBUS_SESSION_BUS_ADDRESS", "address of the session bus (`control.dbus = \"session\"`, `--dev`)"),
 ];
 
+/// What llmd sets in its own environment at start, for libraries it loads: CUDA numbers GPUs
+/// fastest-first by default, NVML by PCI bus id; `PCI_BUS_ID` makes the two agree, so a GPU
+/// index means the same GPU in `llmctl gpus`, placement and the CUDA engine. A value the
+/// service already has (e.g. from the unit's `Environment=`) is kept.
+pub const SET_VARS: &[(&str, &str)] = &[("CUDA_DEVICE_ORDER", "PCI_BUS_ID")];
+
+/// Applies [`SET_VARS`]. Call first thing in `main`, before any thread starts.
+pub fn set_process_defaults() {
+    for (name, value) in SET_VARS {
+        if std::env::var_os(name).is_none() {
+            // SAFETY: called at the top of `main`, before the tokio runtime, the logging
+            // subscriber, NVML's XID thread or any other thread exists, so nothing can read
+            // the environment concurrently.
+            unsafe { std::env::set_var(name, value) };
+        }
+    }
+}
+
 /// A snapshot of the environment variables in [`VARS`] (empty strings count as unset).
 #[derive(Debug, Clone, Default)]
 pub struct Env {

@@ -1,35 +1,85 @@
-//! The HTTP listener. This module owns binding and graceful shutdown; the OpenAI API router
-//! (llmd-openai) is merged into [`router`] next to `/health`.
+//! The HTTP listener's app: llmd-openai's router (the OpenAI API, `/health` and `/metrics`)
+//! over the daemon's served models, API keys and `[server]` options, with the GPU gauges of
+//! llmd-telemetry appended to `/metrics`. `daemon.rs` owns binding and graceful shutdown.
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
+use llmd_openai::{ApiOptions, ApiState, ExtraMetrics, ModelRegistry, Phase, ServedModel};
 use llmd_proto::DaemonState;
+use llmd_telemetry::Telemetry;
 
 use crate::control::Shared;
+use crate::engine::EngineRegistry;
 
-/// `GET /health`: 200 `{"status":"ready"}` once ready, 503 with the phase otherwise.
-async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let state = shared.state();
-    let code = if state == DaemonState::Ready || state == DaemonState::Reloading {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(serde_json::json!({ "status": state.as_str() })))
+/// The served models and the daemon's phase, as the HTTP layer reads them.
+#[derive(Debug)]
+pub struct DaemonRegistry {
+    pub models: EngineRegistry,
+    pub shared: Arc<Shared>,
 }
 
-/// The daemon's own routes plus `api` (the OpenAI API, when linked in).
-pub fn router(shared: Arc<Shared>, api: Option<Router>) -> Router {
-    let max_body = shared.settings.read().map(|s| s.config.server.max_body_bytes).unwrap_or(8 << 20);
-    let own = Router::new().route("/health", get(health)).with_state(shared);
-    let app = match api {
-        Some(api) => own.merge(api),
-        None => own,
+impl ModelRegistry for DaemonRegistry {
+    fn get(&self, name: &str) -> Option<ServedModel> {
+        self.models.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    fn list(&self) -> Vec<ServedModel> {
+        let mut all: Vec<ServedModel> =
+            self.models.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    fn phase(&self) -> Phase {
+        phase_of(self.shared.state())
+    }
+}
+
+/// `/health`'s phase for a daemon state: a reload keeps serving.
+pub fn phase_of(state: DaemonState) -> Phase {
+    match state {
+        DaemonState::Starting => Phase::Starting,
+        DaemonState::Ready | DaemonState::Reloading => Phase::Ready,
+        DaemonState::Stopping => Phase::Stopping,
+    }
+}
+
+/// The machine's host name for the `Hostname` label of the GPU gauges.
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}
+
+/// The whole HTTP app: the OpenAI API over `models`, keys from `shared.api_keys` (swapped on
+/// SIGHUP), options from `[server]`, GPU gauges from `telemetry` on `/metrics`.
+pub fn router(shared: Arc<Shared>, models: EngineRegistry, telemetry: Arc<Telemetry>) -> Router {
+    let options = {
+        let settings = shared.settings.read().unwrap_or_else(|e| e.into_inner());
+        let server = &settings.config.server;
+        ApiOptions {
+            max_body_bytes: usize::try_from(server.max_body_bytes).unwrap_or(usize::MAX),
+            allowed_origins: server.allowed_origins.clone(),
+            metrics_require_auth: server.metrics_require_auth,
+            health_require_auth: server.health_require_auth,
+            request_timeout: None,
+        }
     };
-    app.layer(axum::extract::DefaultBodyLimit::max(usize::try_from(max_body).unwrap_or(usize::MAX)))
+    let host = hostname();
+    let gauges: ExtraMetrics = Arc::new(move || telemetry.dcgm_metrics(&host));
+    let keys = shared.api_keys.clone();
+    let registry = Arc::new(DaemonRegistry { models, shared });
+    llmd_openai::router(ApiState::new(registry, keys, options).with_extra_metrics(gauges))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reloading_keeps_serving() {
+        assert_eq!(phase_of(DaemonState::Starting), Phase::Starting);
+        assert_eq!(phase_of(DaemonState::Ready), Phase::Ready);
+        assert_eq!(phase_of(DaemonState::Reloading), Phase::Ready);
+        assert_eq!(phase_of(DaemonState::Stopping), Phase::Stopping);
+    }
 }

@@ -4,7 +4,9 @@
 //!
 //! Map: [`env`] reads the environment (the only module that does), [`config`] is the one
 //! config loader, [`control`] dispatches requests from [`socket`] and [`dbus`] to the
-//! [`models`] actor, [`notify`] talks to systemd, [`http`] owns the HTTP listener.
+//! [`models`] actor, [`notify`] talks to systemd, [`http`] builds the HTTP app (llmd-openai),
+//! [`engine`] loads models with llmd-engine, [`store`] pulls them with llmd-store; GPU
+//! telemetry and host checks come from llmd-telemetry.
 
 pub mod auth;
 pub mod config;
@@ -19,6 +21,7 @@ pub mod models;
 pub mod notify;
 pub mod secret;
 pub mod socket;
+pub mod store;
 
 /// Exit code for a configuration error (sysexits.h EX_CONFIG).
 pub const EX_CONFIG: i32 = 78;

@@ -2,12 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use llmd_daemon::config::{ConfigSource, Settings};
+use llmd_daemon::engine::EngineLoader;
 use llmd_daemon::env::Env;
 use llmd_daemon::{EX_CONFIG, daemon, logging};
+use llmd_telemetry::Telemetry;
 
 /// LLM inference server: serves models over the OpenAI HTTP API, managed with llmctl.
 #[derive(Debug, Parser)]
@@ -26,6 +29,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    llmd_daemon::env::set_process_defaults();
     let cli = Cli::parse();
     let env = Env::from_process();
     let source = ConfigSource::resolve(cli.config.clone(), &env, cli.dev);
@@ -57,8 +61,13 @@ fn run(settings: Settings, source: ConfigSource, env: Env) -> anyhow::Result<()>
         .thread_name("llmd")
         .build()
         .context("cannot start the async runtime")?;
+    // NVML is loaded (and the XID watch thread started) once, for the whole process.
+    let telemetry = Arc::new(Telemetry::start());
+    let loader = EngineLoader::new(telemetry.clone());
     let mut opts = daemon::Options::new(settings, source, env, log);
-    opts.loader = std::sync::Arc::new(llmd_daemon::engine::EngineLoader::new());
+    opts.served = loader.registry();
+    opts.loader = Arc::new(loader);
+    opts.telemetry = telemetry;
     runtime.block_on(daemon::run(opts))?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use llmd_proto::{ControlError, ErrorCode, LoadParams, Progress, RunningModel};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -73,9 +74,14 @@ impl ModelLoader for NoEngine {
     }
 }
 
-/// Turns a `source` into a model folder. Hub ids need the model store.
+/// Where progress of a long step goes: the caller's progress frames and the D-Bus signal.
+pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// Turns a `source` into a model folder. Hub ids need the model store, which may pull them
+/// first (reporting to `progress`), so resolution is asynchronous and runs off the actor.
 pub trait SourceResolver: Send + Sync + 'static {
-    fn resolve(&self, params: &LoadParams) -> Result<PathBuf, ControlError>;
+    fn resolve(&self, params: &LoadParams, progress: ProgressSink)
+    -> BoxFuture<'static, Result<PathBuf, ControlError>>;
 }
 
 /// Resolves local folders only; hub ids get `unavailable` naming the missing store.
@@ -83,7 +89,13 @@ pub trait SourceResolver: Send + Sync + 'static {
 pub struct LocalOnly;
 
 impl SourceResolver for LocalOnly {
-    fn resolve(&self, params: &LoadParams) -> Result<PathBuf, ControlError> {
+    fn resolve(&self, params: &LoadParams, _: ProgressSink) -> BoxFuture<'static, Result<PathBuf, ControlError>> {
+        Box::pin(std::future::ready(LocalOnly::resolve_now(params)))
+    }
+}
+
+impl LocalOnly {
+    fn resolve_now(params: &LoadParams) -> Result<PathBuf, ControlError> {
         let path = PathBuf::from(&params.source);
         if path.is_dir() {
             return Ok(path);
@@ -215,6 +227,12 @@ impl ModelManager {
         self.events.subscribe()
     }
 
+    /// Announces progress of an operation the manager does not run itself (a pull), so that
+    /// D-Bus subscribers see it like load progress.
+    pub fn announce(&self, progress: Progress) {
+        let _ = self.events.send(ModelEvent::Progress(progress));
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.ok()?;
@@ -253,6 +271,27 @@ impl ModelManager {
     /// Unloads everything, each model draining for up to the configured time (in parallel).
     pub async fn shutdown_all(&self, drain: Duration) {
         let _ = self.ask(|reply| Command::ShutdownAll { drain, reply }).await;
+    }
+}
+
+/// Waits for `resolve` unless the load is cancelled meanwhile. A pull the resolution started
+/// keeps running in the store (and can be resumed or cancelled by its own operation id).
+async fn resolve_unless_cancelled(
+    resolve: BoxFuture<'static, Result<PathBuf, ControlError>>,
+    cancelled: &AtomicBool,
+    name: &str,
+) -> Result<PathBuf, ControlError> {
+    tokio::pin!(resolve);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            r = &mut resolve => return r,
+            _ = poll.tick() => {
+                if cancelled.load(Ordering::SeqCst) {
+                    return Err(ControlError::new(ErrorCode::Cancelled, format!("loading `{name}` was cancelled")));
+                }
+            }
+        }
     }
 }
 
@@ -378,32 +417,48 @@ impl Actor {
             return;
         }
         params.name = Some(name.clone());
-        let path = match self.resolver.resolve(&params) {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-        };
         let operation = format!("load-{}", self.next_op.fetch_add(1, Ordering::Relaxed));
         let cancelled = Arc::new(AtomicBool::new(false));
         self.slots.insert(name.clone(), Slot::Loading { operation: operation.clone(), cancelled: cancelled.clone() });
-        let request =
-            LoadRequest { params, served_name: name.clone(), path, engine: self.engine.clone(), reasoning_parser };
+        let resolver = self.resolver.clone();
         let loader = self.loader.clone();
+        let engine = self.engine.clone();
         let tx = self.tx.clone();
         let events = self.events.clone();
-        tracing::info!(model = %name, operation = %operation, path = %request.path.display(), "loading model");
-        tokio::task::spawn_blocking(move || {
-            let mut on_progress = |mut p: Progress| {
-                p.operation = operation.clone();
+        // Pull progress keeps the pull's own operation id (it is cancelled through the store).
+        let sink: ProgressSink = {
+            let progress = progress.clone();
+            let events = events.clone();
+            Arc::new(move |p: Progress| {
                 if let Some(tx) = &progress {
                     let _ = tx.send(p.clone());
                 }
                 let _ = events.send(ModelEvent::Progress(p));
+            })
+        };
+        tokio::spawn(async move {
+            let resolved = resolve_unless_cancelled(resolver.resolve(&params, sink), &cancelled, &name).await;
+            let path = match resolved {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Command::LoadDone { name, result: Err(e), cancelled, reply }).await;
+                    return;
+                }
             };
-            let result = loader.load(&request, &mut on_progress, &cancelled);
-            let _ = tx.blocking_send(Command::LoadDone { name, result, cancelled, reply });
+            let request = LoadRequest { params, served_name: name.clone(), path, engine, reasoning_parser };
+            tracing::info!(model = %name, operation = %operation, path = %request.path.display(), "loading model");
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut on_progress = |mut p: Progress| {
+                    p.operation = operation.clone();
+                    if let Some(tx) = &progress {
+                        let _ = tx.send(p.clone());
+                    }
+                    let _ = events.send(ModelEvent::Progress(p));
+                };
+                let result = loader.load(&request, &mut on_progress, &cancelled);
+                let _ = tx.blocking_send(Command::LoadDone { name, result, cancelled, reply });
+            })
+            .await;
         });
     }
 

@@ -140,14 +140,15 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Polls GET /health until it answers 200; panics with the log if the daemon exits first.
+    /// Polls GET /health until it reports the phase `ready` (200 with models, 503 `no_model`
+    /// without); panics with the log if the daemon exits first.
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait() {
                 panic!("llmd exited ({status}) before becoming ready; log:\n{}", self.log_text());
             }
-            if http_get_status(self.port, "/health") == Some(200) {
+            if health_phase(self.port).as_deref() == Some("ready") {
                 return;
             }
             assert!(Instant::now() < deadline, "llmd not ready after {timeout:?}; log:\n{}", self.log_text());
@@ -235,6 +236,28 @@ pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).ok()?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A plain HTTP/1.1 GET: (status, body), or None if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// The `phase` of GET /health (`starting`, `ready`, `stopping`), whatever its status code:
+/// a ready daemon without models answers 503 `no_model` with phase `ready`.
+pub fn health_phase(port: u16) -> Option<String> {
+    let (_, body) = http_get(port, "/health")?;
+    let json: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+    json.get("phase")?.as_str().map(str::to_string)
 }
 
 /// True when the tests run as root and can switch to `nobody`.

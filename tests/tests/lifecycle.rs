@@ -58,7 +58,7 @@ fn notify_ready_watchdog_stopping_and_clean_exit() {
     assert!(before_ready.iter().any(|l| l.starts_with("STATUS=binding")), "{before_ready:?}");
     // READY only after the socket is bound: the socket must exist now and answer.
     assert!(daemon.socket.exists(), "socket missing at READY=1");
-    assert_eq!(llmd_e2e::http_get_status(daemon.port, "/health"), Some(200));
+    assert_eq!(llmd_e2e::health_phase(daemon.port).as_deref(), Some("ready"));
     notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
     notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
 
@@ -108,7 +108,7 @@ async fn sighup_reloads_and_keeps_old_config_on_error() {
         llmd_proto::Reply::Status(s) => assert_eq!(s.state, llmd_proto::DaemonState::Ready),
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(llmd_e2e::http_get_status(daemon.port, "/health"), Some(200));
+    assert_eq!(llmd_e2e::health_phase(daemon.port).as_deref(), Some("ready"));
 }
 
 fn wait_log(daemon: &Daemon, needle: &str) {
@@ -145,7 +145,7 @@ fn live_daemon_on_the_socket_is_not_replaced() {
     assert!(second.log_text().contains("another llmd is already running"), "{}", second.log_text());
     // The first one is untouched.
     assert!(first.socket.exists());
-    assert_eq!(llmd_e2e::http_get_status(first.port, "/health"), Some(200));
+    assert_eq!(llmd_e2e::health_phase(first.port).as_deref(), Some("ready"));
 }
 
 #[test]
