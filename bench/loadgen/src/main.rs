@@ -41,7 +41,8 @@ struct Args {
     /// Total requests to send.
     #[arg(long, default_value_t = 64)]
     requests: usize,
-    /// Approximate prompt length in tokens (one short word per token).
+    /// Prompt length in words: about one token each with real BPE vocabularies (the tiny
+    /// test fixtures' 512-token vocabulary splits a word into ~3.4 tokens).
     #[arg(long, default_value_t = 32)]
     prompt_tokens: usize,
     /// `max_tokens` per request.

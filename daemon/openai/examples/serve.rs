@@ -50,11 +50,21 @@ fn prompt(tokens: usize, seed: usize) -> String {
     out
 }
 
+/// User + system CPU seconds of this process (Linux, clock ticks of 1/100 s).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    if f.len() > 12 { (f[11] + f[12]) / 100.0 } else { 0.0 }
+}
+
 async fn direct_bench(engine: EngineHandle, spec: &str) {
     let nums: Vec<usize> = spec.split(',').map(|s| s.parse().expect("--direct-bench C,M,P,T")).collect();
     let [concurrency, requests, prompt_tokens, max_tokens] = nums[..] else { panic!("--direct-bench C,M,P,T") };
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
+    let cpu0 = cpu_seconds();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let (engine, next) = (engine.clone(), next.clone());
@@ -87,8 +97,9 @@ async fn direct_bench(engine: EngineHandle, spec: &str) {
         total += t.await.expect("task");
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
     println!(
-        "{{\"mode\":\"direct\",\"concurrency\":{concurrency},\"requests\":{requests},\"output_tokens\":{total},\"duration_s\":{secs:.3},\"output_tokens_per_s\":{:.1}}}",
+        "{{\"mode\":\"direct\",\"concurrency\":{concurrency},\"requests\":{requests},\"output_tokens\":{total},\"duration_s\":{secs:.3},\"output_tokens_per_s\":{:.1},\"cpu_s\":{cpu:.2}}}",
         total as f64 / secs
     );
 }
