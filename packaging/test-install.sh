@@ -153,7 +153,10 @@ target = "stderr"
 EOF
 
 step "llmd in the foreground as user llmd, HTTP on 127.0.0.1:$port"
-as_user llmd /usr/bin/llmd --config /etc/llmd/ci.toml >"$work/llmd.log" 2>&1 &
+# Not through as_user: a backgrounded function would be a subshell, and $! must be llmd itself
+# (chroot and setpriv exec into it) so that the SIGTERM below reaches the daemon.
+chroot "$root" setpriv --reuid=llmd --regid=llmd --init-groups -- \
+    /usr/bin/llmd --config /etc/llmd/ci.toml >"$work/llmd.log" 2>&1 &
 daemon_pid=$!
 health=
 for _ in $(seq 100); do
@@ -162,8 +165,9 @@ for _ in $(seq 100); do
     sleep 0.2
 done
 echo "$health" | grep -q '"status":"ready"' || { cat "$work/llmd.log" >&2; die "/health did not answer ready: '$health'"; }
-[ "$(stat -c '%a %U %G' "$root/run/llmd/llmd.sock")" = "660 llmd llmd" ] ||
-    die "socket mode/owner: $(stat -c '%a %U %G' "$root/run/llmd/llmd.sock")"
+# stat in the chroot: names resolve through the chroot's /etc/passwd, not the host's.
+sock_mode=$(in_root stat -c '%a %U %G' /run/llmd/llmd.sock)
+[ "$sock_mode" = "660 llmd llmd" ] || die "socket mode/owner: $sock_mode, want 660 llmd llmd"
 
 step "llmctl status as root, as a member of group llmd, as a non-member"
 in_root useradd --create-home --user-group alice
