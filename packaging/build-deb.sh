@@ -5,9 +5,11 @@
 #   packaging/build-deb.sh
 #
 # Environment:
-#   LLMD_CUDA=1        build llmd with `--features cuda` (needs nvcc, see
-#                      scripts/setup-cuda-toolchain.sh). Default 0: the CPU-only build, which
-#                      needs no CUDA toolchain (CI). Release packages are built with LLMD_CUDA=1.
+#   LLMD_CUDA=1        build llmd with `--features cuda`: needs nvcc on PATH or the toolchain of
+#                      scripts/setup-cuda-toolchain.sh (its cuda-env.sh is sourced). The binary
+#                      loads libcuda/NVML at run time, so it also runs on hosts without GPUs.
+#                      This is the build that is shipped. Default 0: the CPU-only build, which
+#                      needs no CUDA toolchain (CI).
 #   LLMD_DEB_OUT=DIR   where the .deb goes (default: <target dir>/debian).
 #   LLMD_LINTIAN=0     skip lintian (default: run it when installed; any error or warning fails).
 #   CARGO_TARGET_DIR   honoured as by cargo.
@@ -41,9 +43,12 @@ case "$cuda" in
 1)
     variant="CUDA build (LLMD_CUDA=1)"
     if ! command -v nvcc >/dev/null; then
-        nvcc_dir=${CUDA_HOME:-/usr/local/cuda}/bin
-        [ -x "$nvcc_dir/nvcc" ] || die "LLMD_CUDA=1 needs nvcc (not on PATH nor in $nvcc_dir): run scripts/setup-cuda-toolchain.sh"
-        export PATH="$nvcc_dir:$PATH"
+        # scripts/setup-cuda-toolchain.sh installs nvcc into a venv and writes this file.
+        cuda_env=${CUDA_VENV:-$HOME/.cache/llmd-cuda13}/cuda-env.sh
+        [ -f "$cuda_env" ] || die "LLMD_CUDA=1 needs nvcc (not on PATH, no $cuda_env): run scripts/setup-cuda-toolchain.sh"
+        # shellcheck source=/dev/null
+        . "$cuda_env"
+        command -v nvcc >/dev/null || die "$cuda_env did not put nvcc on PATH: re-run scripts/setup-cuda-toolchain.sh"
     fi
     features=(--features llmd/cuda)
     ;;
