@@ -49,6 +49,8 @@ pub struct DaemonOptions {
     pub extra_toml: String,
     /// Extra keys inside the generated `[control]` table (e.g. `max_connections = 2`).
     pub control_extra: String,
+    /// Extra keys inside the generated `[server]` table (e.g. `api_keys = ["sk-test"]`).
+    pub server_extra: String,
     /// `control.dbus`; "off" unless a test starts a bus.
     pub dbus: String,
     pub env: Vec<(String, String)>,
@@ -63,6 +65,7 @@ impl Default for DaemonOptions {
         DaemonOptions {
             extra_toml: String::new(),
             control_extra: String::new(),
+            server_extra: String::new(),
             dbus: "off".into(),
             env: Vec::new(),
             socket: None,
@@ -99,6 +102,7 @@ impl Daemon {
                 &socket,
                 dir.path(),
                 &opts.dbus,
+                &format!("{}\n", opts.server_extra),
                 &format!("{}\n", opts.control_extra),
                 &opts.extra_toml,
             ),
@@ -115,15 +119,41 @@ impl Daemon {
 
     /// The config the harness writes: free port, temp socket, group root (tests run as root),
     /// temp models dir, debug logs on stderr.
-    pub fn config_text(port: u16, socket: &Path, dir: &Path, dbus: &str, control_extra: &str, extra: &str) -> String {
+    pub fn config_text(
+        port: u16,
+        socket: &Path,
+        dir: &Path,
+        dbus: &str,
+        server_extra: &str,
+        control_extra: &str,
+        extra: &str,
+    ) -> String {
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout_secs = 5\n\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout_secs = 5\n{server_extra}\n\
              [control]\nsocket = {socket:?}\ngroup = {group:?}\ndbus = {dbus:?}\n{control_extra}\n\
              [storage]\nmodels_dir = {models:?}\n\n\
              [log]\nlevel = \"debug\"\ntarget = \"stderr\"\n\n{extra}",
             socket = socket.display().to_string(),
             group = own_group_name(),
             models = dir.join("models").display().to_string(),
+        )
+    }
+
+    /// Runs the real `llmctl --socket <socket> args...` to completion: (exit code, stdout, stderr).
+    pub fn llmctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("llmctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run llmctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
 
@@ -189,6 +219,11 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// Absolute path of a tiny test model under `tests/fixtures/models/` (`qwen2`, `qwen3`, ...).
+pub fn fixture_model(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models").join(name).canonicalize().expect("fixture model")
 }
 
 /// Name of the group of the user running the tests (root in CI).
