@@ -1,0 +1,131 @@
+//! The model store through the real daemon and llmctl, against llmd-store's fake Hugging Face
+//! hub: `llmctl pull`, `list`, `load` of a hub id (from the cache, and pulled on demand with
+//! progress frames), `rm` refused while loaded, then removed.
+
+#[path = "../../daemon/store/tests/common/mod.rs"]
+mod fakehub;
+
+use fakehub::{FakeFile, FakeHub, FakeRepo};
+use llmd_e2e::{Daemon, DaemonOptions, fixture_model};
+use llmd_proto::{ErrorCode, LoadParams, ProgressUnit, Reply, Request};
+use serde_json::Value;
+
+/// The qwen2 fixture as a hub repository (weights as an LFS file on the CDN host).
+fn qwen2_repo(seed: u8) -> FakeRepo {
+    let dir = fixture_model("qwen2");
+    let files =
+        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+            .into_iter()
+            .map(|f| FakeFile::mem(f, std::fs::read(dir.join(f)).unwrap(), f.ends_with(".safetensors")))
+            .collect();
+    FakeRepo::new(seed, files)
+}
+
+async fn llmctl(daemon: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let socket = daemon.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(llmd_e2e::bin("llmctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(&args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run llmctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+async fn list(daemon: &Daemon) -> Vec<Value> {
+    let (code, out, err) = llmctl(daemon, &["list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["models"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_list_load_rm_through_llmctl() {
+    let hub = FakeHub::start().await;
+    hub.add_hf("org/tiny", qwen2_repo(1));
+    hub.add_hf("org/other", qwen2_repo(2));
+    let daemon =
+        Daemon::start_with(DaemonOptions { env: vec![("HF_ENDPOINT".into(), hub.url.clone())], ..Default::default() });
+
+    // Pull: files land in the Hugging Face cache layout under storage.models_dir.
+    let (code, out, err) = llmctl(&daemon, &["pull", "hf:org/tiny", "--json"]).await;
+    assert_eq!(code, 0, "{out}\n{err}\nlog:\n{}", daemon.log_text());
+    let models = list(&daemon).await;
+    assert_eq!(models.len(), 1, "{models:?}");
+    let m = &models[0];
+    assert_eq!(m["id"], "hf:org/tiny");
+    assert_eq!(m["source"], "hf");
+    assert_eq!(m["architecture"], "Qwen2ForCausalLM");
+    assert_eq!(m["loaded"], false);
+    let path = m["path"].as_str().unwrap();
+    assert!(path.starts_with(&daemon.dir.path().join("models/models--org--tiny/snapshots").display().to_string()));
+    assert!(std::path::Path::new(path).join("model.safetensors").exists());
+
+    // Load by bare hub id: served from the cache, nothing downloaded again.
+    hub.clear_log();
+    let (code, out, err) = llmctl(&daemon, &["load", "org/tiny", "--name", "tiny", "--json"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(hub.body_gets("model.safetensors").is_empty(), "cached weights fetched again");
+    assert_eq!(list(&daemon).await[0]["loaded"], true);
+
+    // Removing a loaded model is refused; the files stay.
+    let (code, _, err) = llmctl(&daemon, &["rm", "hf:org/tiny"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("loaded as `tiny`") && err.contains("unload"), "{err}");
+    assert!(std::path::Path::new(path).exists());
+
+    // Load of a hub id that is not cached pulls it first, reporting download progress.
+    let mut client = daemon.client().await;
+    let mut progress = Vec::new();
+    let reply = client
+        .call(
+            Request::Load(LoadParams {
+                source: "hf:org/other".into(),
+                name: Some("other".into()),
+                ..Default::default()
+            }),
+            |p| progress.push(p.clone()),
+        )
+        .await;
+    assert!(matches!(reply, Ok(Reply::Loaded(ref m)) if m.name == "other"), "{reply:?}");
+    let bytes: Vec<_> = progress.iter().filter(|p| p.unit == ProgressUnit::Bytes).collect();
+    assert!(!bytes.is_empty(), "no download progress: {progress:?}");
+    assert!(bytes.iter().all(|p| p.operation.starts_with("pull-") && p.model.contains("org/other")), "{bytes:?}");
+    assert!(progress.iter().any(|p| p.operation.starts_with("load-")), "no load progress: {progress:?}");
+    assert_eq!(hub.body_gets("model.safetensors").len(), 1);
+
+    // Unload, then remove: gone from disk and from the list.
+    let (code, _, err) = llmctl(&daemon, &["unload", "tiny"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = llmctl(&daemon, &["rm", "hf:org/tiny", "--json"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let removed: Value = serde_json::from_str(&out).unwrap();
+    assert!(removed["freed_bytes"].as_u64().unwrap() > 400_000, "{out}");
+    assert!(!daemon.dir.path().join("models/models--org--tiny").exists());
+    let ids: Vec<String> = list(&daemon).await.iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["hf:org/other"]);
+
+    // A repository the hub does not know: a typed not-found error, the daemon keeps serving.
+    let reply = client
+        .call(Request::Pull(llmd_proto::PullParams { source: "hf:org/ghost".into(), ..Default::default() }), |_| {})
+        .await;
+    match reply {
+        Err(llmd_proto::ClientError::Remote(e)) => assert_eq!(e.code, ErrorCode::NotFound, "{e:?}"),
+        other => panic!("expected not found, got {other:?}"),
+    }
+    let (code, _, err) = llmctl(&daemon, &["rm", "hf:org/ghost"]).await;
+    assert_ne!(code, 0, "{err}");
+    assert_eq!(list(&daemon).await.len(), 1);
+}
