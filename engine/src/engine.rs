@@ -67,7 +67,7 @@ pub struct LoadOptions {
     /// Reuse KV blocks of identical prompt prefixes across requests.
     pub enable_prefix_caching: bool,
     /// GPU indices chosen by placement (CUDA device numbers, PCI bus order); empty means GPU 0.
-    /// One GPU is used until tensor parallelism lands.
+    /// Several GPUs serve the model tensor-parallel, one rank per GPU.
     pub gpus: Vec<u32>,
 }
 
@@ -1003,7 +1003,7 @@ fn load_cuda(
     let max_model_len =
         opts.max_model_len.map_or(config.max_position_embeddings, |m| (m as usize).min(config.max_position_embeddings));
     let cfg = llmd_cuda::CudaLoadConfig {
-        ordinal: opts.gpus.first().copied().unwrap_or(0) as usize,
+        gpus: opts.gpus.iter().map(|&g| g as usize).collect(),
         gpu_memory_utilization: opts.gpu_memory_utilization,
         block_size: opts.block_size,
         max_num_batched_tokens: opts.max_num_batched_tokens,

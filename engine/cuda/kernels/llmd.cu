@@ -42,12 +42,19 @@ __device__ float block_sum(float v) {
   return total;
 }
 
-// out[t, :] = table[ids[t], :].  grid = n_tokens, block = 256.
+// Vocabulary-parallel embedding: out[t, :] = table[ids[t] - lo, :] when lo <= ids[t] < lo + rows,
+// zeros otherwise (the ranks' outputs are then summed). One GPU: lo = 0, rows = vocab.
+// table: [rows, hidden].  grid = n_tokens, block = 256.
 extern "C" __global__ void embedding_bf16(bf16* __restrict__ out, const bf16* __restrict__ table,
-                                          const uint32_t* __restrict__ ids, int hidden) {
+                                          const uint32_t* __restrict__ ids, int hidden, uint32_t lo, uint32_t rows) {
   const size_t t = blockIdx.x;
-  const bf16* row = table + (size_t)ids[t] * hidden;
   bf16* o = out + t * hidden;
+  const uint32_t id = ids[t];
+  if (id < lo || id >= lo + rows) {
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __float2bfloat16(0.f);
+    return;
+  }
+  const bf16* row = table + (size_t)(id - lo) * hidden;
   if ((hidden & 7) == 0) {
     const uint4* src = reinterpret_cast<const uint4*>(row);
     uint4* dst = reinterpret_cast<uint4*>(o);
@@ -377,13 +384,15 @@ extern "C" __global__ void gather_rows_bf16(bf16* __restrict__ out, const bf16* 
 
 // Greedy sampling: ids[r] = argmax(logits[r, :width]) (lowest index on ties, as torch.argmax;
 // NaN never wins).  logits f32 [n_rows, stride].  grid = n_rows, block = 1024.
+// With shards > 1 the row is split in `shards` pieces of `stride` values laid out
+// [shard, n_rows, stride] (all-gathered vocabulary-parallel logits); index i is global.
 extern "C" __global__ void argmax_f32(uint32_t* __restrict__ ids, const float* __restrict__ logits, int vocab,
-                                      int stride) {
-  const float* row = logits + (size_t)blockIdx.x * stride;
+                                      int stride, int shards, int n_rows) {
   float best = -INFINITY;
   int best_i = 0x7fffffff;
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    float v = row[i];
+    const int k = i / stride;
+    float v = logits[((size_t)k * n_rows + blockIdx.x) * stride + (i - k * stride)];
     if (v > best || (v == best && i < best_i)) {
       best = v;
       best_i = i;

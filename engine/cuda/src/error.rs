@@ -14,6 +14,8 @@ pub enum CudaError {
     Driver(#[from] cudarc::driver::DriverError),
     #[error("cuBLAS: {0}")]
     Cublas(#[from] cudarc::cublas::result::CublasError),
+    #[error("NCCL: {0}")]
+    Nccl(String),
     #[error("shape error: {0}")]
     Shape(String),
     #[error("unsupported model for the CUDA backend: {0}")]

@@ -121,13 +121,16 @@ macro_rules! launch {
 }
 
 impl Gpu {
-    /// out[T, H] = table[ids[T], :]. table: bf16 [V, H]; ids: u32 [T] (checked < V by the caller).
-    pub fn embedding(&self, out: &TensorRef, table: &TensorRef, ids: &TensorRef) -> Result<(), CudaError> {
-        let (t, h) = (ids.shape[0], table.shape[1]);
+    /// out[T, H] = table[ids[T] - lo, :] for ids in [lo, lo + rows), zeros for other ids
+    /// (vocabulary-parallel shard; lo = 0 and rows = vocab on one GPU).
+    /// table: bf16 [rows, H]; ids: u32 [T] (checked < vocab by the caller).
+    pub fn embedding_shard(&self, out: &TensorRef, table: &TensorRef, ids: &TensorRef, lo: usize) -> Result<(), CudaError> {
+        let (t, rows, h) = (ids.shape[0], table.shape[0], table.shape[1]);
         check(out, "out", DType::BF16, &[t, h])?;
         check(ids, "ids", DType::U32, &[t])?;
         let hidden = i32_of(h, "hidden")?;
-        launch!(self, &self.kernels.embedding, cfg((t as u32, 1, 1), 256), &out.ptr, &table.ptr, &ids.ptr, &hidden)
+        let (lo, rows) = (u32::try_from(lo).map_err(|_| CudaError::Shape("vocab offset".into()))?, rows as u32);
+        launch!(self, &self.kernels.embedding, cfg((t as u32, 1, 1), 256), &out.ptr, &table.ptr, &ids.ptr, &hidden, &lo, &rows)
     }
 
     /// residual += x (when given); out = rmsnorm(residual) * weight. All bf16 [T, H]; weight [H].
@@ -232,16 +235,18 @@ impl Gpu {
         launch!(self, &self.kernels.gather_rows, cfg((r as u32, 1, 1), 256), &out.ptr, &x.ptr, &rows.ptr, &width)
     }
 
-    /// ids[R] = argmax(logits[R, :width]) (lowest index on ties). logits f32 [R, V], ids u32, width <= V.
-    pub fn argmax(&self, ids: &TensorRef, logits: &TensorRef, width: usize) -> Result<(), CudaError> {
-        let (r, v) = (logits.shape[0], logits.shape[1]);
-        check(logits, "logits", DType::F32, &[r, v])?;
-        check(ids, "ids", DType::U32, &[r])?;
-        if width == 0 || width > v {
-            return Err(CudaError::Shape(format!("argmax width {width} for rows of {v}")));
+    /// ids[R] = argmax over the first `width` logits of each of `rows` rows (lowest index on
+    /// ties). logits f32 [shards * rows, V/shards]: the row's vocabulary in `shards` slices laid
+    /// out [shard, rows, V/shards] (one shard: plain [rows, V]). ids u32 [rows], width <= V.
+    pub fn argmax_sharded(&self, ids: &TensorRef, logits: &TensorRef, rows: usize, shards: usize, width: usize) -> Result<(), CudaError> {
+        let stride = logits.shape[1];
+        check(logits, "logits", DType::F32, &[shards * rows, stride])?;
+        check(ids, "ids", DType::U32, &[rows])?;
+        if width == 0 || width > stride * shards {
+            return Err(CudaError::Shape(format!("argmax width {width} for rows of {}", stride * shards)));
         }
-        let (width, stride) = (i32_of(width, "width")?, i32_of(v, "vocab")?);
-        launch!(self, &self.kernels.argmax, cfg((r as u32, 1, 1), 1024), &ids.ptr, &logits.ptr, &width, &stride)
+        let (width, stride, shards, rows_i) = (i32_of(width, "width")?, i32_of(stride, "vocab")?, i32_of(shards, "shards")?, i32_of(rows, "rows")?);
+        launch!(self, &self.kernels.argmax, cfg((rows as u32, 1, 1), 1024), &ids.ptr, &logits.ptr, &width, &stride, &shards, &rows_i)
     }
 
     /// Converts a device f32 or f16 tensor into bf16 `out` of the same element count.

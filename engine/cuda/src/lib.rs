@@ -11,8 +11,10 @@
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod nccl;
+pub mod tp;
 pub mod runner;
 
 pub use device::{Gpu, device_count, driver_present};
 pub use error::CudaError;
-pub use runner::{CudaLoadConfig, CudaRunner, SUPPORTED_ARCHITECTURES, load_cuda, supports_architecture};
+pub use runner::{CudaLoadConfig, CudaRunner, SUPPORTED_ARCHITECTURES, Shard, load_cuda, supports_architecture};

@@ -22,7 +22,8 @@ use crate::error::CudaError;
 /// How to load a model on a GPU.
 #[derive(Debug, Clone)]
 pub struct CudaLoadConfig {
-    pub ordinal: usize,
+    /// CUDA device numbers; one entry per tensor-parallel rank (empty: GPU 0).
+    pub gpus: Vec<usize>,
     /// Fraction of the GPU's free memory (after weights and activations) given to the KV cache.
     pub gpu_memory_utilization: f32,
     pub block_size: usize,
@@ -62,7 +63,10 @@ struct Activations {
     part_acc: DeviceTensor,
     part_ml: DeviceTensor,
     selected: DeviceTensor,
+    /// This rank's vocabulary slice of the logits [rows, vocab / tp].
     logits: DeviceTensor,
+    /// All ranks' slices after the all-gather, [tp, rows, vocab / tp] (tp > 1 only).
+    gathered: DeviceTensor,
     sampled: DeviceTensor,
 }
 
@@ -70,6 +74,12 @@ struct Activations {
 pub struct CudaRunner {
     gpu: Gpu,
     cfg: ModelConfig,
+    shard: Shard,
+    dims: ShardDims,
+    /// Present when tp > 1: all-reduce after the attention and MLP outputs and the embedding,
+    /// all-gather of the vocabulary-parallel logits.
+    comm: Option<crate::nccl::Communicator>,
+    num_params: u64,
     embed: DeviceTensor,
     lm_head: Option<DeviceTensor>,
     final_norm: DeviceTensor,
@@ -164,25 +174,75 @@ fn to_dtype(d: Dtype, name: &str) -> Result<bool, CudaError> {
     }
 }
 
-/// Loads tensors `names` (each [rows_i, cols]) into one bf16 device matrix [sum rows_i, cols]
-/// (fused QKV and gate/up projections), converting f32/f16 checkpoints on the device.
-fn load_concat(gpu: &Gpu, ckpt: &Checkpoint, names: &[String], shapes: &[Vec<usize>]) -> Result<DeviceTensor, CudaError> {
-    let cols = shapes[0].get(1).copied().unwrap_or(1);
-    let rows: usize = shapes.iter().map(|s| s[0]).sum();
-    let out_shape: Vec<usize> = if shapes[0].len() == 1 { vec![rows] } else { vec![rows, cols] };
-    let mut out = DeviceTensor::zeros(gpu, &out_shape, DType::BF16)?;
+/// A rectangle of one checkpoint tensor: rows `rows` and columns `cols` of a [R, C] matrix
+/// (a vector is one row). Tensor-parallel ranks read only their slices.
+#[derive(Debug, Clone)]
+struct Part {
+    name: String,
+    shape: Vec<usize>,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+impl Part {
+    fn whole(name: impl Into<String>, shape: &[usize]) -> Part {
+        let (r, c) = if shape.len() == 1 { (1, shape[0]) } else { (shape[0], shape[1]) };
+        Part { name: name.into(), shape: shape.to_vec(), rows: 0..r, cols: 0..c }
+    }
+    fn rows(name: impl Into<String>, shape: &[usize], rows: std::ops::Range<usize>) -> Part {
+        let mut p = Part::whole(name, shape);
+        if shape.len() == 1 {
+            p.cols = rows;
+        } else {
+            p.rows = rows;
+        }
+        p
+    }
+    fn cols(name: impl Into<String>, shape: &[usize], cols: std::ops::Range<usize>) -> Part {
+        let mut p = Part::whole(name, shape);
+        p.cols = cols;
+        p
+    }
+    fn numel(&self) -> usize {
+        self.rows.len() * self.cols.len()
+    }
+}
+
+/// Loads `parts` one after another into one bf16 device tensor of `out_shape` (fused QKV and
+/// gate/up projections, tensor-parallel slices), converting f32/f16 checkpoints on the device.
+/// Whole tensors and row slices are uploaded straight from the memory map; column slices are
+/// gathered row by row on the host first.
+fn load_parts(gpu: &Gpu, ckpt: &Checkpoint, parts: &[Part], out_shape: &[usize]) -> Result<DeviceTensor, CudaError> {
+    let total: usize = parts.iter().map(Part::numel).sum();
+    if total != out_shape.iter().product::<usize>() {
+        return Err(CudaError::Shape(format!("{total} elements from {} parts for shape {out_shape:?}", parts.len())));
+    }
+    let mut out = DeviceTensor::zeros(gpu, out_shape, DType::BF16)?;
     let mut offset_elems = 0usize;
-    for (name, shape) in names.iter().zip(shapes) {
-        let raw = ckpt.raw(name, shape)?;
-        let numel: usize = shape.iter().product();
+    for part in parts {
+        let raw = ckpt.raw(&part.name, &part.shape)?;
+        let elem = raw.bytes.len() / part.shape.iter().product::<usize>().max(1);
+        let ncols = if part.shape.len() == 1 { part.shape[0] } else { part.shape[1] };
+        let numel = part.numel();
+        let gathered;
+        let bytes: &[u8] = if part.cols.len() == ncols {
+            &raw.bytes[part.rows.start * ncols * elem..part.rows.end * ncols * elem]
+        } else {
+            let mut v = Vec::with_capacity(numel * elem);
+            for r in part.rows.clone() {
+                v.extend_from_slice(&raw.bytes[(r * ncols + part.cols.start) * elem..(r * ncols + part.cols.end) * elem]);
+            }
+            gathered = v;
+            &gathered
+        };
         let dst = TensorRef { ptr: out.r().ptr + (offset_elems * 2) as u64, shape: vec![numel], dtype: DType::BF16 };
-        if to_dtype(raw.dtype, name)? {
+        if to_dtype(raw.dtype, &part.name)? {
             let src_dtype = if raw.dtype == Dtype::F32 { DType::F32 } else { DType::BF16 /* f16 staged as 2-byte words */ };
-            let staged = DeviceTensor::from_bytes(gpu, raw.bytes, &[numel], src_dtype)?;
+            let staged = DeviceTensor::from_bytes(gpu, bytes, &[numel], src_dtype)?;
             gpu.to_bf16(&dst, &staged.r(), raw.dtype == Dtype::F16)?;
             gpu.synchronize()?;
         } else {
-            out.upload_at(gpu, offset_elems * 2, raw.bytes)?;
+            out.upload_at(gpu, offset_elems * 2, bytes)?;
         }
         offset_elems += numel;
     }
@@ -190,7 +250,49 @@ fn load_concat(gpu: &Gpu, ckpt: &Checkpoint, names: &[String], shapes: &[Vec<usi
 }
 
 fn load_one(gpu: &Gpu, ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<DeviceTensor, CudaError> {
-    load_concat(gpu, ckpt, &[name.to_string()], &[shape.to_vec()])
+    load_parts(gpu, ckpt, &[Part::whole(name, shape)], shape)
+}
+
+/// Which slice of the model one GPU holds (Megatron-style): heads, MLP columns and vocabulary
+/// split `world` ways; KV heads replicated when `world` exceeds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
+}
+
+/// Per-rank sizes for `cfg` split `world` ways, or why it cannot be split that way.
+#[derive(Debug, Clone, Copy)]
+struct ShardDims {
+    heads: usize,
+    kv_heads: usize,
+    /// First KV head of this rank.
+    kv_head0: usize,
+    inter: usize,
+    vocab: usize,
+}
+
+fn shard_dims(cfg: &ModelConfig, shard: Shard) -> Result<ShardDims, CudaError> {
+    let (hq, hkv, inter, vocab, tp) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size, shard.world);
+    let refuse = |what: String| Err(CudaError::Unsupported(format!("tp {tp}: {what}")));
+    if hq % tp != 0 {
+        return refuse(format!("{hq} attention heads are not divisible by {tp}"));
+    }
+    if hkv % tp != 0 && tp % hkv != 0 {
+        return refuse(format!("{hkv} KV heads neither divide nor are divisible by {tp}"));
+    }
+    if inter % tp != 0 {
+        return refuse(format!("intermediate_size {inter} is not divisible by {tp}"));
+    }
+    if vocab % tp != 0 {
+        return refuse(format!("vocab_size {vocab} is not divisible by {tp}"));
+    }
+    let (kv_heads, kv_head0) = if hkv >= tp { (hkv / tp, shard.rank * (hkv / tp)) } else { (1, shard.rank / (tp / hkv)) };
+    Ok(ShardDims { heads: hq / tp, kv_heads, kv_head0, inter: inter / tp, vocab: vocab / tp })
 }
 
 /// Architectures the CUDA backend serves (dense decoders; Qwen3-MoE runs on the CPU for now).
@@ -201,32 +303,76 @@ pub fn supports_architecture(arch: &str) -> bool {
     SUPPORTED_ARCHITECTURES.contains(&arch)
 }
 
-/// Loads an HF dense decoder onto GPU `opts.ordinal` and sizes its KV cache.
+/// Loads an HF dense decoder onto the GPUs in `opts.gpus` (one: plain; several: tensor
+/// parallel over NCCL) and sizes its KV cache.
 pub fn load_cuda(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel, ModelError> {
-    Ok(load_inner(dir, opts, progress)?)
-}
-
-fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel, CudaError> {
     let cfg = ModelConfig::from_dir(dir)?;
     let generation = GenerationConfig::from_dir(dir)?;
     if !supports_architecture(&cfg.architecture) {
-        return Err(CudaError::Unsupported(format!(
-            "{} (the CUDA backend serves {})",
-            cfg.architecture,
-            SUPPORTED_ARCHITECTURES.join(", ")
-        )));
+        return Err(CudaError::Unsupported(format!("{} (the CUDA backend serves {})", cfg.architecture, SUPPORTED_ARCHITECTURES.join(", "))).into());
     }
-    let gpu = Gpu::open(opts.ordinal)?;
+    let gpus = if opts.gpus.is_empty() { vec![0] } else { opts.gpus.clone() };
+    let (runner, weight_bytes, num_params): (Box<dyn ModelRunner>, u64, u64) = if gpus.len() == 1 {
+        let (mut r, possible) = load_rank(dir, &cfg, opts, gpus[0], Shard::SINGLE, None, progress)?;
+        r.alloc_kv(possible)?;
+        let (w, n) = (r.weight_bytes(), r.num_params());
+        (Box::new(r), w, n)
+    } else {
+        let tp = crate::tp::TpRunner::load(dir, &cfg, opts, &gpus, progress)?;
+        let (w, n) = (tp.weight_bytes(), tp.num_params());
+        (Box::new(tp), w, n)
+    };
+    let eos_token_ids = llmd_models::config::eos_token_ids(&cfg, &generation);
+    Ok(LoadedModel {
+        runner,
+        num_params,
+        weight_bytes,
+        dtype: "bfloat16".to_string(),
+        max_position_embeddings: cfg.max_position_embeddings,
+        vocab_size: cfg.vocab_size,
+        eos_token_ids,
+        config: cfg,
+        generation,
+    })
+}
+
+/// Loads rank `shard` of the model onto GPU `ordinal` (weights and activation buffers, no KV
+/// cache yet) and returns it with the number of KV blocks its free memory allows; the caller
+/// agrees on one count across ranks and calls [`CudaRunner::alloc_kv`].
+pub(crate) fn load_rank(
+    dir: &Path,
+    cfg: &ModelConfig,
+    opts: &CudaLoadConfig,
+    ordinal: usize,
+    shard: Shard,
+    nccl_id: Option<crate::nccl::UniqueId>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(CudaRunner, usize), CudaError> {
+    let gpu = Gpu::open(ordinal)?;
+    // Join the communicator first: ncclCommInitRank blocks until every rank arrived, so doing it
+    // before the long weight load keeps the window in which a failed rank strands the others short.
+    let comm = match nccl_id {
+        Some(id) => {
+            gpu.ctx.bind_to_thread()?;
+            Some(crate::nccl::Communicator::init(id, shard.rank, shard.world)?)
+        }
+        None => None,
+    };
     let (h, d, hq, hkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
-    if hq % hkv != 0 || !gpu.kernels.supports_attention(d, hq / hkv) {
-        return Err(CudaError::Unsupported(format!("head_dim {d} with {hq} heads / {hkv} KV heads")));
+    if hq % hkv != 0 {
+        return Err(CudaError::Unsupported(format!("{hq} heads with {hkv} KV heads")));
+    }
+    let dims = shard_dims(cfg, shard)?;
+    if !gpu.kernels.supports_attention(d, dims.heads / dims.kv_heads) {
+        return Err(CudaError::Unsupported(format!("head_dim {d} with {} query heads per KV head", dims.heads / dims.kv_heads)));
     }
     let ckpt = Checkpoint::open_dir(dir)?;
     let total = cfg.num_hidden_layers + 3;
     let mut done = 0;
-    let embed = load_one(&gpu, &ckpt, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let (v0, vl) = (shard.rank * dims.vocab, dims.vocab);
+    let embed = load_parts(&gpu, &ckpt, &[Part::rows("model.embed_tokens.weight", &[cfg.vocab_size, h], v0..v0 + vl)], &[vl, h])?;
     let lm_head = if ckpt.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-        Some(load_one(&gpu, &ckpt, "lm_head.weight", &[cfg.vocab_size, h])?)
+        Some(load_parts(&gpu, &ckpt, &[Part::rows("lm_head.weight", &[cfg.vocab_size, h], v0..v0 + vl)], &[vl, h])?)
     } else {
         None
     };
@@ -237,17 +383,31 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
     let max_seqs = max_tokens.min(1024);
     let block_size = opts.block_size;
     let max_blocks_per_seq = opts.max_model_len.div_ceil(block_size);
-    let attn_ws_elems = max_tokens.max(512) * hq * d * 2;
+    let (hq_l, hkv_l, inter_l) = (dims.heads, dims.kv_heads, dims.inter);
+    let attn_ws_elems = max_tokens.max(512) * hq_l * d * 2;
 
+    let q_rows = shard.rank * hq_l * d..(shard.rank + 1) * hq_l * d;
+    let kv_rows = dims.kv_head0 * d..(dims.kv_head0 + hkv_l) * d;
+    let inter_rows = shard.rank * inter_l..(shard.rank + 1) * inter_l;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-    let qkv_rows = [hq * d, hkv * d, hkv * d];
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let proj = |n: &str| format!("{p}.self_attn.{n}_proj.weight");
-        let qkv = load_concat(&gpu, &ckpt, &[proj("q"), proj("k"), proj("v")], &qkv_rows.map(|r| vec![r, h]))?;
+        let qkv_parts = [
+            Part::rows(proj("q"), &[hq * d, h], q_rows.clone()),
+            Part::rows(proj("k"), &[hkv * d, h], kv_rows.clone()),
+            Part::rows(proj("v"), &[hkv * d, h], kv_rows.clone()),
+        ];
+        let qkv_width = (hq_l + 2 * hkv_l) * d;
+        let qkv = load_parts(&gpu, &ckpt, &qkv_parts, &[qkv_width, h])?;
         let qkv_bias = if ckpt.contains(&format!("{p}.self_attn.q_proj.bias")) {
-            let names = ["q", "k", "v"].map(|n| format!("{p}.self_attn.{n}_proj.bias"));
-            Some(load_concat(&gpu, &ckpt, &names, &qkv_rows.map(|r| vec![r]))?)
+            let b = |n: &str| format!("{p}.self_attn.{n}_proj.bias");
+            let parts = [
+                Part::rows(b("q"), &[hq * d], q_rows.clone()),
+                Part::rows(b("k"), &[hkv * d], kv_rows.clone()),
+                Part::rows(b("v"), &[hkv * d], kv_rows.clone()),
+            ];
+            Some(load_parts(&gpu, &ckpt, &parts, &[qkv_width])?)
         } else {
             None
         };
@@ -263,10 +423,15 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
             qkv_bias,
             q_norm,
             k_norm,
-            o: load_one(&gpu, &ckpt, &proj("o"), &[h, hq * d])?,
+            o: load_parts(&gpu, &ckpt, &[Part::cols(proj("o"), &[h, hq * d], q_rows.clone())], &[h, hq_l * d])?,
             post_norm: load_one(&gpu, &ckpt, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            gate_up: load_concat(&gpu, &ckpt, &[mlp("gate"), mlp("up")], &[vec![inter, h], vec![inter, h]])?,
-            down: load_one(&gpu, &ckpt, &mlp("down"), &[h, inter])?,
+            gate_up: load_parts(
+                &gpu,
+                &ckpt,
+                &[Part::rows(mlp("gate"), &[inter, h], inter_rows.clone()), Part::rows(mlp("up"), &[inter, h], inter_rows.clone())],
+                &[2 * inter_l, h],
+            )?,
+            down: load_parts(&gpu, &ckpt, &[Part::cols(mlp("down"), &[h, inter], inter_rows.clone())], &[h, inter_l])?,
             k_cache: DeviceTensor::zeros(&gpu, &[1], DType::BF16)?,
             v_cache: DeviceTensor::zeros(&gpu, &[1], DType::BF16)?,
         };
@@ -288,21 +453,22 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
     cos_sin.upload(&gpu, &table)?;
 
     let z = |shape: &[usize], dt| DeviceTensor::zeros(&gpu, shape, dt);
-    let qkv_width = (hq + 2 * hkv) * d;
+    let qkv_width = (hq_l + 2 * hkv_l) * d;
     let act = Activations {
         meta: z(&[StepMeta::capacity_bytes(max_tokens, max_seqs, max_blocks_per_seq)], DType::U32)?,
         residual: z(&[max_tokens, h], DType::BF16)?,
         normed: z(&[max_tokens, h], DType::BF16)?,
         qkv: z(&[max_tokens, qkv_width], DType::BF16)?,
-        q: z(&[max_tokens, hq, d], DType::BF16)?,
-        attn: z(&[max_tokens, hq, d], DType::BF16)?,
+        q: z(&[max_tokens, hq_l, d], DType::BF16)?,
+        attn: z(&[max_tokens, hq_l, d], DType::BF16)?,
         x: z(&[max_tokens, h], DType::BF16)?,
-        gate_up: z(&[max_tokens, 2 * inter], DType::BF16)?,
-        act: z(&[max_tokens, inter], DType::BF16)?,
+        gate_up: z(&[max_tokens, 2 * inter_l], DType::BF16)?,
+        act: z(&[max_tokens, inter_l], DType::BF16)?,
         part_acc: z(&[attn_ws_elems], DType::F32)?,
         part_ml: z(&[attn_ws_elems / d * 2], DType::F32)?,
         selected: z(&[max_seqs, h], DType::BF16)?,
-        logits: z(&[max_seqs, cfg.vocab_size], DType::F32)?,
+        logits: z(&[max_seqs, vl], DType::F32)?,
+        gathered: z(&[if shard.world > 1 { shard.world * max_seqs * vl } else { 1 }], DType::F32)?,
         sampled: z(&[max_seqs], DType::U32)?,
     };
     gpu.synchronize()?;
@@ -310,43 +476,23 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
     // KV cache from what is left: a fraction of free memory, as vLLM's gpu_memory_utilization.
     let (free, total_mem) = gpu.mem_info()?;
     let budget = (free as f64 * opts.gpu_memory_utilization as f64) as u64;
-    let num_blocks = KvCacheLayout::blocks_for_budget(cfg.num_hidden_layers, hkv, d, block_size, 2, budget);
-    let min_blocks = max_blocks_per_seq;
-    if num_blocks < min_blocks {
+    let possible = KvCacheLayout::blocks_for_budget(cfg.num_hidden_layers, hkv_l, d, block_size, 2, budget);
+    if possible < max_blocks_per_seq {
         return Err(CudaError::OutOfMemory(format!(
-            "{} MiB free after loading weights leaves room for {num_blocks} KV blocks; one sequence of max_model_len {} needs {min_blocks} (lower max_model_len or raise gpu_memory_utilization)",
+            "GPU {ordinal}: {} MiB free after loading weights leaves room for {possible} KV blocks; one sequence of max_model_len {} needs {max_blocks_per_seq} (lower max_model_len or raise gpu_memory_utilization)",
             free >> 20,
             opts.max_model_len
         )));
     }
-    for layer in &mut layers {
-        layer.k_cache = DeviceTensor::zeros(&gpu, &[num_blocks, block_size, hkv, d], DType::BF16)?;
-        layer.v_cache = DeviceTensor::zeros(&gpu, &[num_blocks, block_size, hkv, d], DType::BF16)?;
-    }
-    gpu.synchronize()?;
-    let layout = KvCacheLayout { num_layers: cfg.num_hidden_layers, num_kv_heads: hkv, head_dim: d, block_size, num_blocks, dtype_bytes: 2 };
-    tracing::info!(
-        gpu = %gpu.name,
-        total_mib = total_mem >> 20,
-        kv_blocks = num_blocks,
-        kv_mib = (layout.bytes_per_block() * num_blocks) >> 20,
-        "CUDA memory budget: weights and activations loaded, KV cache sized from gpu_memory_utilization {}",
-        opts.gpu_memory_utilization
-    );
-    progress(total, total);
-
-    let weight_bytes = {
-        let mut b = embed.bytes() + final_norm.bytes() + lm_head.as_ref().map_or(0, |t| t.bytes());
-        for l in &layers {
-            b += l.input_norm.bytes() + l.qkv.bytes() + l.o.bytes() + l.post_norm.bytes() + l.gate_up.bytes() + l.down.bytes();
-            b += l.qkv_bias.as_ref().map_or(0, |t| t.bytes()) + l.q_norm.as_ref().map_or(0, |t| t.bytes()) + l.k_norm.as_ref().map_or(0, |t| t.bytes());
-        }
-        b as u64
-    };
-    let eos_token_ids = llmd_models::config::eos_token_ids(&cfg, &generation);
+    tracing::info!(gpu = %gpu.name, ordinal, rank = shard.rank, tp = shard.world, total_mib = total_mem >> 20, free_mib = free >> 20, kv_blocks_possible = possible, "weights loaded");
+    let layout = KvCacheLayout { num_layers: cfg.num_hidden_layers, num_kv_heads: hkv_l, head_dim: d, block_size, num_blocks: 0, dtype_bytes: 2 };
     let runner = CudaRunner {
         gpu,
         cfg: cfg.clone(),
+        shard,
+        dims,
+        comm,
+        num_params: ckpt.num_elements(),
         embed,
         lm_head,
         final_norm,
@@ -360,20 +506,46 @@ fn load_inner(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize,
         max_model_len: opts.max_model_len,
         graphs: Default::default(),
     };
-    Ok(LoadedModel {
-        runner: Box::new(runner),
-        num_params: ckpt.num_elements(),
-        weight_bytes,
-        dtype: "bfloat16".to_string(),
-        max_position_embeddings: cfg.max_position_embeddings,
-        vocab_size: cfg.vocab_size,
-        eos_token_ids,
-        config: cfg,
-        generation,
-    })
+    progress(total, total);
+    Ok((runner, possible))
 }
 
 impl CudaRunner {
+    /// Allocates the paged KV cache: `num_blocks` blocks per layer (the same on every rank).
+    pub(crate) fn alloc_kv(&mut self, num_blocks: usize) -> Result<(), CudaError> {
+        let (bs, hkv, d) = (self.layout.block_size, self.layout.num_kv_heads, self.layout.head_dim);
+        for layer in &mut self.layers {
+            layer.k_cache = DeviceTensor::zeros(&self.gpu, &[num_blocks, bs, hkv, d], DType::BF16)?;
+            layer.v_cache = DeviceTensor::zeros(&self.gpu, &[num_blocks, bs, hkv, d], DType::BF16)?;
+        }
+        self.gpu.synchronize()?;
+        self.layout.num_blocks = num_blocks;
+        tracing::info!(
+            gpu = %self.gpu.name,
+            rank = self.shard.rank,
+            kv_blocks = num_blocks,
+            kv_mib = (self.layout.bytes_per_block() * num_blocks) >> 20,
+            "CUDA KV cache allocated"
+        );
+        Ok(())
+    }
+
+    /// Parameters of the whole checkpoint (not just this rank's slice).
+    pub(crate) fn num_params(&self) -> u64 {
+        self.num_params
+    }
+
+    /// Bytes of weights on this GPU.
+    pub(crate) fn weight_bytes(&self) -> u64 {
+        let opt = |t: &Option<DeviceTensor>| t.as_ref().map_or(0, DeviceTensor::bytes);
+        let mut b = self.embed.bytes() + self.final_norm.bytes() + opt(&self.lm_head);
+        for l in &self.layers {
+            b += l.input_norm.bytes() + l.qkv.bytes() + l.o.bytes() + l.post_norm.bytes() + l.gate_up.bytes() + l.down.bytes();
+            b += opt(&l.qkv_bias) + opt(&l.q_norm) + opt(&l.k_norm);
+        }
+        b as u64
+    }
+
     /// Validates the batch and packs its metadata for `t_pad` tokens / `s_pad` sequences
     /// (padding rows write no KV and produce ignored outputs).
     fn pack(&self, batch: &ForwardBatch, t_pad: usize, s_pad: usize, stride: usize) -> Result<(StepMeta, Vec<u8>, usize, usize), CudaError> {
@@ -446,10 +618,18 @@ impl CudaRunner {
         let gpu = &self.gpu;
         let a = &self.act;
         let cfg = &self.cfg;
-        let (d, hq) = (cfg.head_dim, cfg.num_attention_heads);
+        let (d, hq) = (cfg.head_dim, self.dims.heads);
         let eps = cfg.rms_norm_eps as f32;
         let scale = 1.0 / (d as f32).sqrt();
         let t = v.t;
+        let stream = self.gpu.stream.cu_stream() as *mut std::ffi::c_void;
+        // Sums partial results of the ranks (no-op on one GPU).
+        let reduce = |buf: &TensorRef| -> Result<(), CudaError> {
+            match &self.comm {
+                Some(c) => c.all_reduce_sum(buf, stream),
+                None => Ok(()),
+            }
+        };
         let residual = a.residual.rows(0, t);
         let normed = a.normed.rows(0, t);
         let qkv = a.qkv.rows(0, t);
@@ -458,7 +638,9 @@ impl CudaRunner {
         let x = a.x.rows(0, t);
         let gate_up = a.gate_up.rows(0, t);
         let act = a.act.rows(0, t);
-        gpu.embedding(&residual, &self.embed.r(), &v.ids)?;
+        // Vocabulary-parallel embedding: each rank writes its rows (zeros elsewhere), then a sum.
+        gpu.embedding_shard(&residual, &self.embed.r(), &v.ids, self.shard.rank * self.dims.vocab)?;
+        reduce(&residual)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let prev = if li == 0 { None } else { Some(&x) };
             gpu.add_rmsnorm(&normed, &residual, prev, &layer.input_norm.r(), eps)?;
@@ -478,17 +660,23 @@ impl CudaRunner {
             )?;
             gpu.paged_attention(&attn, &q, &layer.k_cache.r(), &layer.v_cache.r(), &v.tables, &v.query_seq, &v.positions, v.max_context, &a.part_acc.r(), &a.part_ml.r(), scale)?;
             gpu.linear(&x, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
+            reduce(&x)?;
             gpu.add_rmsnorm(&normed, &residual, Some(&x), &layer.post_norm.r(), eps)?;
             gpu.linear(&gate_up, &normed, &layer.gate_up.r())?;
             gpu.silu_mul(&act, &gate_up)?;
             gpu.linear(&x, &act, &layer.down.r())?;
+            reduce(&x)?;
         }
         gpu.add_rmsnorm(&normed, &residual, Some(&x), &self.final_norm.r(), eps)?;
         if v.n_rows > 0 {
             let selected = a.selected.rows(0, v.n_rows);
             gpu.gather_rows(&selected, &normed, &v.rows)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed).r();
-            gpu.linear(&a.logits.rows(0, v.n_rows), &selected, &head)?;
+            let local = a.logits.rows(0, v.n_rows);
+            gpu.linear(&local, &selected, &head)?;
+            if let Some(c) = &self.comm {
+                c.all_gather(&local, &a.gathered.r(), stream)?;
+            }
         }
         Ok(())
     }
@@ -540,14 +728,29 @@ impl CudaRunner {
         // one width, the logits never leave the GPU.
         let widths: Vec<Option<u32>> = (0..n_rows).map(|i| argmax_width.get(i).copied().flatten()).collect();
         let uniform = widths.first().copied().flatten().filter(|w| widths.iter().all(|x| *x == Some(*w)));
+        let (world, vl) = (self.shard.world, self.dims.vocab);
+        // With tp > 1 the gathered logits are [world, rows, vocab / world].
+        let (logits, shards) = if world > 1 {
+            (self.act.gathered.r().reshape(&[world * n_rows, vl]), world)
+        } else {
+            (self.act.logits.rows(0, n_rows), 1)
+        };
         if let Some(w) = uniform {
-            let logits = self.act.logits.rows(0, n_rows);
-            self.gpu.argmax(&self.act.sampled.rows(0, n_rows), &logits, (w as usize).min(vocab))?;
+            self.gpu.argmax_sharded(&self.act.sampled.rows(0, n_rows), &logits, n_rows, shards, (w as usize).min(vocab))?;
             let ids = self.act.sampled.download_u32(&self.gpu, n_rows)?;
             return Ok(ids.into_iter().map(RowOutput::Argmax).collect());
         }
-        let flat = self.act.logits.download_f32(&self.gpu, n_rows * vocab)?;
-        Ok(flat.chunks_exact(vocab).map(|r| RowOutput::Logits(r.to_vec())).collect())
+        let flat = if world > 1 { self.act.gathered.download_f32(&self.gpu, world * n_rows * vl)? } else { self.act.logits.download_f32(&self.gpu, n_rows * vocab)? };
+        Ok((0..n_rows)
+            .map(|r| {
+                let mut row = Vec::with_capacity(vocab);
+                for k in 0..shards {
+                    let at = (k * n_rows + r) * vl;
+                    row.extend_from_slice(&flat[at..at + vl]);
+                }
+                RowOutput::Logits(row)
+            })
+            .collect())
     }
 }
 

@@ -80,10 +80,15 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
 }
 
-fn check(dir: PathBuf) -> Result<bool, String> {
+fn gpus_arg(args: &[String]) -> Vec<usize> {
+    arg(args, "--gpus", "0").split(',').filter_map(|s| s.parse().ok()).collect()
+}
+
+fn check(dir: PathBuf, args: &[String]) -> Result<bool, String> {
     let e = |x: llmd_models::ModelError| x.to_string();
     let mut cpu = load_cpu(&dir, &LoadConfig { kv_cache_bytes: 512 << 20, block_size: 16 }, &mut |_, _| {}).map_err(e)?;
-    let opts = CudaLoadConfig { ordinal: 0, gpu_memory_utilization: 0.5, block_size: 16, max_num_batched_tokens: 2048, max_model_len: 1024 };
+    let gpus = gpus_arg(args);
+    let opts = CudaLoadConfig { gpus: gpus.clone(), gpu_memory_utilization: 0.4, block_size: 16, max_num_batched_tokens: 2048, max_model_len: 1024 };
     let mut gpu = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
     let vocab = cpu.vocab_size;
     println!("model {} ({}), vocab {vocab}, gpu {}", dir.display(), cpu.config.architecture, gpu.runner.device_name());
@@ -101,6 +106,20 @@ fn check(dir: PathBuf) -> Result<bool, String> {
     }
     let cl = cpu.runner.forward(&cb).map_err(e)?;
     let gl = gpu.runner.forward(&gb).map_err(e)?;
+    if gpus.len() > 1 {
+        // Tensor parallel vs one GPU, same bf16 weights: only reduction order differs.
+        let single_opts = CudaLoadConfig { gpus: vec![gpus[0]], ..opts.clone() };
+        let mut single = load_cuda(&dir, &single_opts, &mut |_, _| {}).map_err(e)?;
+        let sl = single.runner.forward(&gb).map_err(e)?;
+        let mut worst_tp = 0f64;
+        for (g, s1) in gl.rows.iter().zip(&sl.rows) {
+            let (err, bad) = rel_err(g, s1);
+            worst_tp = worst_tp.max(err);
+            ok &= !bad;
+        }
+        println!("tp {} vs tp 1 (bf16 both): worst rel err {worst_tp:.2e}", gpus.len());
+        ok &= worst_tp < 1e-2;
+    }
     for (i, (g, c)) in gl.rows.iter().zip(&cl.rows).enumerate() {
         let (err, bad) = rel_err(g, c);
         println!("prefill seq {i} (len {:>3}): rel err {err:.2e}{}  argmax gpu {} cpu {}", prompts[i].len(), if bad { " NON-FINITE" } else { "" }, argmax(g), argmax(c));
@@ -214,7 +233,7 @@ fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
     let gen_len: usize = arg(args, "--gen", "256").parse().map_err(|_| "--gen")?;
     let max_batch = *batches.iter().max().unwrap_or(&1);
     let t0 = Instant::now();
-    let opts = CudaLoadConfig { ordinal: 0, gpu_memory_utilization: 0.9, block_size: 16, max_num_batched_tokens: 8192, max_model_len: prompt + gen_len + 16 };
+    let opts = CudaLoadConfig { gpus: gpus_arg(args), gpu_memory_utilization: 0.9, block_size: 16, max_num_batched_tokens: 8192, max_model_len: prompt + gen_len + 16 };
     let mut m = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
     let load_s = t0.elapsed().as_secs_f64();
     println!("load {load_s:.2} s, {} params, {:.2} GB weights", m.num_params, m.weight_bytes as f64 / 1e9);
@@ -267,13 +286,13 @@ fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: llmd-cuda-check check <model_dir> | bench <model_dir> [--batch 1,8] [--prompt N] [--gen N]";
+    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N]";
     let (Some(cmd), Some(dir)) = (args.get(1), args.get(2)) else {
         eprintln!("{usage}");
         std::process::exit(2);
     };
     let result = match cmd.as_str() {
-        "check" => check(PathBuf::from(dir)).map(|ok| if ok { 0 } else { 1 }),
+        "check" => check(PathBuf::from(dir), &args).map(|ok| if ok { 0 } else { 1 }),
         "bench" => bench(PathBuf::from(dir), &args).map(|_| 0),
         _ => {
             eprintln!("{usage}");

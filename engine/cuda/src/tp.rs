@@ -1,0 +1,244 @@
+//! Tensor parallelism on one host: one thread per GPU, each owning one rank's
+//! [`CudaRunner`](crate::runner::CudaRunner) with its NCCL communicator, driven in lockstep by
+//! [`TpRunner`], which the serving core sees as a single [`ModelRunner`].
+//!
+//! Every step is sent to all ranks; each runs the same forward (decode steps as CUDA graphs
+//! with the NCCL calls captured inside) and rank 0's output is returned. All ranks hold the same
+//! number of KV blocks, the minimum their free memory allows, so one block manager serves all.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use llmd_models::ModelError;
+use llmd_models::config::ModelConfig;
+use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, StepLogits};
+
+use crate::error::CudaError;
+use crate::runner::{CudaLoadConfig, Shard, load_rank};
+
+enum Job {
+    AllocKv(usize),
+    Forward(Arc<ForwardBatch>, Arc<Vec<Option<u32>>>),
+    CopyBlock(u32, u32),
+}
+
+enum Reply {
+    Progress(usize, usize),
+    Loaded(Result<Loaded, String>),
+    Done(Result<(), String>),
+    Rows(Result<Vec<RowOutput>, String>),
+}
+
+struct Loaded {
+    possible_blocks: usize,
+    weight_bytes: u64,
+    num_params: u64,
+    layout: KvCacheLayout,
+}
+
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+    replies: mpsc::Receiver<Reply>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A model split over several GPUs of this host.
+pub struct TpRunner {
+    workers: Vec<Worker>,
+    gpus: Vec<usize>,
+    layout: KvCacheLayout,
+    weight_bytes: u64,
+    num_params: u64,
+}
+
+impl std::fmt::Debug for TpRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpRunner").field("gpus", &self.gpus).field("layout", &self.layout).finish()
+    }
+}
+
+fn failed(rank: usize, e: impl std::fmt::Display) -> CudaError {
+    CudaError::Shape(format!("tensor-parallel rank {rank}: {e}"))
+}
+
+impl TpRunner {
+    /// Loads one rank per entry of `gpus` (distinct CUDA device numbers), in parallel.
+    /// Progress is reported from rank 0. Any rank failing fails the load and frees every GPU.
+    pub fn load(dir: &Path, cfg: &ModelConfig, opts: &CudaLoadConfig, gpus: &[usize], progress: &mut dyn FnMut(usize, usize)) -> Result<TpRunner, ModelError> {
+        let world = gpus.len();
+        let mut seen = gpus.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != world {
+            return Err(CudaError::Unsupported(format!("GPU list {gpus:?} repeats a GPU")).into());
+        }
+        let id = crate::nccl::unique_id().map_err(|e| CudaError::Unsupported(format!("tensor parallelism needs NCCL: {e}")))?;
+        let mut workers = Vec::with_capacity(world);
+        for (rank, &ordinal) in gpus.iter().enumerate() {
+            let (jobs, job_rx) = mpsc::channel::<Job>();
+            let (reply_tx, replies) = mpsc::channel::<Reply>();
+            let (dir, cfg, opts) = (dir.to_path_buf(), cfg.clone(), opts.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("llmd-tp{rank}"))
+                .spawn(move || worker(rank, world, ordinal, id, &dir, &cfg, &opts, job_rx, reply_tx))
+                .map_err(|e| failed(rank, e))?;
+            workers.push(Worker { jobs, replies, thread: Some(thread) });
+        }
+        // Dropping `workers` on any error below ends every thread and frees its GPU.
+        let mut loaded = Vec::with_capacity(world);
+        for (rank, w) in workers.iter().enumerate() {
+            loop {
+                match w.replies.recv().map_err(|_| failed(rank, "worker thread exited"))? {
+                    Reply::Progress(done, total) => progress(done, total),
+                    Reply::Loaded(r) => {
+                        loaded.push(r.map_err(|e| failed(rank, e))?);
+                        break;
+                    }
+                    _ => return Err(failed(rank, "unexpected reply while loading").into()),
+                }
+            }
+        }
+        let blocks = loaded.iter().map(|l| l.possible_blocks).min().unwrap_or(0);
+        for w in &workers {
+            w.jobs.send(Job::AllocKv(blocks)).map_err(|_| failed(0, "worker thread exited"))?;
+        }
+        for (rank, w) in workers.iter().enumerate() {
+            match w.replies.recv() {
+                Ok(Reply::Done(r)) => r.map_err(|e| failed(rank, e))?,
+                _ => return Err(failed(rank, "no answer to the KV allocation").into()),
+            }
+        }
+        let mut layout = loaded[0].layout;
+        layout.num_blocks = blocks;
+        Ok(TpRunner {
+            workers,
+            gpus: gpus.to_vec(),
+            layout,
+            weight_bytes: loaded.iter().map(|l| l.weight_bytes).sum(),
+            num_params: loaded[0].num_params,
+        })
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    pub fn num_params(&self) -> u64 {
+        self.num_params
+    }
+
+    /// Sends `job` to every rank and returns rank 0's reply after all answered.
+    fn all(&mut self, job: impl Fn() -> Job) -> Result<Reply, ModelError> {
+        for (rank, w) in self.workers.iter().enumerate() {
+            w.jobs.send(job()).map_err(|_| failed(rank, "worker thread exited"))?;
+        }
+        let mut first = None;
+        let mut error = None;
+        for (rank, w) in self.workers.iter().enumerate() {
+            let reply = w.replies.recv().map_err(|_| failed(rank, "worker thread exited"))?;
+            let err = match &reply {
+                Reply::Done(Err(e)) | Reply::Rows(Err(e)) => Some(failed(rank, e)),
+                _ => None,
+            };
+            if error.is_none() {
+                error = err;
+            }
+            if rank == 0 {
+                first = Some(reply);
+            }
+        }
+        if let Some(e) = error {
+            return Err(e.into());
+        }
+        first.ok_or_else(|| ModelError::Backend("no tensor-parallel ranks".into()))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    rank: usize,
+    world: usize,
+    ordinal: usize,
+    id: crate::nccl::UniqueId,
+    dir: &Path,
+    cfg: &ModelConfig,
+    opts: &CudaLoadConfig,
+    jobs: mpsc::Receiver<Job>,
+    replies: mpsc::Sender<Reply>,
+) {
+    let mut report = |done: usize, total: usize| {
+        if rank == 0 {
+            let _ = replies.send(Reply::Progress(done, total));
+        }
+    };
+    let shard = Shard { rank, world };
+    let mut runner = match load_rank(dir, cfg, opts, ordinal, shard, Some(id), &mut report) {
+        Ok((r, possible)) => {
+            let info = Loaded { possible_blocks: possible, weight_bytes: r.weight_bytes(), num_params: r.num_params(), layout: r.kv_layout() };
+            let _ = replies.send(Reply::Loaded(Ok(info)));
+            r
+        }
+        Err(e) => {
+            let _ = replies.send(Reply::Loaded(Err(e.to_string())));
+            return;
+        }
+    };
+    while let Ok(job) = jobs.recv() {
+        let reply = match job {
+            Job::AllocKv(n) => Reply::Done(runner.alloc_kv(n).map_err(|e| e.to_string())),
+            Job::Forward(batch, widths) => Reply::Rows(runner.forward_argmax(&batch, &widths).map_err(|e| e.to_string())),
+            Job::CopyBlock(s, d) => Reply::Done(runner.copy_block(s, d).map_err(|e| e.to_string())),
+        };
+        if replies.send(reply).is_err() {
+            break;
+        }
+    }
+}
+
+impl ModelRunner for TpRunner {
+    fn kv_layout(&self) -> KvCacheLayout {
+        self.layout
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, ModelError> {
+        let rows = self.forward_argmax(batch, &[])?;
+        let vocab_size = rows.iter().find_map(|r| if let RowOutput::Logits(l) = r { Some(l.len()) } else { None }).unwrap_or(0);
+        let rows = rows
+            .into_iter()
+            .map(|r| match r {
+                RowOutput::Logits(l) => Ok(l),
+                RowOutput::Argmax(_) => Err(ModelError::Backend("argmax row without an argmax request".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(StepLogits { vocab_size, rows })
+    }
+
+    fn forward_argmax(&mut self, batch: &ForwardBatch, argmax_width: &[Option<u32>]) -> Result<Vec<RowOutput>, ModelError> {
+        let (batch, widths) = (Arc::new(batch.clone()), Arc::new(argmax_width.to_vec()));
+        match self.all(|| Job::Forward(batch.clone(), widths.clone()))? {
+            Reply::Rows(Ok(rows)) => Ok(rows),
+            _ => Err(ModelError::Backend("tensor-parallel rank 0 gave no rows".into())),
+        }
+    }
+
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), ModelError> {
+        self.all(|| Job::CopyBlock(src, dst)).map(|_| ())
+    }
+
+    fn device_name(&self) -> String {
+        format!("cuda:{}", self.gpus.iter().map(usize::to_string).collect::<Vec<_>>().join(","))
+    }
+}
+
+impl Drop for TpRunner {
+    fn drop(&mut self) {
+        // Closing the job channels ends the threads; join so every GPU is freed on return.
+        let threads: Vec<_> = self.workers.iter_mut().filter_map(|w| w.thread.take()).collect();
+        self.workers.clear();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
