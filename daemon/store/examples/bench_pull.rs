@@ -24,6 +24,8 @@ struct Args {
     rounds: usize,
     dir: PathBuf,
     out: PathBuf,
+    /// Print the progress timeline of each pull.
+    verbose: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -32,9 +34,14 @@ fn parse_args() -> Result<Args, String> {
         rounds: 2,
         dir: std::env::temp_dir(),
         out: PathBuf::from("bench/results/2026-11-21-cpu-pull.md"),
+        verbose: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--verbose" {
+            a.verbose = true;
+            continue;
+        }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
         match k.as_str() {
             "--size-gib" => a.size_gib = v.parse().map_err(|e| format!("--size-gib: {e}"))?,
@@ -71,9 +78,10 @@ fn make_file(path: &std::path::Path, len: u64) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-fn curl(url: &str) -> Result<f64, String> {
+/// Seconds `curl` takes to fetch `url` into `dest` (`/dev/null` for the reference number).
+fn curl(url: &str, dest: &str) -> Result<f64, String> {
     let out = std::process::Command::new("curl")
-        .args(["-s", "-S", "-f", "-o", "/dev/null", "-w", "%{time_total} %{size_download}", url])
+        .args(["-s", "-S", "-f", "-o", dest, "-w", "%{time_total} %{size_download}", url])
         .output()
         .map_err(|e| format!("cannot run curl: {e}"))?;
     if !out.status.success() {
@@ -120,26 +128,50 @@ async fn run(args: &Args, len: u64, work: &std::path::Path) -> Result<(), String
     );
     let url = format!("{}/lfs/bench/model/model.safetensors", hub.lfs_url);
     // Warm the page cache so the first measurement is not a cold disk read.
-    let _ = curl(&url)?;
+    let _ = curl(&url, "/dev/null")?;
     let mut curl_s = Vec::new();
     let mut pull_s = Vec::new();
+    let mut curl_disk_s = Vec::new();
     for round in 0..args.rounds {
         let t = tokio::task::spawn_blocking({
             let url = url.clone();
-            move || curl(&url)
+            move || curl(&url, "/dev/null")
         })
         .await
         .map_err(|e| e.to_string())??;
         curl_s.push(t);
         eprintln!("round {round}: curl {:.2} GB/s", gbps(len, t));
+        // For context: curl writing the file to the same disk, without hashing.
+        let disk_copy = work.join("curl-copy");
+        let t = tokio::task::spawn_blocking({
+            let (url, dest) = (url.clone(), disk_copy.to_string_lossy().into_owned());
+            move || curl(&url, &dest)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let _ = std::fs::remove_file(&disk_copy);
+        curl_disk_s.push(t);
+        eprintln!("round {round}: curl to disk {:.2} GB/s", gbps(len, t));
 
         let models = work.join(format!("models-{round}"));
         let mut cfg = StoreConfig::new(&models);
         cfg.hf_endpoint = hub.url.clone();
         let store = Store::new(cfg).map_err(|e| e.to_string())?;
         let start = Instant::now();
+        let verbose = args.verbose;
         let m = store
-            .pull(&PullParams { source: "hf:bench/model".into(), ..Default::default() }, |_| {})
+            .pull(&PullParams { source: "hf:bench/model".into(), ..Default::default() }, move |p| {
+                // One line a second: where the time goes (steady rate vs. stalls, the final fsync).
+                if verbose {
+                    eprintln!(
+                        "  {:6.2}s {} {} bytes, {:.2} GB/s",
+                        start.elapsed().as_secs_f64(),
+                        p.phase,
+                        p.done,
+                        p.rate / 1e9
+                    );
+                }
+            })
             .await
             .map_err(|e| e.to_string())?;
         let t = start.elapsed().as_secs_f64();
@@ -147,6 +179,17 @@ async fn run(args: &Args, len: u64, work: &std::path::Path) -> Result<(), String
         eprintln!("round {round}: llmd-store pull {:.2} GB/s", gbps(m.size_bytes, t));
         let _ = std::fs::remove_dir_all(&models);
     }
+    // Single-stream SHA-256 speed of this CPU: the ceiling for verifying one file.
+    let sha_gbps = {
+        let buf = vec![0x5au8; 1 << 20];
+        let start = Instant::now();
+        let mut h = sha2::Sha256::new();
+        for _ in 0..1024 {
+            h.update(&buf);
+        }
+        let _ = h.finalize();
+        gbps(1 << 30, start.elapsed().as_secs_f64())
+    };
     let best_curl = curl_s.iter().cloned().fold(f64::INFINITY, f64::min);
     let best_pull = pull_s.iter().cloned().fold(f64::INFINITY, f64::min);
     let ratio = best_curl / best_pull;
@@ -171,12 +214,25 @@ async fn run(args: &Args, len: u64, work: &std::path::Path) -> Result<(), String
         "- curl: `curl -o /dev/null` on the LFS URL (no hashing, no disk writes).\n\
          - llmd-store: `Store::pull(\"hf:bench/model\")` end to end: revision + tree API, the `resolve` redirect, \
          streaming into `blobs/<sha256>.incomplete`, SHA-256 of every byte, `fsync`, rename, snapshot symlink.\n\
+         - curl -o file: the same download written to a file next to the cache (context only: no hashing, no fsync).\n\
          - Rounds alternate curl and pull; the ratio uses the best round of each.\n\n",
     );
-    md.push_str("| round | curl (s) | curl (GB/s) | llmd-store (s) | llmd-store (GB/s) |\n|---|---|---|---|---|\n");
-    for (i, (c, p)) in curl_s.iter().zip(&pull_s).enumerate() {
-        md.push_str(&format!("| {i} | {c:.2} | {:.2} | {p:.2} | {:.2} |\n", gbps(len, *c), gbps(len, *p)));
+    md.push_str(
+        "| round | curl -o /dev/null (s) | GB/s | curl -o file (s) | GB/s | llmd-store pull (s) | GB/s |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for (i, ((c, d), p)) in curl_s.iter().zip(&curl_disk_s).zip(&pull_s).enumerate() {
+        md.push_str(&format!(
+            "| {i} | {c:.2} | {:.2} | {d:.2} | {:.2} | {p:.2} | {:.2} |\n",
+            gbps(len, *c),
+            gbps(len, *d),
+            gbps(len, *p)
+        ));
     }
+    md.push_str(&format!(
+        "\nSHA-256 on one core of this CPU (sha2 crate, 1 GiB in memory): {sha_gbps:.2} GB/s, the ceiling for \
+         verifying a single file.\n"
+    ));
     md.push_str(&format!(
         "\n**Best: curl {:.2} GB/s, llmd-store {:.2} GB/s, ratio {:.0}%** (target ≥ 70%: {}).\n\n\
          Reproduce: `bench/pull/run.sh` (release build; the file is created under {} and deleted afterwards).\n",

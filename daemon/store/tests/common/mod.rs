@@ -456,18 +456,18 @@ fn async_stream(
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let len = content.len();
         let mut pos = start;
-        let (mut file, chunk) = match &content {
+        // Disk files are mapped, so chunks are zero-copy slices of the page cache (like a
+        // static server's sendfile); the benchmark then measures the client, not the server.
+        let (data, chunk) = match &content {
+            Content::Mem(b) => (b.clone(), CHUNK as u64),
             Content::Disk { path, .. } => {
-                let Ok(mut f) = tokio::fs::File::open(path).await else { return };
-                if f.seek(std::io::SeekFrom::Start(pos)).await.is_err() {
-                    return;
-                }
-                (Some(f), 1u64 << 20)
+                let Ok(file) = std::fs::File::open(path) else { return };
+                // SAFETY: the benchmark owns the file and does not modify it while serving.
+                let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else { return };
+                (Bytes::from_owner(map), 1u64 << 20)
             }
-            Content::Mem(_) => (None, CHUNK as u64),
         };
         while pos < len {
             if drop_after.is_some_and(|limit| pos >= limit) {
@@ -481,18 +481,7 @@ fn async_stream(
             if let Some(limit) = drop_after.filter(|&l| l > pos) {
                 end = end.min(limit);
             }
-            let mut bytes = match (&content, file.as_mut()) {
-                (Content::Mem(b), _) => b.slice(pos as usize..end as usize),
-                (Content::Disk { .. }, Some(f)) => {
-                    let mut buf = vec![0u8; (end - pos) as usize];
-                    if f.read_exact(&mut buf).await.is_err() {
-                        let _ = tx.send(Err(std::io::Error::other("read failed"))).await;
-                        return;
-                    }
-                    Bytes::from(buf)
-                }
-                (Content::Disk { .. }, None) => return,
-            };
+            let mut bytes = data.slice(pos as usize..end as usize);
             let mid = len / 2;
             if corrupt && pos <= mid && mid < end {
                 let mut v = bytes.to_vec();
