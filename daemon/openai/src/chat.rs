@@ -324,10 +324,10 @@ pub(crate) async fn chat_completions(state: &ApiState, req: ChatCompletionReques
         render_prompt(&model, &req.messages, tools.as_ref(), add_generation_prompt, req.chat_template_kwargs.as_ref())?;
     if continue_final {
         // Let the model continue the last assistant message: cut the template's end-of-turn.
-        if let Some(Some(MessageContent::Text(last))) = req.messages.last().map(|m| m.content.clone()) {
-            if let Some(at) = prompt.rfind(&last) {
-                prompt.truncate(at + last.len());
-            }
+        if let Some(Some(MessageContent::Text(last))) = req.messages.last().map(|m| m.content.clone())
+            && let Some(at) = prompt.rfind(&last)
+        {
+            prompt.truncate(at + last.len());
         }
     }
     let backend = &model.backend;

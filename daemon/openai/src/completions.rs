@@ -248,10 +248,10 @@ pub(crate) async fn completions(state: &ApiState, req: CompletionRequest) -> Res
     if let Some(s) = req.suffix.as_ref().filter(|s| !s.is_empty()) {
         return Err(ApiError::param("suffix", format!("`suffix` is not supported (got {} characters)", s.len())));
     }
-    if let Some(b) = req.best_of {
-        if Some(b) != req.n && !(b == 1 && req.n.is_none()) {
-            return Err(ApiError::param("best_of", "`best_of` other than `n` is not supported"));
-        }
+    if let Some(b) = req.best_of
+        && b != req.n.unwrap_or(1)
+    {
+        return Err(ApiError::param("best_of", "`best_of` other than `n` is not supported"));
     }
     let echo = req.echo.unwrap_or(false);
     if echo && req.logprobs.is_some() {

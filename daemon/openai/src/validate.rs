@@ -256,10 +256,10 @@ pub fn normalize_messages(messages: &[ChatMessage]) -> Result<Value, ApiError> {
                 .iter()
                 .map(|c| {
                     let mut c = c.clone();
-                    if let Some(args) = c.pointer("/function/arguments").and_then(Value::as_str) {
-                        if let Ok(parsed) = serde_json::from_str::<Value>(args) {
-                            c["function"]["arguments"] = parsed;
-                        }
+                    if let Some(args) = c.pointer("/function/arguments").and_then(Value::as_str)
+                        && let Ok(parsed) = serde_json::from_str::<Value>(args)
+                    {
+                        c["function"]["arguments"] = parsed;
                     }
                     c
                 })

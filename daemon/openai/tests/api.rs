@@ -36,7 +36,7 @@ fn user(text: &str) -> Value {
 async fn models_list_shape() {
     let (base, _) = one_model("hi", None).await;
     let v: Value = reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap();
-    insta::assert_json_snapshot!(v);
+    insta::with_settings!({sort_maps => true}, { insta::assert_json_snapshot!(v); });
 }
 
 #[tokio::test]
@@ -45,7 +45,7 @@ async fn chat_non_streaming_shape() {
     let (status, v) =
         post(&base, "/v1/chat/completions", json!({"model": "tiny", "messages": user("hi"), "max_tokens": 50})).await;
     assert_eq!(status, 200);
-    insta::assert_json_snapshot!(redact(v));
+    insta::with_settings!({sort_maps => true}, { insta::assert_json_snapshot!(redact(v)); });
     assert_eq!(b.last_prompt.lock().as_deref(), Some("<|user|>hi\n<|assistant|>"));
 }
 
@@ -99,7 +99,7 @@ async fn chat_streaming_sends_role_first_finish_last_usage_and_done() {
         post_sse(&base, "/v1/chat/completions", json!({"model": "tiny", "messages": user("hi"), "stream": true})).await;
     let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
     assert!(chunks.iter().all(|c| c.get("usage").is_none() && !c["choices"].as_array().unwrap().is_empty()));
-    insta::assert_json_snapshot!("chat_stream_chunks", chunks.into_iter().map(redact).collect::<Vec<_>>());
+    insta::with_settings!({sort_maps => true}, { insta::assert_json_snapshot!("chat_stream_chunks", chunks.into_iter().map(redact).collect::<Vec<_>>()); });
 }
 
 #[tokio::test]
@@ -108,7 +108,7 @@ async fn chat_n_and_logprobs() {
     let body = json!({"model": "tiny", "messages": user("x"), "n": 2, "logprobs": true, "top_logprobs": 2});
     let (status, v) = post(&base, "/v1/chat/completions", body).await;
     assert_eq!(status, 200);
-    insta::assert_json_snapshot!(redact(v));
+    insta::with_settings!({sort_maps => true}, { insta::assert_json_snapshot!(redact(v)); });
 }
 
 #[tokio::test]
@@ -157,7 +157,7 @@ async fn tool_calls_come_back_with_ids_and_finish_reason() {
     assert!(choice["message"]["content"].is_null());
     let call = &choice["message"]["tool_calls"][0];
     assert!(call["id"].as_str().unwrap().starts_with("call_"));
-    insta::assert_json_snapshot!(redact(v.clone()));
+    insta::with_settings!({sort_maps => true}, { insta::assert_json_snapshot!(redact(v.clone())); });
     // Streaming: one delta carries the call with its index.
     let (_, data) = post_sse(
         &base,
@@ -195,7 +195,7 @@ async fn completions_in_every_prompt_form() {
     let (base, b) = one_model("xyz", None).await;
     let (status, v) = post(&base, "/v1/completions", json!({"model": "tiny", "prompt": "abc", "max_tokens": 5})).await;
     assert_eq!(status, 200);
-    insta::assert_json_snapshot!("completion_string", redact(v));
+    insta::with_settings!({sort_maps => true}, { insta::assert_json_snapshot!("completion_string", redact(v)); });
     assert_eq!(b.last_request.lock().as_ref().unwrap().prompt_tokens, vec![97, 98, 99]);
 
     let (_, v) = post(&base, "/v1/completions", json!({"model": "tiny", "prompt": ["a", "b"], "n": 2})).await;
@@ -302,7 +302,7 @@ async fn invalid_parameters_are_400_naming_them() {
     assert!(msg.contains("250") && msg.contains("256") && msg.contains("24"), "{msg}");
     let v =
         expect_error(&base, chat, m(json!({"max_completion_tokens": 250})), 400, Some("max_completion_tokens")).await;
-    insta::assert_json_snapshot!("error_prompt_too_long", v);
+    insta::with_settings!({sort_maps => true}, { insta::assert_json_snapshot!("error_prompt_too_long", v); });
     expect_error(&base, chat, json!({"messages": user("x")}), 400, Some("model")).await;
     expect_error(&base, "/v1/completions", json!({"model": "tiny", "prompt": []}), 400, Some("prompt")).await;
     expect_error(&base, "/v1/completions", json!({"model": "tiny", "prompt": [300]}), 400, Some("prompt")).await;

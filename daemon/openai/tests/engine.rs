@@ -111,7 +111,7 @@ async fn chat_streaming_and_non_streaming_agree() {
     let (_, tok) = post(&base, "/tokenize", json!({"model": "qwen3", "messages": messages})).await;
     assert_eq!(v["usage"]["prompt_tokens"], tok["count"], "prompt = rendered template");
     let n_out = v["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(n_out >= 1 && n_out <= 12);
+    assert!((1..=12).contains(&n_out));
 
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
@@ -209,6 +209,6 @@ async fn metrics_count_engine_tokens() {
     };
     assert!(value("llmd:generation_tokens_total{model_name=\"qwen3\"}") >= 3.0);
     assert!(value("llmd:prompt_tokens_total{model_name=\"qwen3\"}") >= 1.0);
-    assert!(value("llmd:prefix_cache_queries_total{model_name=\"qwen3\"}") >= 0.0);
-    assert_eq!(value("llmd:request_success_total{model_name=\"qwen3\",finished_reason=\"length\"}") >= 1.0, true);
+    assert!(value("llmd:prefix_cache_queries_total{model_name=\"qwen3\"}") >= 1.0);
+    assert!(value("llmd:request_success_total{model_name=\"qwen3\",finished_reason=\"length\"}") >= 1.0);
 }
