@@ -129,3 +129,37 @@ async fn pull_list_load_rm_through_llmctl() {
     assert_ne!(code, 0, "{err}");
     assert_eq!(list(&daemon).await.len(), 1);
 }
+
+/// A pull over D-Bus: the reply names the stored model and download progress arrives as
+/// `Progress` signals on the bus.
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_over_dbus_emits_progress_signals() {
+    use futures::StreamExt;
+
+    let hub = FakeHub::start().await;
+    hub.add_hf("org/tiny", qwen2_repo(3));
+    let bus = llmd_e2e::TestBus::start();
+    let daemon = Daemon::start_with(DaemonOptions {
+        dbus: "session".into(),
+        env: vec![("DBUS_SESSION_BUS_ADDRESS".into(), bus.address.clone()), ("HF_ENDPOINT".into(), hub.url.clone())],
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    let proxy = llmd_proto::dbus::ManagerProxy::new(&conn).await.unwrap();
+    let mut signals = proxy.receive_progress().await.unwrap();
+
+    let reply = proxy.pull("hf:org/tiny", "{}").await.unwrap_or_else(|e| panic!("{e}; log:\n{}", daemon.log_text()));
+    let stored: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(stored["id"], "hf:org/tiny");
+    assert_eq!(stored["architecture"], "Qwen2ForCausalLM");
+
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), signals.next())
+        .await
+        .expect("no Progress signal within 5 s")
+        .expect("signal stream ended");
+    let args = first.args().unwrap();
+    assert!(args.operation().starts_with("pull-"), "{}", args.operation());
+    let p: llmd_proto::Progress = serde_json::from_str(args.progress_json()).unwrap();
+    assert_eq!(&p.operation, args.operation());
+    assert!(p.model.contains("org/tiny"), "{p:?}");
+}
