@@ -162,44 +162,48 @@ impl EngineLoader {
     /// estimate and the free memory when it cannot fit. Without GPU telemetry (no NVML) the
     /// load goes ahead and the engine reports what it finds.
     fn place(&self, request: &LoadRequest) -> Result<Vec<u32>, ControlError> {
-        let name = &request.served_name;
-        if let Some(gpus) = request.params.gpus.as_deref()
-            && gpus != [0]
-        {
-            return Err(ControlError::new(
-                ErrorCode::InvalidArgument,
-                format!("cannot load `{name}` on `gpus` = {gpus:?}: this engine runs one model on GPU 0 (tp 1)"),
-            ));
-        }
-        let report = self.telemetry.report();
-        if let Some(reason) = &report.unavailable {
-            tracing::warn!(model = %name, "no GPU memory check before loading: {reason}");
-            return Ok(vec![0]);
-        }
-        let cfg = llmd_models::ModelConfig::from_dir(&request.path)
-            .map_err(|e| ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {e}")))?;
-        let weights = weight_bytes(&request.path).map_err(|e| {
-            ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {}: {e}", request.path.display()))
-        })?;
-        let max_model_len =
-            request.params.max_model_len.unwrap_or(u32::try_from(cfg.max_position_embeddings).unwrap_or(u32::MAX));
-        let tp = request.params.tp.unwrap_or(1);
-        let estimate = llmd_telemetry::estimate_memory(
-            weights,
-            u32::try_from(cfg.num_hidden_layers).unwrap_or(u32::MAX),
-            u32::try_from(cfg.num_key_value_heads).unwrap_or(u32::MAX),
-            u32::try_from(cfg.head_dim).unwrap_or(u32::MAX),
-            kv_dtype_bytes(request.params.dtype.as_deref()),
-            max_model_len,
-            tp,
-        );
-        // The CUDA engine runs on the first GPU in PCI bus order (CUDA_DEVICE_ORDER=PCI_BUS_ID,
-        // the order NVML numbers them in), so that is the GPU that must fit it.
-        let placed = llmd_telemetry::place_estimate(&report, Some(&[0]), &estimate)
-            .map_err(|e| ControlError::new(ErrorCode::InsufficientResources, format!("cannot load `{name}`: {e}")))?;
-        tracing::info!(model = %name, gpus = ?placed, need = %estimate, "placement checked");
-        Ok(placed)
+        place_on(&self.telemetry.report(), request)
     }
+}
+
+/// [`EngineLoader::place`] against a given GPU report.
+fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result<Vec<u32>, ControlError> {
+    let name = &request.served_name;
+    if let Some(gpus) = request.params.gpus.as_deref()
+        && gpus != [0]
+    {
+        return Err(ControlError::new(
+            ErrorCode::InvalidArgument,
+            format!("cannot load `{name}` on `gpus` = {gpus:?}: this engine runs one model on GPU 0 (tp 1)"),
+        ));
+    }
+    if let Some(reason) = &report.unavailable {
+        tracing::warn!(model = %name, "no GPU memory check before loading: {reason}");
+        return Ok(vec![0]);
+    }
+    let cfg = llmd_models::ModelConfig::from_dir(&request.path)
+        .map_err(|e| ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {e}")))?;
+    let weights = weight_bytes(&request.path).map_err(|e| {
+        ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {}: {e}", request.path.display()))
+    })?;
+    let max_model_len =
+        request.params.max_model_len.unwrap_or(u32::try_from(cfg.max_position_embeddings).unwrap_or(u32::MAX));
+    let tp = request.params.tp.unwrap_or(1);
+    let estimate = llmd_telemetry::estimate_memory(
+        weights,
+        u32::try_from(cfg.num_hidden_layers).unwrap_or(u32::MAX),
+        u32::try_from(cfg.num_key_value_heads).unwrap_or(u32::MAX),
+        u32::try_from(cfg.head_dim).unwrap_or(u32::MAX),
+        kv_dtype_bytes(request.params.dtype.as_deref()),
+        max_model_len,
+        tp,
+    );
+    // The CUDA engine runs on the first GPU in PCI bus order (CUDA_DEVICE_ORDER=PCI_BUS_ID,
+    // the order NVML numbers them in), so that is the GPU that must fit it.
+    let placed = llmd_telemetry::place_estimate(report, Some(&[0]), &estimate)
+        .map_err(|e| ControlError::new(ErrorCode::InsufficientResources, format!("cannot load `{name}`: {e}")))?;
+    tracing::info!(model = %name, gpus = ?placed, need = %estimate, "placement checked");
+    Ok(placed)
 }
 
 /// One engine as the model manager sees it.
@@ -243,5 +247,62 @@ impl LoadedModel for EngineModel {
         // Unpublish first so the HTTP API stops routing new requests here.
         self.registry.write().unwrap_or_else(|e| e.into_inner()).remove(&self.handle.info().served_name);
         self.handle.shutdown(drain);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmd_proto::{GpuInfo, GpuReport, LoadParams};
+
+    fn request(params: LoadParams) -> LoadRequest {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/qwen2");
+        LoadRequest {
+            params,
+            served_name: "tiny".into(),
+            path,
+            engine: crate::config::EngineConfig::default(),
+            reasoning_parser: None,
+        }
+    }
+
+    fn one_gpu(free: u64) -> GpuReport {
+        GpuReport {
+            gpus: vec![GpuInfo {
+                index: 0,
+                name: "Test GPU".into(),
+                memory_free_bytes: free,
+                memory_total_bytes: free,
+                ..GpuInfo::default()
+            }],
+            ..GpuReport::default()
+        }
+    }
+
+    #[test]
+    fn placement_refuses_with_the_numbers_and_accepts_what_fits() {
+        let params = LoadParams { max_model_len: Some(64), ..Default::default() };
+        let e = place_on(&one_gpu(100 << 20), &request(params.clone())).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientResources);
+        assert!(e.message.contains("cannot load `tiny`") && e.message.contains("GiB"), "{}", e.message);
+        assert!(e.message.contains("max_model_len 64"), "{}", e.message);
+        assert_eq!(place_on(&one_gpu(8 << 30), &request(params)).unwrap(), [0]);
+    }
+
+    #[test]
+    fn placement_without_telemetry_goes_ahead_and_other_gpus_are_refused() {
+        let none = GpuReport { unavailable: Some("no driver".into()), ..GpuReport::default() };
+        assert_eq!(place_on(&none, &request(LoadParams::default())).unwrap(), [0]);
+        let e = place_on(&one_gpu(8 << 30), &request(LoadParams { gpus: Some(vec![1]), ..Default::default() }))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("`gpus` = [1]"), "{}", e.message);
+    }
+
+    #[test]
+    fn kv_bytes_follow_the_dtype() {
+        assert_eq!(kv_dtype_bytes(Some("float32")), 4);
+        assert_eq!(kv_dtype_bytes(Some("bfloat16")), 2);
+        assert_eq!(kv_dtype_bytes(None), 2);
     }
 }
