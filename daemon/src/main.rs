@@ -1,32 +1,18 @@
 //! `llmd`: the LLM inference server daemon. See `llmd --help` and docs/config.md.
 
-use std::path::PathBuf;
+mod cli;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use cli::Cli;
 use llmd_daemon::config::{ConfigSource, Settings};
 use llmd_daemon::engine::EngineLoader;
 use llmd_daemon::env::Env;
 use llmd_daemon::{EX_CONFIG, daemon, logging};
 use llmd_telemetry::Telemetry;
-
-/// LLM inference server: serves models over the OpenAI HTTP API, managed with llmctl.
-#[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
-struct Cli {
-    /// Config file (default /etc/llmd/llmd.toml; env LLMD_CONFIG). Unset keys keep their defaults.
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// Run as an ordinary user: no config file needed, socket under $XDG_RUNTIME_DIR/llmd/,
-    /// models under ~/.local/share/llmd, HTTP on 127.0.0.1:8000, D-Bus on the session bus.
-    #[arg(long)]
-    dev: bool,
-    /// Print the effective configuration as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
-}
 
 fn main() -> ExitCode {
     llmd_daemon::env::set_process_defaults();
