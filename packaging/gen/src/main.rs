@@ -1,11 +1,12 @@
-//! `llmd-packaging-gen OUT_DIR`: writes the man pages and shell completions of `llmctl` from
-//! its clap definition, so that what `--help` says and what `man` says cannot drift apart.
+//! `llmd-packaging-gen OUT_DIR`: writes the man pages and shell completions of `llmd` and
+//! `llmctl` from their clap definitions, so that what `--help` says and what `man` says cannot
+//! drift apart.
 //!
-//! The definition is compiled in from the binary's own source file by `#[path]` (not copied),
-//! which is why that file may depend only on clap and std.
+//! The definitions are compiled in from the binaries' own source files by `#[path]` (not
+//! copied), which is why those files may depend only on clap and std.
 //!
-//! Layout written under OUT_DIR (the Debian package installs it as is, see build-deb.sh):
-//! `man/llmctl.1` plus one page per subcommand (`llmctl-load.1`, ...), and
+//! Layout written under OUT_DIR (packaging/build-deb.sh installs it): `man/llmd.8`,
+//! `man/llmctl.1` plus one page per llmctl subcommand (`llmctl-load.1`, ...), and
 //! `completions/{bash,zsh,fish}/...` under the names each shell's loader looks for.
 
 use std::fs;
@@ -14,6 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::CommandFactory;
 use clap_complete::Shell;
+
+#[path = "../../../daemon/src/cli.rs"]
+#[allow(dead_code)] // the generator reads the definition only; the parsed fields are llmd's business
+mod llmd_cli;
 
 #[path = "../../../ctl/src/cli.rs"]
 #[allow(dead_code)] // the generator reads the definition only; the parsed fields are llmctl's business
@@ -31,6 +36,16 @@ fn completion_file(shell: Shell, bin: &str) -> PathBuf {
 
 const SHELLS: [Shell; 3] = [Shell::Bash, Shell::Zsh, Shell::Fish];
 
+/// `llmd`'s command. Its definition takes name and version from the crate that compiles it
+/// (`llmd`); here that crate is this one, so the name is set explicitly (the version is the
+/// same workspace version).
+fn llmd_command() -> clap::Command {
+    let mut cmd = llmd_cli::Cli::command().name("llmd").bin_name("llmd");
+    cmd.build();
+    cmd.clone().debug_assert();
+    cmd
+}
+
 /// `llmctl`'s command, checked by clap's own consistency assertions.
 fn llmctl_command() -> clap::Command {
     let mut cmd = llmctl_cli::Cli::command();
@@ -45,7 +60,10 @@ fn write_man_pages(cmd: &clap::Command, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     clap_mangen::generate_to(cmd.clone(), dir).with_context(|| format!("cannot write man pages into {}", dir.display()))?;
     for entry in fs::read_dir(dir)? {
-        written.push(entry?.path());
+        let path = entry?.path();
+        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(cmd.get_name())) {
+            written.push(path);
+        }
     }
     written.sort();
     Ok(written)
@@ -68,6 +86,17 @@ fn write_completions(cmd: &clap::Command, bin: &str, dir: &Path) -> Result<Vec<P
 /// Generates everything under `out`; returns the files written.
 fn generate(out: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
+    let llmd = llmd_command();
+    let man = out.join("man");
+    fs::create_dir_all(&man).with_context(|| format!("cannot create {}", man.display()))?;
+    // llmd is a system daemon: section 8.
+    let page = man.join("llmd.8");
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(llmd.clone()).section("8").render(&mut buf)?;
+    fs::write(&page, buf).with_context(|| format!("cannot write {}", page.display()))?;
+    written.push(page);
+    written.extend(write_completions(&llmd, "llmd", &out.join("completions"))?);
+
     let llmctl = llmctl_command();
     written.extend(write_man_pages(&llmctl, &out.join("man"))?);
     written.extend(write_completions(&llmctl, "llmctl", &out.join("completions"))?);
@@ -95,10 +124,18 @@ mod tests {
     }
 
     #[test]
-    fn writes_llmctl_pages_and_completions_that_carry_the_definitions() {
+    fn writes_pages_and_completions_that_carry_the_definitions() {
         let dir = tempfile::tempdir().unwrap();
         let files = generate(dir.path()).unwrap();
         let man = dir.path().join("man");
+
+        let llmd = read(&man.join("llmd.8"));
+        assert!(llmd.contains(".TH llmd 8"), "llmd is section 8: {:.200}", llmd);
+        assert!(llmd.contains("\\-\\-print\\-config") && llmd.contains("\\-\\-dev"));
+        assert!(!man.join("llmd.1").exists(), "no section-1 page for the daemon");
+        assert!(read(&dir.path().join("completions/bash/llmd")).contains("--print-config"));
+        assert!(read(&dir.path().join("completions/zsh/_llmd")).starts_with("#compdef llmd"));
+        assert!(read(&dir.path().join("completions/fish/llmd.fish")).contains("-l config"));
 
         let main_page = read(&man.join("llmctl.1"));
         assert!(main_page.starts_with(".ie"), "roff page expected, got {:.40}", main_page);
@@ -114,6 +151,6 @@ mod tests {
         assert!(bash.contains("--max-model-len"));
         assert!(read(&dir.path().join("completions/zsh/_llmctl")).starts_with("#compdef llmctl"));
         assert!(read(&dir.path().join("completions/fish/llmctl.fish")).contains("-l cancel-on-interrupt"));
-        assert!(files.len() >= 3 + 2, "reported files: {files:?}");
+        assert!(files.contains(&man.join("llmd.8")) && files.contains(&man.join("llmctl.1")), "reported files: {files:?}");
     }
 }
