@@ -193,6 +193,7 @@ async fn run(args: &Args, len: u64, work: &std::path::Path) -> Result<(), String
     let best_curl = curl_s.iter().cloned().fold(f64::INFINITY, f64::min);
     let best_pull = pull_s.iter().cloned().fold(f64::INFINITY, f64::min);
     let ratio = best_curl / best_pull;
+    let best_disk = curl_disk_s.iter().cloned().fold(f64::INFINITY, f64::min);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -241,6 +242,12 @@ async fn run(args: &Args, len: u64, work: &std::path::Path) -> Result<(), String
         ratio * 100.0,
         if ratio >= 0.7 { "met" } else { "NOT met" },
         args.dir.display()
+    ));
+    md.push_str(&format!(
+        "\nAgainst `curl -o file` on the same disk (best rounds): {:.2} vs {:.2} GB/s, ratio {:.0}%.\n",
+        gbps(len, best_pull),
+        gbps(len, best_disk),
+        best_disk / best_pull * 100.0
     ));
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
