@@ -98,7 +98,10 @@ fn generate(out: &Path) -> Result<Vec<PathBuf>> {
     written.extend(write_completions(&llmd, "llmd", &out.join("completions"))?);
 
     let llmctl = llmctl_command();
-    written.extend(write_man_pages(&llmctl, &out.join("man"))?);
+    // Man pages leave out clap's `help` subcommand: `llmctl help load` is `man llmctl-load`.
+    let mut llmctl_man = llmctl_cli::Cli::command().disable_help_subcommand(true);
+    llmctl_man.build();
+    written.extend(write_man_pages(&llmctl_man, &out.join("man"))?);
     written.extend(write_completions(&llmctl, "llmctl", &out.join("completions"))?);
     Ok(written)
 }
@@ -145,6 +148,7 @@ mod tests {
         let load = read(&man.join("llmctl-load.1"));
         assert!(load.contains("\\-\\-cancel\\-on\\-interrupt"));
         assert!(man.join("llmctl-pull.1").exists() && man.join("llmctl-doctor.1").exists());
+        assert!(!man.join("llmctl-help.1").exists(), "no page for clap's help subcommand");
 
         let bash = read(&dir.path().join("completions/bash/llmctl"));
         assert!(bash.contains("complete -F _llmctl"), "bash completion registers itself");
