@@ -158,13 +158,20 @@ step "llmd in the foreground as user llmd, HTTP on 127.0.0.1:$port"
 chroot "$root" setpriv --reuid=llmd --regid=llmd --init-groups -- \
     /usr/bin/llmd --config /etc/llmd/ci.toml >"$work/llmd.log" 2>&1 &
 daemon_pid=$!
+# /health answers 200 once a model is served; with none configured (as here) a ready daemon
+# answers 503 {"status":"no_model","phase":"ready"}. Either way the phase must reach "ready".
 health=
 for _ in $(seq 100); do
     kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/llmd.log" >&2; die "llmd exited during start"; }
-    if health=$(curl -fsS --max-time 2 "http://127.0.0.1:$port/health" 2>/dev/null); then break; fi
+    health=$(curl -sS --max-time 2 -w ' HTTP %{http_code}' "http://127.0.0.1:$port/health" 2>/dev/null) || health=
+    case "$health" in *'"phase":"ready"'*) break ;; esac
     sleep 0.2
 done
-echo "$health" | grep -q '"status":"ready"' || { cat "$work/llmd.log" >&2; die "/health did not answer ready: '$health'"; }
+case "$health" in
+*'"phase":"ready"'*' HTTP 200' | *'"status":"no_model"'*' HTTP 503') ;;
+*) cat "$work/llmd.log" >&2; die "/health did not report ready: '$health'" ;;
+esac
+step "/health: $health"
 # stat in the chroot: names resolve through the chroot's /etc/passwd, not the host's.
 sock_mode=$(in_root stat -c '%a %U %G' /run/llmd/llmd.sock)
 [ "$sock_mode" = "660 llmd llmd" ] || die "socket mode/owner: $sock_mode, want 660 llmd llmd"

@@ -36,11 +36,19 @@ fn completion_file(shell: Shell, bin: &str) -> PathBuf {
 
 const SHELLS: [Shell; 3] = [Shell::Bash, Shell::Zsh, Shell::Fish];
 
-/// `llmd`'s command. Its definition takes name and version from the crate that compiles it
-/// (`llmd`); here that crate is this one, so the name is set explicitly (the version is the
-/// same workspace version).
+/// `llmd`'s description, which its bare `#[command(about)]` takes from llmd's Cargo.toml.
+fn llmd_description() -> &'static str {
+    include_str!("../../../daemon/Cargo.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("description = \"")?.strip_suffix('"'))
+        .expect("daemon/Cargo.toml has a one-line description")
+}
+
+/// `llmd`'s command. Its definition takes name, description and version from the crate that
+/// compiles it (`llmd`); here that crate is this one, so name and description are set
+/// explicitly (the version is the same workspace version).
 fn llmd_command() -> clap::Command {
-    let mut cmd = llmd_cli::Cli::command().name("llmd").bin_name("llmd");
+    let mut cmd = llmd_cli::Cli::command().name("llmd").bin_name("llmd").about(llmd_description());
     cmd.build();
     cmd.clone().debug_assert();
     cmd
@@ -136,6 +144,7 @@ mod tests {
         assert!(llmd.contains(".TH llmd 8"), "llmd is section 8: {:.200}", llmd);
         assert!(llmd.contains("\\-\\-print\\-config") && llmd.contains("\\-\\-dev"));
         assert!(!man.join("llmd.1").exists(), "no section-1 page for the daemon");
+        assert!(llmd.contains("inference server daemon"), "llmd's own description: {:.300}", llmd);
         assert!(read(&dir.path().join("completions/bash/llmd")).contains("--print-config"));
         assert!(read(&dir.path().join("completions/zsh/_llmd")).starts_with("#compdef llmd"));
         assert!(read(&dir.path().join("completions/fish/llmd.fish")).contains("-l config"));
