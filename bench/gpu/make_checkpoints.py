@@ -5,7 +5,7 @@ geometry (head_dim 128, GQA), saved in float32 by save_pretrained so the CPU run
 reference. bench model: Llama-3-8B-shaped random bf16 weights written straight to safetensors
 (transformers' init of 8B parameters on the CPU would take minutes), plus config.json.
 
-usage: python3 make_checkpoints.py OUT_DIR [--bench-8b]
+usage: python3 make_checkpoints.py OUT_DIR [--bench-8b] [--bench-70b] [--no-small]
 """
 import json
 import os
@@ -55,10 +55,17 @@ def small_models():
         print("wrote", d, flush=True)
 
 
-def llama3_8b():
-    d = os.path.join(out, "llama3-8b-random")
+SHAPES = {
+    # name: hidden, intermediate, layers, heads, kv heads, vocab (Llama-3 8B / 70B)
+    "llama3-8b-random": (4096, 14336, 32, 32, 8, 128256),
+    "llama3-70b-random": (8192, 28672, 80, 64, 8, 128256),
+}
+
+
+def llama3_random(name):
+    d = os.path.join(out, name)
     os.makedirs(d, exist_ok=True)
-    h, inter, layers, heads, kv, vocab = 4096, 14336, 32, 32, 8, 128256
+    h, inter, layers, heads, kv, vocab = SHAPES[name]
     hd = h // heads
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=h, intermediate_size=inter,
                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
@@ -106,6 +113,9 @@ def llama3_8b():
     print("wrote", d, flush=True)
 
 
-small_models()
+if "--no-small" not in sys.argv:
+    small_models()
 if "--bench-8b" in sys.argv:
-    llama3_8b()
+    llama3_random("llama3-8b-random")
+if "--bench-70b" in sys.argv:
+    llama3_random("llama3-70b-random")

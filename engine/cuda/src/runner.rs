@@ -691,11 +691,15 @@ impl CudaRunner {
         let decode = batch.seqs.iter().all(|q| q.len == 1 && q.wants_logits);
         let bucket = GRAPH_BUCKETS.iter().copied().find(|&b| b >= s && b <= self.max_seqs && b <= self.max_tokens);
         let n_rows;
+        // Rows the forward computed logits for: the padded bucket on the graph path. The
+        // all-gathered layout [world, computed_rows, vocab / world] depends on it.
+        let computed_rows;
         match bucket.filter(|_| decode) {
             Some(b) => {
                 // Decode: padded to a bucket, fixed attention plan (max_model_len), replayed as a graph.
                 let (meta, host, _ctx, rows) = self.pack(batch, b, b, self.max_blocks_per_seq)?;
                 n_rows = rows;
+                computed_rows = b;
                 self.act.meta.upload_at(&self.gpu, 0, &host)?;
                 if !self.graphs.contains_key(&b) {
                     let views = self.views(&meta, b, self.max_model_len);
@@ -715,6 +719,7 @@ impl CudaRunner {
                 let stride = batch.seqs.iter().map(|q| q.block_table.len()).max().unwrap_or(1).max(1);
                 let (meta, host, ctx, rows) = self.pack(batch, t, s, stride)?;
                 n_rows = rows;
+                computed_rows = rows;
                 self.act.meta.upload_at(&self.gpu, 0, &host)?;
                 let views = self.views(&meta, rows, ctx);
                 self.launch_forward(&views)?;
@@ -731,26 +736,35 @@ impl CudaRunner {
         let (world, vl) = (self.shard.world, self.dims.vocab);
         // With tp > 1 the gathered logits are [world, rows, vocab / world].
         let (logits, shards) = if world > 1 {
-            (self.act.gathered.r().reshape(&[world * n_rows, vl]), world)
+            (self.act.gathered.r().reshape(&[world * computed_rows, vl]), world)
         } else {
-            (self.act.logits.rows(0, n_rows), 1)
+            (self.act.logits.rows(0, computed_rows), 1)
         };
         if let Some(w) = uniform {
-            self.gpu.argmax_sharded(&self.act.sampled.rows(0, n_rows), &logits, n_rows, shards, (w as usize).min(vocab))?;
+            self.gpu.argmax_sharded(&self.act.sampled.rows(0, computed_rows), &logits, computed_rows, shards, (w as usize).min(vocab))?;
             let ids = self.act.sampled.download_u32(&self.gpu, n_rows)?;
             return Ok(ids.into_iter().map(RowOutput::Argmax).collect());
         }
-        let flat = if world > 1 { self.act.gathered.download_f32(&self.gpu, world * n_rows * vl)? } else { self.act.logits.download_f32(&self.gpu, n_rows * vocab)? };
+        let flat = if world > 1 { self.act.gathered.download_f32(&self.gpu, world * computed_rows * vl)? } else { self.act.logits.download_f32(&self.gpu, n_rows * vocab)? };
         Ok((0..n_rows)
             .map(|r| {
                 let mut row = Vec::with_capacity(vocab);
                 for k in 0..shards {
-                    let at = (k * n_rows + r) * vl;
+                    let at = (k * computed_rows + r) * vl;
                     row.extend_from_slice(&flat[at..at + vl]);
                 }
                 RowOutput::Logits(row)
             })
             .collect())
+    }
+}
+
+impl Drop for CudaRunner {
+    fn drop(&mut self) {
+        // Graphs that captured NCCL calls must go before the communicator (a field, dropped
+        // after this), and queued work must finish before buffers are freed.
+        let _ = self.gpu.synchronize();
+        self.graphs.clear();
     }
 }
 

@@ -117,8 +117,10 @@ fn check(dir: PathBuf, args: &[String]) -> Result<bool, String> {
             worst_tp = worst_tp.max(err);
             ok &= !bad;
         }
+        // Each rank rounds its partial attention/MLP output to bf16 before the all-reduce (as vLLM
+        // does), so TP differs from one GPU by about as much as bf16 differs from f32.
         println!("tp {} vs tp 1 (bf16 both): worst rel err {worst_tp:.2e}", gpus.len());
-        ok &= worst_tp < 1e-2;
+        ok &= worst_tp < 3e-2;
     }
     for (i, (g, c)) in gl.rows.iter().zip(&cl.rows).enumerate() {
         let (err, bad) = rel_err(g, c);
