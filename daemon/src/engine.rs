@@ -89,13 +89,17 @@ impl ModelLoader for EngineLoader {
         progress: &mut dyn FnMut(Progress),
         cancelled: &AtomicBool,
     ) -> Result<Arc<dyn LoadedModel>, ControlError> {
-        if request.params.tp.is_some_and(|tp| tp > 1) {
+        let name = request.served_name.clone();
+        let tp = request.params.tp.unwrap_or(1);
+        if tp == 0 {
+            return Err(ControlError::new(ErrorCode::InvalidArgument, format!("cannot load `{name}`: `tp` must be >= 1")));
+        }
+        if tp > 1 && !runs_on_gpu(request.engine.device) {
             return Err(ControlError::new(
-                ErrorCode::InsufficientResources,
-                format!("cannot load `{}` with tp > 1: tensor parallelism needs the CUDA backend", request.served_name),
+                ErrorCode::InvalidArgument,
+                format!("cannot load `{name}` with tp {tp}: tensor parallelism needs the CUDA backend (engine.device = \"cuda\" in a CUDA build)"),
             ));
         }
-        let name = request.served_name.clone();
         let gpus = if runs_on_gpu(request.engine.device) { self.place(request)? } else { Vec::new() };
         let started = Instant::now();
         let mut on_progress = |p: LoadProgress| {
@@ -114,7 +118,9 @@ impl ModelLoader for EngineLoader {
                 files: Vec::new(),
             });
         };
-        let handle = EngineHandle::load(options(request), &mut on_progress).map_err(|e| engine_error(&name, e))?;
+        let mut opts = options(request);
+        opts.gpus = gpus.clone();
+        let handle = EngineHandle::load(opts, &mut on_progress).map_err(|e| engine_error(&name, e))?;
         // A cancelled load is stopped by the manager; do not publish it meanwhile.
         if !cancelled.load(std::sync::atomic::Ordering::SeqCst) {
             let served = ServedModel::from_engine(handle.clone(), request.reasoning_parser.map(api_parser));
@@ -169,17 +175,18 @@ impl EngineLoader {
 /// [`EngineLoader::place`] against a given GPU report.
 fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result<Vec<u32>, ControlError> {
     let name = &request.served_name;
+    let tp = request.params.tp.unwrap_or(1);
     if let Some(gpus) = request.params.gpus.as_deref()
-        && gpus != [0]
+        && gpus.len() != tp as usize
     {
         return Err(ControlError::new(
             ErrorCode::InvalidArgument,
-            format!("cannot load `{name}` on `gpus` = {gpus:?}: this engine runs one model on GPU 0 (tp 1)"),
+            format!("cannot load `{name}`: `gpus` = {gpus:?} lists {} GPUs but `tp` is {tp}", gpus.len()),
         ));
     }
     if let Some(reason) = &report.unavailable {
         tracing::warn!(model = %name, "no GPU memory check before loading: {reason}");
-        return Ok(vec![0]);
+        return Ok(request.params.gpus.clone().unwrap_or_else(|| (0..tp).collect()));
     }
     let cfg = llmd_models::ModelConfig::from_dir(&request.path)
         .map_err(|e| ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {e}")))?;
@@ -188,7 +195,6 @@ fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result
     })?;
     let max_model_len =
         request.params.max_model_len.unwrap_or(u32::try_from(cfg.max_position_embeddings).unwrap_or(u32::MAX));
-    let tp = request.params.tp.unwrap_or(1);
     let estimate = llmd_telemetry::estimate_memory(
         weights,
         u32::try_from(cfg.num_hidden_layers).unwrap_or(u32::MAX),
@@ -198,9 +204,9 @@ fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result
         max_model_len,
         tp,
     );
-    // The CUDA engine runs on the first GPU in PCI bus order (CUDA_DEVICE_ORDER=PCI_BUS_ID,
-    // the order NVML numbers them in), so that is the GPU that must fit it.
-    let placed = llmd_telemetry::place_estimate(report, Some(&[0]), &estimate)
+    // The given GPUs, or the `tp` with the most free memory; NVML and CUDA number GPUs the same
+    // way because the daemon sets CUDA_DEVICE_ORDER=PCI_BUS_ID.
+    let placed = llmd_telemetry::place_estimate(report, request.params.gpus.as_deref(), &estimate)
         .map_err(|e| ControlError::new(ErrorCode::InsufficientResources, format!("cannot load `{name}`: {e}")))?;
     tracing::info!(model = %name, gpus = ?placed, need = %estimate, "placement checked");
     Ok(placed)
@@ -290,13 +296,20 @@ mod tests {
     }
 
     #[test]
-    fn placement_without_telemetry_goes_ahead_and_other_gpus_are_refused() {
+    fn placement_without_telemetry_goes_ahead_and_bad_gpu_lists_are_refused() {
         let none = GpuReport { unavailable: Some("no driver".into()), ..GpuReport::default() };
         assert_eq!(place_on(&none, &request(LoadParams::default())).unwrap(), [0]);
-        let e = place_on(&one_gpu(8 << 30), &request(LoadParams { gpus: Some(vec![1]), ..Default::default() }))
+        assert_eq!(place_on(&none, &request(LoadParams { tp: Some(2), ..Default::default() })).unwrap(), [0, 1]);
+        // A GPU list that does not match tp is a usage error.
+        let e = place_on(&one_gpu(8 << 30), &request(LoadParams { tp: Some(2), gpus: Some(vec![0]), ..Default::default() }))
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument);
-        assert!(e.message.contains("`gpus` = [1]"), "{}", e.message);
+        assert!(e.message.contains("`gpus` = [0] lists 1 GPUs but `tp` is 2"), "{}", e.message);
+        // A GPU that does not exist is refused by placement, naming it.
+        let e = place_on(&one_gpu(8 << 30), &request(LoadParams { gpus: Some(vec![1]), ..Default::default() }))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientResources);
+        assert!(e.message.contains('1'), "{}", e.message);
     }
 
     #[test]
