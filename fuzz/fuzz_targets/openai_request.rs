@@ -53,14 +53,14 @@ impl ModelBackend for FixtureModel {
     ) -> Result<String, TemplateError> {
         let template = self.tokenizer.chat_template().expect("fixture has a chat template");
         let empty = serde_json::Map::new();
-        template.render(messages, tools, add_generation_prompt, extra.as_object().unwrap_or(&empty)).map_err(|e| {
-            match e {
+        template.render(messages, tools, add_generation_prompt, extra.as_object().unwrap_or(&empty)).map_err(
+            |e| match e {
                 llmd_tokenizer::TemplateError::InvalidArgument { field, reason } => {
                     TemplateError::Invalid { param: field.clone(), message: format!("`{field}` {reason}") }
                 }
                 other => TemplateError::Render(other.to_string()),
-            }
-        })
+            },
+        )
     }
     fn submit(&self, r: GenerateRequest) -> Result<EventStream, EngineError> {
         if let Err(e) = r.sampling.validate() {
@@ -70,7 +70,10 @@ impl ModelBackend for FixtureModel {
         let vocab = self.info.vocab_size as u32;
         assert!(r.prompt_tokens.iter().all(|&t| t < vocab), "out-of-vocabulary prompt id reached the engine");
         let total = r.prompt_tokens.len() as u64 + u64::from(r.sampling.max_tokens);
-        assert!(total <= u64::from(MAX_MODEL_LEN), "prompt + max_tokens = {total} over max_model_len reached the engine");
+        assert!(
+            total <= u64::from(MAX_MODEL_LEN),
+            "prompt + max_tokens = {total} over max_model_len reached the engine"
+        );
         // End here: the answer (429) is not what is under test.
         Err(EngineError::QueueFull { model: self.info.served_name.clone(), max_queue: 0 })
     }

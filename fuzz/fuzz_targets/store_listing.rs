@@ -90,14 +90,14 @@ fuzz_target!(|data: &[u8]| {
     let mut cfg = StoreConfig::new(&models);
     cfg.hf_endpoint = format!("http://127.0.0.1:{}", hub.port);
     cfg.modelscope_endpoint = format!("http://127.0.0.1:{}", hub.port);
-    cfg.retry = RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
+    cfg.retry =
+        RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
     cfg.disk_reserve_bytes = 0;
     let store = Store::new(cfg).expect("store");
     let source = if pick & 1 == 0 { "hf:o/m" } else { "ms:o/m" };
     let params = PullParams { source: source.into(), revision: None, include: Vec::new(), exclude: Vec::new() };
-    let result = runtime().block_on(async {
-        tokio::time::timeout(Duration::from_secs(20), store.pull(&params, |_| {})).await
-    });
+    let result =
+        runtime().block_on(async { tokio::time::timeout(Duration::from_secs(20), store.pull(&params, |_| {})).await });
     assert!(result.is_ok(), "pull of a fuzzed listing did not end within 20 s");
     // Nothing outside the models folder.
     for entry in std::fs::read_dir(outer.path()).expect("read outer") {

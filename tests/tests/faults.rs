@@ -43,7 +43,8 @@ async fn load_err(daemon: &Daemon, source: &Path, name: &str) -> String {
 }
 
 async fn chat(daemon: &Daemon, model: &str, max_tokens: u32) -> (u16, Value) {
-    let body = json!({"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": max_tokens});
+    let body =
+        json!({"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": max_tokens});
     let r = http().post(daemon.url("/v1/chat/completions")).json(&body).send().await.expect("POST chat");
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
@@ -77,8 +78,11 @@ async fn kill_9_during_a_load_then_restart_and_load_again() {
     let killed = Arc::new(AtomicBool::new(false));
     let k = killed.clone();
     let mut client = first.client().await;
-    let params =
-        LoadParams { source: fixture_model("qwen3").display().to_string(), name: Some("m".into()), ..Default::default() };
+    let params = LoadParams {
+        source: fixture_model("qwen3").display().to_string(),
+        name: Some("m".into()),
+        ..Default::default()
+    };
     let result = client
         .call(Request::Load(params), move |_| {
             if !k.swap(true, Ordering::SeqCst) {
@@ -220,7 +224,7 @@ fn wide_qwen2(dir: &Path) -> PathBuf {
         offset += bytes;
     }
     let mut head = Value::Object(header).to_string().into_bytes();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut file = std::fs::File::create(dst.join("model.safetensors")).unwrap();
@@ -261,7 +265,8 @@ fn slowloris_headers_are_cut_off() {
     s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n").unwrap();
     let started = Instant::now();
     let limit = Duration::from_secs(40);
-    let header = b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let header =
+        b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     let mut i = 0;
     let mut buf = [0u8; 512];
     let closed_after = loop {
@@ -289,7 +294,8 @@ fn slowloris_headers_are_cut_off() {
 #[tokio::test(flavor = "multi_thread")]
 async fn control_socket_flood_is_capped_and_the_daemon_keeps_serving() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let daemon = Daemon::start_with(DaemonOptions { control_extra: "max_connections = 16".into(), ..Default::default() });
+    let daemon =
+        Daemon::start_with(DaemonOptions { control_extra: "max_connections = 16".into(), ..Default::default() });
     let fds_before = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid())).unwrap().count();
     let mut held = Vec::new();
     let (mut refused, mut failed) = (0, 0);
@@ -362,10 +368,12 @@ async fn a_100_mb_body_gets_413() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_with_a_config_that_does_not_parse_keeps_the_old_one() {
-    let daemon = Daemon::start_with(DaemonOptions { server_extra: "api_keys = [\"sk-old\"]".into(), ..Default::default() });
+    let daemon =
+        Daemon::start_with(DaemonOptions { server_extra: "api_keys = [\"sk-old\"]".into(), ..Default::default() });
     load_ok(&daemon, &fixture_model("qwen2"), "m").await;
     let good = std::fs::read_to_string(&daemon.config).unwrap();
-    std::fs::write(&daemon.config, good.replace("sk-old", "sk-new").replace("[storage]", "[storage\nbroken = ")).unwrap();
+    std::fs::write(&daemon.config, good.replace("sk-old", "sk-new").replace("[storage]", "[storage\nbroken = "))
+        .unwrap();
     daemon.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !daemon.log_text().contains("reload failed, keeping the previous configuration") {

@@ -41,8 +41,18 @@ async fn load(daemon: &Daemon, name: &str) {
 fn routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
     vec![
         ("GET", "/v1/models", None),
-        ("POST", "/v1/chat/completions", Some(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))),
-        ("POST", "/v1/chat/completions", Some(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": true}))),
+        (
+            "POST",
+            "/v1/chat/completions",
+            Some(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})),
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            Some(
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": true}),
+            ),
+        ),
         ("POST", "/v1/completions", Some(json!({"model": "m", "prompt": "hi", "max_tokens": 2}))),
         ("POST", "/tokenize", Some(json!({"model": "m", "prompt": "hi"}))),
         ("POST", "/detokenize", Some(json!({"model": "m", "tokens": [1, 2]}))),
@@ -71,7 +81,7 @@ async fn every_api_route_enforces_the_key() {
         None,
         Some("Bearer sk-wrong".to_string()),
         Some(format!("Bearer {}", &KEY[..KEY.len() - 1])), // a prefix of the key
-        Some(format!("Bearer {KEY}x")),                     // the key plus a byte
+        Some(format!("Bearer {KEY}x")),                    // the key plus a byte
         Some(format!("Basic {KEY}")),
         Some(KEY.to_string()),
         Some("Bearer ".to_string()),
@@ -127,10 +137,7 @@ async fn keys_and_hub_tokens_never_reach_the_log() {
     let daemon = Daemon::start_with(DaemonOptions {
         server_extra: format!("api_keys = [{KEY:?}]\napi_key_file = {:?}", key_file.display().to_string()),
         extra_toml: String::new(),
-        env: vec![
-            ("HF_TOKEN".into(), HF_TOKEN.into()),
-            ("HF_ENDPOINT".into(), format!("http://127.0.0.1:{hub_port}")),
-        ],
+        env: vec![("HF_TOKEN".into(), HF_TOKEN.into()), ("HF_ENDPOINT".into(), format!("http://127.0.0.1:{hub_port}"))],
         ..Default::default()
     });
     load(&daemon, "m").await;
@@ -211,18 +218,27 @@ async fn names_and_paths_cannot_leave_the_models_dir() {
     std::fs::write(&sentinel, "keep me").unwrap();
     std::fs::create_dir_all(models.join("models--org--victim")).unwrap();
 
-    for target in ["../sentinel", "../../etc", "/etc", "..", "models--org--victim/../../sentinel", "hf:../../etc", "org/../../x"] {
+    for target in
+        ["../sentinel", "../../etc", "/etc", "..", "models--org--victim/../../sentinel", "hf:../../etc", "org/../../x"]
+    {
         let (code, out, err) = daemon.llmctl(&["rm", target]);
         assert_ne!(code, 0, "rm {target} succeeded: {out}");
         assert!(!err.is_empty(), "rm {target} failed without a message");
     }
-    for source in ["hf:../../etc", "hf:org/..", "ms:../etc/x", "hf:org/name@../../../x", "../../etc/passwd/..", "hf:/etc/x"] {
+    for source in
+        ["hf:../../etc", "hf:org/..", "ms:../etc/x", "hf:org/name@../../../x", "../../etc/passwd/..", "hf:/etc/x"]
+    {
         let (code, out, err) = daemon.llmctl(&["pull", source]);
         assert_ne!(code, 0, "pull {source} succeeded: {out}");
-        assert!(!err.contains("cannot reach") && !err.to_lowercase().contains("connect"), "pull {source} went to the network: {err}");
+        assert!(
+            !err.contains("cannot reach") && !err.to_lowercase().contains("connect"),
+            "pull {source} went to the network: {err}"
+        );
     }
     let mut client = daemon.client().await;
-    for (source, name) in [("hf:../../etc", None), ("ms:a/../../b", None), (fixture_model("qwen2").to_str().unwrap(), Some("../escape"))] {
+    for (source, name) in
+        [("hf:../../etc", None), ("ms:a/../../b", None), (fixture_model("qwen2").to_str().unwrap(), Some("../escape"))]
+    {
         let params = LoadParams { source: source.into(), name: name.map(String::from), ..Default::default() };
         let r = client.call(Request::Load(params), |_| {}).await;
         if let (Some(n), Ok(Reply::Loaded(m))) = (name, &r) {
@@ -236,10 +252,15 @@ async fn names_and_paths_cannot_leave_the_models_dir() {
     assert!(models.join("models--org--victim").exists());
     assert!(Path::new("/etc/passwd").exists());
     // Nothing was created beside the models folder.
-    let mut beside: Vec<String> =
-        std::fs::read_dir(daemon.dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut beside: Vec<String> = std::fs::read_dir(daemon.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     beside.sort();
-    assert!(beside.iter().all(|n| ["llmd.log", "llmd.sock", "llmd.toml", "models", "sentinel"].contains(&n.as_str())), "{beside:?}");
+    assert!(
+        beside.iter().all(|n| ["llmd.log", "llmd.sock", "llmd.toml", "models", "sentinel"].contains(&n.as_str())),
+        "{beside:?}"
+    );
 }
 
 /// A daemon started from a config of our own (the harness always listens on 127.0.0.1).
@@ -262,7 +283,11 @@ fn start_listening_on(dir: &Path, listen: &str) -> Own {
     let child = llmd_e2e::spawn_llmd(&config, dir, &log, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !listening_sockets().iter().any(|(_, p)| *p == port) {
-        assert!(Instant::now() < deadline, "llmd did not listen:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "llmd did not listen:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Own(child)
