@@ -9,7 +9,7 @@
 #
 # Needs root (chroot, mounts), debootstrap and curl. The minbase chroot is built once and kept
 # as a tarball in $LLMD_CI_CACHE (default /var/cache/llmd-ci); later runs unpack it (seconds).
-# Mirror: $LLMD_DEBIAN_MIRROR (default http://deb.debian.org/debian).
+# Mirror: $LLMD_DEBIAN_MIRROR (default: the first Debian mirror in this host's apt sources).
 set -euo pipefail
 
 die() { echo "test-install: FAIL: $*" >&2; exit 1; }
@@ -36,7 +36,19 @@ fi
 
 # --- the cached chroot -------------------------------------------------------------------
 suite=bookworm
-mirror=${LLMD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The mirror this host's apt already uses (deb822 `URIs:` or one-line `deb` entries).
+host_mirror() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] && awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' "$f"
+    done
+    if [ -f /etc/apt/sources.list ]; then
+        awk '/^deb / && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list
+    fi
+    return 0
+}
+mirror=${LLMD_DEBIAN_MIRROR:-$(host_mirror | head -n1)}
+[ -n "$mirror" ] || die "no Debian mirror found in /etc/apt/sources*: set LLMD_DEBIAN_MIRROR"
 # systemd-standalone-sysusers satisfies the package's "systemd | systemd-standalone-sysusers"
 # dependency without pulling systemd into the chroot. Changing this list renames the cache.
 include=systemd-standalone-sysusers

@@ -4,7 +4,7 @@
 # libcudart_static.a, libnvrtc) from PyPI wheels into a venv next to this script,
 # then writes $VENV/cuda-env.sh to source before `cargo build`.
 #
-# Why PyPI: this machine reaches only crates.io / PyPI / Debian. Debian 12's
+# Why PyPI: build machines here reach only the Rust, Python and Debian package registries. Debian 12's
 # `nvidia-cuda-toolkit` (non-free, CUDA 11.8) is too old, and NVIDIA's apt repo and
 # runfiles are unreachable. The CUDA 13 wheels unpack into one tree,
 # <site-packages>/nvidia/cu13/{bin,include,lib,nvvm}, that works as a CUDA root.
