@@ -1,7 +1,6 @@
 //! The daemon's life cycle: bind everything, load the configured models, report ready, serve,
 //! reload on SIGHUP, drain and exit on SIGTERM/SIGINT.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,14 +148,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Dispatcher { shared: shared.clone(), models: models.clone(), authz, store, telemetry: telemetry.clone() };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut http_stop = stop_rx.clone();
-    let http_task = tokio::spawn(
-        axum::serve(listener, http::router(shared.clone(), served, telemetry))
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .into_future(),
-    );
+    let http_task = tokio::spawn(http::serve(listener, http::router(shared.clone(), served, telemetry), stop_rx.clone()));
     tracing::info!(listen = %http_addr, "HTTP listener bound");
 
     notify::status("binding the control socket");

@@ -1,8 +1,9 @@
 //! The HTTP listener's app: llmd-openai's router (the OpenAI API, `/health` and `/metrics`)
 //! over the daemon's served models, API keys and `[server]` options, with the GPU gauges of
-//! llmd-telemetry appended to `/metrics`. `daemon.rs` owns binding and graceful shutdown.
+//! llmd-telemetry appended to `/metrics`, and the connection loop that serves it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use llmd_openai::{ApiOptions, ApiState, ExtraMetrics, ModelRegistry, Phase, ServedModel};
@@ -82,4 +83,52 @@ mod tests {
         assert_eq!(phase_of(DaemonState::Reloading), Phase::Ready);
         assert_eq!(phase_of(DaemonState::Stopping), Phase::Stopping);
     }
+}
+
+/// A client must send its whole request head within this time or the connection is closed
+/// (slowloris). Request bodies and streamed responses are not limited by it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves `app` on `listener` until `stop` turns true, then stops accepting and waits for the
+/// connections in flight to finish (the caller bounds that wait with its shutdown timeout).
+///
+/// hyper directly rather than `axum::serve`: `axum::serve` gives hyper no timer, so hyper can
+/// enforce no header read timeout and a client that sends its headers a byte at a time holds a
+/// connection forever.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router, mut stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::server::graceful::GracefulShutdown;
+
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "HTTP connection closed with an error");
+                    }
+                });
+            }
+            // `map` drops the watch guard at once (it is not Send across the loop's awaits).
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
