@@ -7,7 +7,8 @@
 # RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z flags. Default `--sanitizer none` (no
 # instrumentation cost, one build shared by all targets); FUZZ_SANITIZER=address builds an
 # AddressSanitizer variant in target-asan/ (the stable toolchain ships the ASan runtime).
-# FUZZ_TARGETS="a b" limits the run to some targets.
+# FUZZ_TARGETS="a b" limits the run to some targets. FUZZ_TARGET_DIR=DIR builds there instead of
+# fuzz/target (CI points it at a cache outside the clone so later runs only rebuild llmd's crates).
 # Corpora: seeds/<target> (committed), regressions/<target> (committed: every crash found),
 # corpus/<target> (grown by runs, ignored by git). Crashes land in artifacts/<target>/.
 set -uo pipefail
@@ -18,9 +19,9 @@ TARGETS="${FUZZ_TARGETS:-control_frame config_toml openai_request safetensors ch
 SAN="${FUZZ_SANITIZER:-none}"
 FUZZ=(cargo fuzz)
 if [ "$SAN" = none ]; then
-    OPTS=(--sanitizer none -O)
+    OPTS=(--sanitizer none -O --target-dir "${FUZZ_TARGET_DIR:-target}")
 else
-    OPTS=(--sanitizer "$SAN" -O --target-dir target-asan)
+    OPTS=(--sanitizer "$SAN" -O --target-dir "${FUZZ_TARGET_DIR:-target}-asan")
 fi
 "${FUZZ[@]}" build "${OPTS[@]}" >/dev/null || { echo "cargo fuzz build failed" >&2; exit 2; }
 failed=0
