@@ -13,6 +13,9 @@
 #   LLMD_PROFILE=dev   package the dev-profile binaries instead of release ones (CI: reuses the
 #                      build of `cargo test --workspace` instead of a second, ~9-minute release
 #                      build; the package is the same apart from speed). Default: release.
+#   LLMD_PREBUILT=1    package the binaries already in the profile's target folder without running
+#                      cargo build (CI, right after `cargo test --workspace` built them: a second
+#                      build of the two packages alone re-resolves features and recompiles).
 #   LLMD_DEB_OUT=DIR   where the .deb goes (default: <target dir>/debian).
 #   LLMD_LINTIAN=0     skip lintian (default: run it when installed; any error or warning fails).
 #   CARGO_TARGET_DIR   honoured as by cargo.
@@ -65,7 +68,13 @@ case "$cuda" in
 esac
 
 echo "build-deb: llmd $deb_version ($arch), $variant"
-cargo build "${profile_flag[@]}" --locked -p llmd -p llmctl "${features[@]}"
+if [ "${LLMD_PREBUILT:-0}" = 1 ]; then
+    for bin in llmd llmctl; do
+        [ -x "$target_dir/$profile_dir/$bin" ] || die "LLMD_PREBUILT=1 but $target_dir/$profile_dir/$bin is missing: build it first"
+    done
+else
+    cargo build "${profile_flag[@]}" --locked -p llmd -p llmctl "${features[@]}"
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
