@@ -13,7 +13,7 @@ use crate::backend::{EventStream, ServedModel, TemplateError};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RequestTimer};
 use crate::parse::{OutputParser, Piece};
-use crate::sse::{SseRun, error_payload, sse_response};
+use crate::sse::{RunOut, SseRun, render_outs, sse_response, truncated_payload};
 use crate::state::ApiState;
 use crate::types::*;
 use crate::validate::{
@@ -68,13 +68,6 @@ struct ChoiceState {
     tool_calls: u32,
 }
 
-/// What one engine event becomes.
-pub(crate) enum ChatOut {
-    Delta(ChatChunkChoice),
-    Usage(UsageInfo),
-    Error(String),
-}
-
 /// One chat request in flight: turns engine events into per-choice deltas.
 pub(crate) struct ChatRun {
     id: String,
@@ -118,12 +111,12 @@ impl ChatRun {
         delta
     }
 
-    fn on_event(&mut self, ev: GenerationEvent) -> Vec<ChatOut> {
+    fn on_event(&mut self, ev: GenerationEvent) -> Vec<RunOut<ChatChunkChoice>> {
         match ev {
             GenerationEvent::Token { index, token_ids, text, logprobs } => {
                 self.timer.on_tokens(token_ids.len());
                 let Some(choice) = self.choices.get_mut(index as usize) else {
-                    return vec![ChatOut::Error(format!("engine sent choice index {index} out of range"))];
+                    return vec![RunOut::Error(format!("engine sent choice index {index} out of range"))];
                 };
                 let pieces = choice.parser.push(&text);
                 let mut delta = self.delta_from(index, pieces);
@@ -137,11 +130,11 @@ impl ChatRun {
                     // Logprobs of text the parsers still hold back: keep the delta well-formed.
                     delta.content = Some(String::new());
                 }
-                vec![ChatOut::Delta(ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None })]
+                vec![RunOut::Choice(ChatChunkChoice { index, delta, logprobs: lp, finish_reason: None })]
             }
             GenerationEvent::Finished { index, reason, text, .. } => {
                 let Some(choice) = self.choices.get_mut(index as usize) else {
-                    return vec![ChatOut::Error(format!("engine sent choice index {index} out of range"))];
+                    return vec![RunOut::Error(format!("engine sent choice index {index} out of range"))];
                 };
                 let mut pieces = choice.parser.push(&text);
                 pieces.extend(choice.parser.finish());
@@ -149,11 +142,11 @@ impl ChatRun {
                 let mut out = Vec::new();
                 if !pieces.is_empty() {
                     let delta = self.delta_from(index, pieces);
-                    out.push(ChatOut::Delta(ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }));
+                    out.push(RunOut::Choice(ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }));
                 }
                 let reason = if tool && reason == FinishReason::Stop { "tool_calls" } else { reason.as_str() };
                 self.metrics.record_finish(&self.model, reason);
-                out.push(ChatOut::Delta(ChatChunkChoice {
+                out.push(RunOut::Choice(ChatChunkChoice {
                     index,
                     delta: ChatDelta::default(),
                     logprobs: None,
@@ -164,12 +157,12 @@ impl ChatRun {
             GenerationEvent::Usage(u) => {
                 self.completed = true;
                 self.timer.finish(&self.metrics, &self.model, u.completion_tokens, Some(u.queue_time));
-                vec![ChatOut::Usage(UsageInfo::from_engine(&u))]
+                vec![RunOut::Usage(UsageInfo::from_engine(&u))]
             }
             GenerationEvent::Error(msg) => {
                 self.completed = true;
                 self.metrics.record_error("internal");
-                vec![ChatOut::Error(msg)]
+                vec![RunOut::Error(msg)]
             }
         }
     }
@@ -208,29 +201,14 @@ impl SseRun for ChatSse {
     }
 
     fn on_item(&mut self, ev: GenerationEvent) -> (Vec<String>, bool) {
-        let mut out = Vec::new();
-        let mut done = false;
-        for o in self.run.on_event(ev) {
-            match o {
-                ChatOut::Delta(c) => out.push(self.run.chunk(vec![c], self.include_usage.then_some(None))),
-                ChatOut::Usage(u) => {
-                    if self.include_usage {
-                        out.push(self.run.chunk(Vec::new(), Some(Some(u))));
-                    }
-                    done = true;
-                }
-                ChatOut::Error(msg) => {
-                    out.push(error_payload(&ApiError::Internal(msg)));
-                    done = true;
-                }
-            }
-        }
-        (out, done)
+        let outs = self.run.on_event(ev);
+        let run = &self.run;
+        render_outs(outs, self.include_usage, |choices, usage| run.chunk(choices, usage))
     }
 
     fn on_truncated(&mut self) -> Vec<String> {
         self.run.completed = true;
-        vec![error_payload(&ApiError::Unavailable("the model stopped before finishing the request".into()))]
+        vec![truncated_payload()]
     }
 }
 
@@ -260,7 +238,7 @@ async fn collect(mut run: ChatRun, mut events: EventStream) -> Result<ChatComple
         };
         for o in run.on_event(ev) {
             match o {
-                ChatOut::Delta(c) => {
+                RunOut::Choice(c) => {
                     let acc = &mut accs[c.index as usize];
                     acc.content.push_str(c.delta.content.as_deref().unwrap_or(""));
                     acc.reasoning.push_str(c.delta.reasoning_content.as_deref().unwrap_or(""));
@@ -272,8 +250,8 @@ async fn collect(mut run: ChatRun, mut events: EventStream) -> Result<ChatComple
                         acc.finish = c.finish_reason;
                     }
                 }
-                ChatOut::Usage(u) => usage = Some(u),
-                ChatOut::Error(msg) => return Err(ApiError::Internal(msg)),
+                RunOut::Usage(u) => usage = Some(u),
+                RunOut::Error(msg) => return Err(ApiError::Internal(msg)),
             }
         }
     }

@@ -13,18 +13,12 @@ use llmd_engine::{FinishReason, GenerationEvent, PositionLogprobs};
 use crate::chat::{lookup, unix_now};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RequestTimer};
-use crate::sse::{SseRun, error_payload, sse_response};
+use crate::sse::{RunOut, SseRun, render_outs, sse_response, truncated_payload};
 use crate::state::ApiState;
 use crate::types::*;
 use crate::validate::{ModelLimits, SamplingInput, build_sampling, generate_request, new_id};
 
 type Tagged = Pin<Box<dyn Stream<Item = (usize, GenerationEvent)> + Send>>;
-
-enum CompOut {
-    Choice(CompletionChoice),
-    Usage(UsageInfo),
-    Error(String),
-}
 
 struct CompletionRun {
     id: String,
@@ -68,36 +62,31 @@ impl CompletionRun {
         out
     }
 
-    fn on_item(&mut self, (prompt, ev): (usize, GenerationEvent)) -> Vec<CompOut> {
+    fn on_item(&mut self, (prompt, ev): (usize, GenerationEvent)) -> Vec<RunOut<CompletionChoice>> {
         let n = self.n as usize;
         match ev {
             GenerationEvent::Token { index, token_ids, text, logprobs } => {
                 self.timer.on_tokens(token_ids.len());
                 let choice = prompt * n + index as usize;
                 if index as usize >= n {
-                    return vec![CompOut::Error(format!("engine sent choice index {index} out of range"))];
+                    return vec![RunOut::Error(format!("engine sent choice index {index} out of range"))];
                 }
                 let lp = self.logprobs.then(|| self.convert(choice, &logprobs));
-                vec![CompOut::Choice(CompletionChoice {
-                    index: choice as u32,
-                    text,
-                    logprobs: lp,
-                    finish_reason: None,
-                })]
+                vec![RunOut::Choice(CompletionChoice { index: choice as u32, text, logprobs: lp, finish_reason: None })]
             }
             GenerationEvent::Finished { index, reason, text, .. } => {
                 let choice = (prompt * n + index as usize) as u32;
                 self.metrics.record_finish(&self.model, reason.as_str());
                 let mut out = Vec::new();
                 if !text.is_empty() {
-                    out.push(CompOut::Choice(CompletionChoice {
+                    out.push(RunOut::Choice(CompletionChoice {
                         index: choice,
                         text,
                         logprobs: None,
                         finish_reason: None,
                     }));
                 }
-                out.push(CompOut::Choice(CompletionChoice {
+                out.push(RunOut::Choice(CompletionChoice {
                     index: choice,
                     text: String::new(),
                     logprobs: self.logprobs.then(CompletionLogprobs::default),
@@ -115,12 +104,12 @@ impl CompletionRun {
                 self.completed = true;
                 let queue = Some(self.queue_time);
                 self.timer.finish(&self.metrics, &self.model, self.usage.completion_tokens, queue);
-                vec![CompOut::Usage(self.usage.clone())]
+                vec![RunOut::Usage(self.usage.clone())]
             }
             GenerationEvent::Error(msg) => {
                 self.completed = true;
                 self.metrics.record_error("internal");
-                vec![CompOut::Error(msg)]
+                vec![RunOut::Error(msg)]
             }
         }
     }
@@ -162,29 +151,14 @@ impl SseRun for CompletionSse {
     }
 
     fn on_item(&mut self, item: Self::Item) -> (Vec<String>, bool) {
-        let mut out = Vec::new();
-        let mut done = false;
-        for o in self.run.on_item(item) {
-            match o {
-                CompOut::Choice(c) => out.push(self.run.chunk(vec![c], self.include_usage.then_some(None))),
-                CompOut::Usage(u) => {
-                    if self.include_usage {
-                        out.push(self.run.chunk(Vec::new(), Some(Some(u))));
-                    }
-                    done = true;
-                }
-                CompOut::Error(msg) => {
-                    out.push(error_payload(&ApiError::Internal(msg)));
-                    done = true;
-                }
-            }
-        }
-        (out, done)
+        let outs = self.run.on_item(item);
+        let run = &self.run;
+        render_outs(outs, self.include_usage, |choices, usage| run.chunk(choices, usage))
     }
 
     fn on_truncated(&mut self) -> Vec<String> {
         self.run.completed = true;
-        vec![error_payload(&ApiError::Unavailable("the model stopped before finishing the request".into()))]
+        vec![truncated_payload()]
     }
 }
 
@@ -210,7 +184,7 @@ async fn collect(mut run: CompletionRun, mut events: Tagged) -> Result<Completio
         };
         for o in run.on_item(item) {
             match o {
-                CompOut::Choice(c) => {
+                RunOut::Choice(c) => {
                     let acc = &mut choices[c.index as usize];
                     acc.text.push_str(&c.text);
                     if let (Some(a), Some(l)) = (acc.logprobs.as_mut(), c.logprobs) {
@@ -223,8 +197,8 @@ async fn collect(mut run: CompletionRun, mut events: Tagged) -> Result<Completio
                         acc.finish_reason = c.finish_reason;
                     }
                 }
-                CompOut::Usage(u) => usage = Some(u),
-                CompOut::Error(msg) => return Err(ApiError::Internal(msg)),
+                RunOut::Usage(u) => usage = Some(u),
+                RunOut::Error(msg) => return Err(ApiError::Internal(msg)),
             }
         }
     }

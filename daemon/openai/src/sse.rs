@@ -9,6 +9,47 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 
+/// What a run makes of one engine item: a choice's chunk, the request's usage (its end), or a
+/// failure (also its end). Shared by chat (`C` = a delta) and completions (`C` = a text choice).
+pub(crate) enum RunOut<C> {
+    Choice(C),
+    Usage(crate::types::UsageInfo),
+    Error(String),
+}
+
+/// SSE payloads for `outs`: each choice as its own chunk (with `usage: null` when the client
+/// asked for usage), the usage chunk when asked, an error object on failure. Returns `true`
+/// once the run ended.
+pub(crate) fn render_outs<C>(
+    outs: Vec<RunOut<C>>,
+    include_usage: bool,
+    mut chunk: impl FnMut(Vec<C>, Option<Option<crate::types::UsageInfo>>) -> String,
+) -> (Vec<String>, bool) {
+    let mut payloads = Vec::new();
+    let mut done = false;
+    for o in outs {
+        match o {
+            RunOut::Choice(c) => payloads.push(chunk(vec![c], include_usage.then_some(None))),
+            RunOut::Usage(u) => {
+                if include_usage {
+                    payloads.push(chunk(Vec::new(), Some(Some(u))));
+                }
+                done = true;
+            }
+            RunOut::Error(msg) => {
+                payloads.push(error_payload(&crate::error::ApiError::Internal(msg)));
+                done = true;
+            }
+        }
+    }
+    (payloads, done)
+}
+
+/// The payload for an engine stream that ended before the run completed.
+pub(crate) fn truncated_payload() -> String {
+    error_payload(&crate::error::ApiError::Unavailable("the model stopped before finishing the request".into()))
+}
+
 /// A streaming request's formatter: turns engine items into SSE `data` payloads.
 pub(crate) trait SseRun: Send + 'static {
     /// What the engine side yields.
