@@ -443,12 +443,12 @@ extern "C" __global__ void f16_to_bf16(bf16* __restrict__ out, const __half* __r
     out[i] = __float2bfloat16(__half2float(x[i]));
 }
 
-// Skinny GEMM for decode: y[t, n] = sum_k x[t, k] * w[n, k] for T <= GEMV_MAX_T rows of x.
+// Skinny GEMM for decode: y[t, n] = sum_k x[t, k] * w[n, k] for T rows of x (instantiated for T = 1, 2:
+// measured faster than cuBLAS at one row and slower from four, bench/results/2026-11-21-h100-cuda-runner.md).
 // Bandwidth-bound on w: each warp streams whole rows of w with 16-byte loads (8 bf16 per lane,
 // 256 values per warp iteration), x is re-read from L1/L2 (it is tiny). K must be a multiple of 8.
 //   x: bf16 [T, K]; w: bf16 [N, K]; y: [T, N] bf16 (OutT = bf16) or f32 (OutT = float).
 // grid = ceil(N / (warps * ROWS)), block = 32 * warps; each warp computes ROWS consecutive rows.
-#define GEMV_MAX_T 8
 template <typename OutT, int T, int ROWS>
 __device__ void gemv_impl(OutT* __restrict__ y, const bf16* __restrict__ x, const bf16* __restrict__ w, int n, int k) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -512,17 +512,5 @@ __device__ void gemv_impl(OutT* __restrict__ y, const bf16* __restrict__ x, cons
   }
 DEFINE_GEMV(gemv_bf16, bf16, 1)
 DEFINE_GEMV(gemv_bf16, bf16, 2)
-DEFINE_GEMV(gemv_bf16, bf16, 3)
-DEFINE_GEMV(gemv_bf16, bf16, 4)
-DEFINE_GEMV(gemv_bf16, bf16, 5)
-DEFINE_GEMV(gemv_bf16, bf16, 6)
-DEFINE_GEMV(gemv_bf16, bf16, 7)
-DEFINE_GEMV(gemv_bf16, bf16, 8)
 DEFINE_GEMV(gemv_f32, float, 1)
 DEFINE_GEMV(gemv_f32, float, 2)
-DEFINE_GEMV(gemv_f32, float, 3)
-DEFINE_GEMV(gemv_f32, float, 4)
-DEFINE_GEMV(gemv_f32, float, 5)
-DEFINE_GEMV(gemv_f32, float, 6)
-DEFINE_GEMV(gemv_f32, float, 7)
-DEFINE_GEMV(gemv_f32, float, 8)

@@ -156,13 +156,6 @@ impl DeviceTensor {
         Ok(bytes.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    pub fn download_bf16(&self, gpu: &Gpu) -> Result<Vec<half::bf16>, CudaError> {
-        if self.dtype != DType::BF16 {
-            return Err(CudaError::Shape(format!("bf16 download from {:?}", self.dtype)));
-        }
-        let bytes = gpu.stream.clone_dtoh(&self.buf)?;
-        Ok(bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_ne_bytes([c[0], c[1]]))).collect())
-    }
 }
 
 /// A non-owning description of device memory: pointer, shape, element type. Created from a

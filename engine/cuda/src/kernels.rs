@@ -41,11 +41,9 @@ pub struct Kernels {
     gemv: Vec<(CudaFunction, CudaFunction)>,
 }
 
-/// Most rows of `x` the GEMV kernels take; larger batches go to cuBLAS.
-pub const GEMV_MAX_T: usize = 8;
-/// Largest batch routed to the GEMV kernels: measured faster than cuBLAS at 1 row, slower from 4
-/// (bench/results/2026-11-21-h100-cuda-runner.md, run 3).
-pub const GEMV_USE_MAX_T: usize = 2;
+/// Most rows of `x` the GEMV kernels take; larger batches go to cuBLAS. Measured faster than
+/// cuBLAS at 1 row and slower from 4 (bench/results/2026-11-21-h100-cuda-runner.md, run 3).
+pub const GEMV_MAX_T: usize = 2;
 
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, CudaError> {
@@ -268,7 +266,7 @@ impl Gpu {
         if y.shape != [t, n] || !matches!(y.dtype, DType::BF16 | DType::F32) {
             return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype, y.shape)));
         }
-        if t <= GEMV_USE_MAX_T && k % 8 == 0 {
+        if t <= GEMV_MAX_T && k % 8 == 0 {
             // Decode-sized batches: a bandwidth-bound kernel streams w at close to peak, where
             // cuBLAS's skinny-GEMM kernels reach ~65% of it (bench/results/2026-11-21-h100-cuda-runner.md).
             let (bf, fp) = &self.kernels.gemv[t - 1];
