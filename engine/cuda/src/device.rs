@@ -75,7 +75,10 @@ impl DeviceTensor {
     pub fn from_bytes(gpu: &Gpu, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Self, CudaError> {
         let expected = shape.iter().product::<usize>() * dtype.size();
         if bytes.len() != expected {
-            return Err(CudaError::Shape(format!("{} bytes for shape {shape:?} of {dtype:?}, expected {expected}", bytes.len())));
+            return Err(CudaError::Shape(format!(
+                "{} bytes for shape {shape:?} of {dtype:?}, expected {expected}",
+                bytes.len()
+            )));
         }
         let buf = gpu.stream.clone_htod(bytes)?;
         let ptr = {
@@ -129,12 +132,20 @@ impl DeviceTensor {
     pub fn copy_within(&self, gpu: &Gpu, src: usize, dst: usize, len: usize) -> Result<(), CudaError> {
         let fits = |o: usize| o.checked_add(len).is_some_and(|e| e <= self.buf.len());
         if !fits(src) || !fits(dst) || (src < dst + len && dst < src + len) {
-            return Err(CudaError::Shape(format!("copy of {len} bytes {src} -> {dst} in a buffer of {}", self.buf.len())));
+            return Err(CudaError::Shape(format!(
+                "copy of {len} bytes {src} -> {dst} in a buffer of {}",
+                self.buf.len()
+            )));
         }
         // SAFETY: both ranges lie inside this live allocation and do not overlap; the copy is
         // ordered on the GPU's only stream.
         unsafe {
-            cudarc::driver::result::memcpy_dtod_async(self.ptr + dst as u64, self.ptr + src as u64, len, gpu.stream.cu_stream())?;
+            cudarc::driver::result::memcpy_dtod_async(
+                self.ptr + dst as u64,
+                self.ptr + src as u64,
+                len,
+                gpu.stream.cu_stream(),
+            )?;
         }
         Ok(())
     }
@@ -155,7 +166,6 @@ impl DeviceTensor {
         let bytes = gpu.stream.clone_dtoh(&self.buf.slice(0..n * 4))?;
         Ok(bytes.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
-
 }
 
 /// A non-owning description of device memory: pointer, shape, element type. Created from a
@@ -234,7 +244,11 @@ impl Gpu {
             let (ptr, _sync) = blas_workspace.device_ptr(&stream);
             // SAFETY: the workspace lives as long as the handle (both owned by this Gpu).
             let status = unsafe {
-                cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut std::ffi::c_void, CUBLAS_WORKSPACE_BYTES)
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    CUBLAS_WORKSPACE_BYTES,
+                )
             };
             status.result()?;
         }

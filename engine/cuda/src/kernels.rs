@@ -122,17 +122,40 @@ impl Gpu {
     /// out[T, H] = table[ids[T] - lo, :] for ids in [lo, lo + rows), zeros for other ids
     /// (vocabulary-parallel shard; lo = 0 and rows = vocab on one GPU).
     /// table: bf16 [rows, H]; ids: u32 [T] (checked < vocab by the caller).
-    pub fn embedding_shard(&self, out: &TensorRef, table: &TensorRef, ids: &TensorRef, lo: usize) -> Result<(), CudaError> {
+    pub fn embedding_shard(
+        &self,
+        out: &TensorRef,
+        table: &TensorRef,
+        ids: &TensorRef,
+        lo: usize,
+    ) -> Result<(), CudaError> {
         let (t, rows, h) = (ids.shape[0], table.shape[0], table.shape[1]);
         check(out, "out", DType::BF16, &[t, h])?;
         check(ids, "ids", DType::U32, &[t])?;
         let hidden = i32_of(h, "hidden")?;
         let (lo, rows) = (u32::try_from(lo).map_err(|_| CudaError::Shape("vocab offset".into()))?, rows as u32);
-        launch!(self, &self.kernels.embedding, cfg((t as u32, 1, 1), 256), &out.ptr, &table.ptr, &ids.ptr, &hidden, &lo, &rows)
+        launch!(
+            self,
+            &self.kernels.embedding,
+            cfg((t as u32, 1, 1), 256),
+            &out.ptr,
+            &table.ptr,
+            &ids.ptr,
+            &hidden,
+            &lo,
+            &rows
+        )
     }
 
     /// residual += x (when given); out = rmsnorm(residual) * weight. All bf16 [T, H]; weight [H].
-    pub fn add_rmsnorm(&self, out: &TensorRef, residual: &TensorRef, x: Option<&TensorRef>, weight: &TensorRef, eps: f32) -> Result<(), CudaError> {
+    pub fn add_rmsnorm(
+        &self,
+        out: &TensorRef,
+        residual: &TensorRef,
+        x: Option<&TensorRef>,
+        weight: &TensorRef,
+        eps: f32,
+    ) -> Result<(), CudaError> {
         let (t, h) = (residual.shape[0], residual.shape[1]);
         check(out, "out", DType::BF16, &[t, h])?;
         check(residual, "residual", DType::BF16, &[t, h])?;
@@ -142,8 +165,24 @@ impl Gpu {
         check(weight, "weight", DType::BF16, &[h])?;
         let x_ptr = x.map_or(0u64, |x| x.ptr);
         let hidden = i32_of(h, "hidden")?;
-        let threads = if h >= 4096 { 1024 } else if h >= 1024 { 512 } else { 128 };
-        launch!(self, &self.kernels.add_rmsnorm, cfg((t as u32, 1, 1), threads), &out.ptr, &residual.ptr, &x_ptr, &weight.ptr, &hidden, &eps)
+        let threads = if h >= 4096 {
+            1024
+        } else if h >= 1024 {
+            512
+        } else {
+            128
+        };
+        launch!(
+            self,
+            &self.kernels.add_rmsnorm,
+            cfg((t as u32, 1, 1), threads),
+            &out.ptr,
+            &residual.ptr,
+            &x_ptr,
+            &weight.ptr,
+            &hidden,
+            &eps
+        )
     }
 
     /// Bias (optional), per-head RMSNorm of q and k (optional), rotary embedding, and the
@@ -151,7 +190,20 @@ impl Gpu {
     /// qkv: bf16 [T, (Hq + 2 Hkv) D]; q_out: bf16 [T, Hq, D]; caches: bf16 [blocks, block_size, Hkv, D];
     /// cos_sin: f32 [max_pos, D]; positions: i32 [T]; slots: i64 [T].
     #[allow(clippy::too_many_arguments)]
-    pub fn qkv_rope_cache(&self, qkv: &TensorRef, bias: Option<&TensorRef>, q_norm: Option<&TensorRef>, k_norm: Option<&TensorRef>, eps: f32, cos_sin: &TensorRef, positions: &TensorRef, slots: &TensorRef, q_out: &TensorRef, k_cache: &TensorRef, v_cache: &TensorRef) -> Result<(), CudaError> {
+    pub fn qkv_rope_cache(
+        &self,
+        qkv: &TensorRef,
+        bias: Option<&TensorRef>,
+        q_norm: Option<&TensorRef>,
+        k_norm: Option<&TensorRef>,
+        eps: f32,
+        cos_sin: &TensorRef,
+        positions: &TensorRef,
+        slots: &TensorRef,
+        q_out: &TensorRef,
+        k_cache: &TensorRef,
+        v_cache: &TensorRef,
+    ) -> Result<(), CudaError> {
         let (t, hq, d) = (q_out.shape[0], q_out.shape[1], q_out.shape[2]);
         let hkv = k_cache.shape[2];
         if d % 2 != 0 || d > 256 {
@@ -171,10 +223,29 @@ impl Gpu {
         check(positions, "positions", DType::I32, &[t])?;
         check(slots, "slots", DType::I64, &[t])?;
         check(v_cache, "v_cache", DType::BF16, &k_cache.shape.clone())?;
-        let (bias_p, qn, kn) = (bias.map_or(0u64, |b| b.ptr), q_norm.map_or(0u64, |w| w.ptr), k_norm.map_or(0u64, |w| w.ptr));
+        let (bias_p, qn, kn) =
+            (bias.map_or(0u64, |b| b.ptr), q_norm.map_or(0u64, |w| w.ptr), k_norm.map_or(0u64, |w| w.ptr));
         let (hq_i, hkv_i, d_i) = (i32_of(hq, "n_heads")?, i32_of(hkv, "n_kv_heads")?, i32_of(d, "head_dim")?);
         let warps = (hq + 2 * hkv).min(8) as u32;
-        launch!(self, &self.kernels.qkv_rope_cache, cfg((t as u32, 1, 1), 32 * warps), &qkv.ptr, &bias_p, &qn, &kn, &eps, &cos_sin.ptr, &positions.ptr, &slots.ptr, &q_out.ptr, &k_cache.ptr, &v_cache.ptr, &hq_i, &hkv_i, &d_i)
+        launch!(
+            self,
+            &self.kernels.qkv_rope_cache,
+            cfg((t as u32, 1, 1), 32 * warps),
+            &qkv.ptr,
+            &bias_p,
+            &qn,
+            &kn,
+            &eps,
+            &cos_sin.ptr,
+            &positions.ptr,
+            &slots.ptr,
+            &q_out.ptr,
+            &k_cache.ptr,
+            &v_cache.ptr,
+            &hq_i,
+            &hkv_i,
+            &d_i
+        )
     }
 
     /// Paged attention of `n_queries` query tokens over their sequences' cached K/V, causal
@@ -182,7 +253,20 @@ impl Gpu {
     /// q/out: bf16 [Q, Hq, D]; caches: bf16 [blocks, block_size, Hkv, D]; block_tables: i32 [S, max_blocks];
     /// query_seq, query_pos: i32 [Q]; part_acc: f32 [>= Q*Hq*splits*D]; part_ml: f32 [>= Q*Hq*splits*2].
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_attention(&self, out: &TensorRef, q: &TensorRef, k_cache: &TensorRef, v_cache: &TensorRef, block_tables: &TensorRef, query_seq: &TensorRef, query_pos: &TensorRef, max_context: usize, part_acc: &TensorRef, part_ml: &TensorRef, scale: f32) -> Result<(), CudaError> {
+    pub fn paged_attention(
+        &self,
+        out: &TensorRef,
+        q: &TensorRef,
+        k_cache: &TensorRef,
+        v_cache: &TensorRef,
+        block_tables: &TensorRef,
+        query_seq: &TensorRef,
+        query_pos: &TensorRef,
+        max_context: usize,
+        part_acc: &TensorRef,
+        part_ml: &TensorRef,
+        scale: f32,
+    ) -> Result<(), CudaError> {
         let (nq, hq, d) = (q.shape[0], q.shape[1], q.shape[2]);
         let (block_size, hkv) = (k_cache.shape[1], k_cache.shape[2]);
         check(out, "out", DType::BF16, &[nq, hq, d])?;
@@ -191,10 +275,15 @@ impl Gpu {
         check(query_seq, "query_seq", DType::I32, &[nq])?;
         check(query_pos, "query_pos", DType::I32, &[nq])?;
         if block_tables.dtype != DType::I32 || block_tables.shape.len() != 2 {
-            return Err(CudaError::Shape(format!("`block_tables` is {:?} {:?}", block_tables.dtype, block_tables.shape)));
+            return Err(CudaError::Shape(format!(
+                "`block_tables` is {:?} {:?}",
+                block_tables.dtype, block_tables.shape
+            )));
         }
         let group = hq / hkv;
-        let f = self.kernels.attention_for(d, group).ok_or_else(|| CudaError::Unsupported(format!("paged attention for head_dim {d} with {group} query heads per KV head")))?;
+        let f = self.kernels.attention_for(d, group).ok_or_else(|| {
+            CudaError::Unsupported(format!("paged attention for head_dim {d} with {group} query heads per KV head"))
+        })?;
         // Split long contexts (flash-decoding) as far as the workspace allows.
         let capacity = (part_acc.numel() / (nq * hq * d)).min(part_ml.numel() / (nq * hq * 2));
         if capacity == 0 {
@@ -211,8 +300,36 @@ impl Gpu {
             i32_of(splits, "splits")?,
             i32_of(d, "head_dim")?,
         );
-        launch!(self, f, cfg((nq as u32, hkv as u32, splits as u32), 128), &q.ptr, &k_cache.ptr, &v_cache.ptr, &block_tables.ptr, &mb, &query_seq.ptr, &query_pos.ptr, &part_acc.ptr, &part_ml.ptr, &hq_i, &hkv_i, &bs_i, &split_i, &scale)?;
-        launch!(self, &self.kernels.attention_merge, cfg((nq as u32, hq as u32, 1), d.min(256) as u32), &out.ptr, &part_acc.ptr, &part_ml.ptr, &hq_i, &splits_i, &d_i)
+        launch!(
+            self,
+            f,
+            cfg((nq as u32, hkv as u32, splits as u32), 128),
+            &q.ptr,
+            &k_cache.ptr,
+            &v_cache.ptr,
+            &block_tables.ptr,
+            &mb,
+            &query_seq.ptr,
+            &query_pos.ptr,
+            &part_acc.ptr,
+            &part_ml.ptr,
+            &hq_i,
+            &hkv_i,
+            &bs_i,
+            &split_i,
+            &scale
+        )?;
+        launch!(
+            self,
+            &self.kernels.attention_merge,
+            cfg((nq as u32, hq as u32, 1), d.min(256) as u32),
+            &out.ptr,
+            &part_acc.ptr,
+            &part_ml.ptr,
+            &hq_i,
+            &splits_i,
+            &d_i
+        )
     }
 
     /// out[T, I] = silu(gate_up[T, :I]) * gate_up[T, I:]. bf16.
@@ -221,7 +338,14 @@ impl Gpu {
         check(out, "out", DType::BF16, &[t, i])?;
         check(gate_up, "gate_up", DType::BF16, &[t, 2 * i])?;
         let inter = i32_of(i, "intermediate")?;
-        launch!(self, &self.kernels.silu_mul, cfg((i.div_ceil(256) as u32, t as u32, 1), 256), &out.ptr, &gate_up.ptr, &inter)
+        launch!(
+            self,
+            &self.kernels.silu_mul,
+            cfg((i.div_ceil(256) as u32, t as u32, 1), 256),
+            &out.ptr,
+            &gate_up.ptr,
+            &inter
+        )
     }
 
     /// out[R, W] = x[rows[R], :]. bf16; rows: i32 [R].
@@ -236,15 +360,33 @@ impl Gpu {
     /// ids[R] = argmax over the first `width` logits of each of `rows` rows (lowest index on
     /// ties). logits f32 [shards * rows, V/shards]: the row's vocabulary in `shards` slices laid
     /// out [shard, rows, V/shards] (one shard: plain [rows, V]). ids u32 [rows], width <= V.
-    pub fn argmax_sharded(&self, ids: &TensorRef, logits: &TensorRef, rows: usize, shards: usize, width: usize) -> Result<(), CudaError> {
+    pub fn argmax_sharded(
+        &self,
+        ids: &TensorRef,
+        logits: &TensorRef,
+        rows: usize,
+        shards: usize,
+        width: usize,
+    ) -> Result<(), CudaError> {
         let stride = logits.shape[1];
         check(logits, "logits", DType::F32, &[shards * rows, stride])?;
         check(ids, "ids", DType::U32, &[rows])?;
         if width == 0 || width > stride * shards {
             return Err(CudaError::Shape(format!("argmax width {width} for rows of {}", stride * shards)));
         }
-        let (width, stride, shards, rows_i) = (i32_of(width, "width")?, i32_of(stride, "vocab")?, i32_of(shards, "shards")?, i32_of(rows, "rows")?);
-        launch!(self, &self.kernels.argmax, cfg((rows as u32, 1, 1), 1024), &ids.ptr, &logits.ptr, &width, &stride, &shards, &rows_i)
+        let (width, stride, shards, rows_i) =
+            (i32_of(width, "width")?, i32_of(stride, "vocab")?, i32_of(shards, "shards")?, i32_of(rows, "rows")?);
+        launch!(
+            self,
+            &self.kernels.argmax,
+            cfg((rows as u32, 1, 1), 1024),
+            &ids.ptr,
+            &logits.ptr,
+            &width,
+            &stride,
+            &shards,
+            &rows_i
+        )
     }
 
     /// Converts a device f32 or f16 tensor into bf16 `out` of the same element count.
@@ -276,7 +418,11 @@ impl Gpu {
             let (n_i, k_i) = (i32_of(n, "out_features")?, i32_of(k, "in_features")?);
             return launch!(self, f, cfg((blocks, 1, 1), 256), &y.ptr, &x.ptr, &w.ptr, &n_i, &k_i);
         }
-        let y_type = if y.dtype == DType::F32 { blas_sys::cudaDataType::CUDA_R_32F } else { blas_sys::cudaDataType::CUDA_R_16BF };
+        let y_type = if y.dtype == DType::F32 {
+            blas_sys::cudaDataType::CUDA_R_32F
+        } else {
+            blas_sys::cudaDataType::CUDA_R_16BF
+        };
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: shapes checked above; the handle is bound to this GPU's stream.
         unsafe {

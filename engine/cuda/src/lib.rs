@@ -12,8 +12,8 @@ pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod nccl;
-pub mod tp;
 pub mod runner;
+pub mod tp;
 
 pub use device::{Gpu, device_count, driver_present};
 pub use error::CudaError;

@@ -156,7 +156,15 @@ impl Communicator {
         let ty = Self::nccl_type(buf)?;
         // SAFETY: `buf` is a live device allocation of `numel` elements of `ty` on this rank's GPU.
         check(api, "ncclAllReduce", unsafe {
-            (api.all_reduce)(buf.ptr as *const c_void, buf.ptr as *mut c_void, buf.numel(), ty, NCCL_SUM, self.comm, stream)
+            (api.all_reduce)(
+                buf.ptr as *const c_void,
+                buf.ptr as *mut c_void,
+                buf.numel(),
+                ty,
+                NCCL_SUM,
+                self.comm,
+                stream,
+            )
         })
     }
 

@@ -170,7 +170,9 @@ fn to_dtype(d: Dtype, name: &str) -> Result<bool, CudaError> {
     match d {
         Dtype::BF16 => Ok(false),
         Dtype::F16 | Dtype::F32 => Ok(true),
-        other => Err(CudaError::Model(ModelError::UnsupportedDtype { name: name.to_string(), dtype: format!("{other:?}") })),
+        other => {
+            Err(CudaError::Model(ModelError::UnsupportedDtype { name: name.to_string(), dtype: format!("{other:?}") }))
+        }
     }
 }
 
@@ -230,14 +232,20 @@ fn load_parts(gpu: &Gpu, ckpt: &Checkpoint, parts: &[Part], out_shape: &[usize])
         } else {
             let mut v = Vec::with_capacity(numel * elem);
             for r in part.rows.clone() {
-                v.extend_from_slice(&raw.bytes[(r * ncols + part.cols.start) * elem..(r * ncols + part.cols.end) * elem]);
+                v.extend_from_slice(
+                    &raw.bytes[(r * ncols + part.cols.start) * elem..(r * ncols + part.cols.end) * elem],
+                );
             }
             gathered = v;
             &gathered
         };
         let dst = TensorRef { ptr: out.r().ptr + (offset_elems * 2) as u64, shape: vec![numel], dtype: DType::BF16 };
         if to_dtype(raw.dtype, &part.name)? {
-            let src_dtype = if raw.dtype == Dtype::F32 { DType::F32 } else { DType::BF16 /* f16 staged as 2-byte words */ };
+            let src_dtype = if raw.dtype == Dtype::F32 {
+                DType::F32
+            } else {
+                DType::BF16 /* f16 staged as 2-byte words */
+            };
             let staged = DeviceTensor::from_bytes(gpu, bytes, &[numel], src_dtype)?;
             gpu.to_bf16(&dst, &staged.r(), raw.dtype == Dtype::F16)?;
             gpu.synchronize()?;
@@ -277,7 +285,8 @@ struct ShardDims {
 }
 
 fn shard_dims(cfg: &ModelConfig, shard: Shard) -> Result<ShardDims, CudaError> {
-    let (hq, hkv, inter, vocab, tp) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size, shard.world);
+    let (hq, hkv, inter, vocab, tp) =
+        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size, shard.world);
     let refuse = |what: String| Err(CudaError::Unsupported(format!("tp {tp}: {what}")));
     if hq % tp != 0 {
         return refuse(format!("{hq} attention heads are not divisible by {tp}"));
@@ -291,12 +300,14 @@ fn shard_dims(cfg: &ModelConfig, shard: Shard) -> Result<ShardDims, CudaError> {
     if vocab % tp != 0 {
         return refuse(format!("vocab_size {vocab} is not divisible by {tp}"));
     }
-    let (kv_heads, kv_head0) = if hkv >= tp { (hkv / tp, shard.rank * (hkv / tp)) } else { (1, shard.rank / (tp / hkv)) };
+    let (kv_heads, kv_head0) =
+        if hkv >= tp { (hkv / tp, shard.rank * (hkv / tp)) } else { (1, shard.rank / (tp / hkv)) };
     Ok(ShardDims { heads: hq / tp, kv_heads, kv_head0, inter: inter / tp, vocab: vocab / tp })
 }
 
 /// Architectures the CUDA backend serves (dense decoders; Qwen3-MoE runs on the CPU for now).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
 
 /// Whether [`load_cuda`] serves HF `architectures[0]` = `arch`.
 pub fn supports_architecture(arch: &str) -> bool {
@@ -305,11 +316,20 @@ pub fn supports_architecture(arch: &str) -> bool {
 
 /// Loads an HF dense decoder onto the GPUs in `opts.gpus` (one: plain; several: tensor
 /// parallel over NCCL) and sizes its KV cache.
-pub fn load_cuda(dir: &Path, opts: &CudaLoadConfig, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel, ModelError> {
+pub fn load_cuda(
+    dir: &Path,
+    opts: &CudaLoadConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel, ModelError> {
     let cfg = ModelConfig::from_dir(dir)?;
     let generation = GenerationConfig::from_dir(dir)?;
     if !supports_architecture(&cfg.architecture) {
-        return Err(CudaError::Unsupported(format!("{} (the CUDA backend serves {})", cfg.architecture, SUPPORTED_ARCHITECTURES.join(", "))).into());
+        return Err(CudaError::Unsupported(format!(
+            "{} (the CUDA backend serves {})",
+            cfg.architecture,
+            SUPPORTED_ARCHITECTURES.join(", ")
+        ))
+        .into());
     }
     let gpus = if opts.gpus.is_empty() { vec![0] } else { opts.gpus.clone() };
     let (runner, weight_bytes, num_params): (Box<dyn ModelRunner>, u64, u64) = if gpus.len() == 1 {
@@ -358,19 +378,28 @@ pub(crate) fn load_rank(
         }
         None => None,
     };
-    let (h, d, hq, hkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
+    let (h, d, hq, hkv, inter) =
+        (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
     if hq % hkv != 0 {
         return Err(CudaError::Unsupported(format!("{hq} heads with {hkv} KV heads")));
     }
     let dims = shard_dims(cfg, shard)?;
     if !gpu.kernels.supports_attention(d, dims.heads / dims.kv_heads) {
-        return Err(CudaError::Unsupported(format!("head_dim {d} with {} query heads per KV head", dims.heads / dims.kv_heads)));
+        return Err(CudaError::Unsupported(format!(
+            "head_dim {d} with {} query heads per KV head",
+            dims.heads / dims.kv_heads
+        )));
     }
     let ckpt = Checkpoint::open_dir(dir)?;
     let total = cfg.num_hidden_layers + 3;
     let mut done = 0;
     let (v0, vl) = (shard.rank * dims.vocab, dims.vocab);
-    let embed = load_parts(&gpu, &ckpt, &[Part::rows("model.embed_tokens.weight", &[cfg.vocab_size, h], v0..v0 + vl)], &[vl, h])?;
+    let embed = load_parts(
+        &gpu,
+        &ckpt,
+        &[Part::rows("model.embed_tokens.weight", &[cfg.vocab_size, h], v0..v0 + vl)],
+        &[vl, h],
+    )?;
     let lm_head = if ckpt.contains("lm_head.weight") && !cfg.tie_word_embeddings {
         Some(load_parts(&gpu, &ckpt, &[Part::rows("lm_head.weight", &[cfg.vocab_size, h], v0..v0 + vl)], &[vl, h])?)
     } else {
@@ -428,7 +457,10 @@ pub(crate) fn load_rank(
             gate_up: load_parts(
                 &gpu,
                 &ckpt,
-                &[Part::rows(mlp("gate"), &[inter, h], inter_rows.clone()), Part::rows(mlp("up"), &[inter, h], inter_rows.clone())],
+                &[
+                    Part::rows(mlp("gate"), &[inter, h], inter_rows.clone()),
+                    Part::rows(mlp("up"), &[inter, h], inter_rows.clone()),
+                ],
                 &[2 * inter_l, h],
             )?,
             down: load_parts(&gpu, &ckpt, &[Part::cols(mlp("down"), &[h, inter], inter_rows.clone())], &[h, inter_l])?,
@@ -485,7 +517,14 @@ pub(crate) fn load_rank(
         )));
     }
     tracing::info!(gpu = %gpu.name, ordinal, rank = shard.rank, tp = shard.world, total_mib = total_mem >> 20, free_mib = free >> 20, kv_blocks_possible = possible, "weights loaded");
-    let layout = KvCacheLayout { num_layers: cfg.num_hidden_layers, num_kv_heads: hkv_l, head_dim: d, block_size, num_blocks: 0, dtype_bytes: 2 };
+    let layout = KvCacheLayout {
+        num_layers: cfg.num_hidden_layers,
+        num_kv_heads: hkv_l,
+        head_dim: d,
+        block_size,
+        num_blocks: 0,
+        dtype_bytes: 2,
+    };
     let runner = CudaRunner {
         gpu,
         cfg: cfg.clone(),
@@ -540,7 +579,12 @@ impl CudaRunner {
         let opt = |t: &Option<DeviceTensor>| t.as_ref().map_or(0, DeviceTensor::bytes);
         let mut b = self.embed.bytes() + self.final_norm.bytes() + opt(&self.lm_head);
         for l in &self.layers {
-            b += l.input_norm.bytes() + l.qkv.bytes() + l.o.bytes() + l.post_norm.bytes() + l.gate_up.bytes() + l.down.bytes();
+            b += l.input_norm.bytes()
+                + l.qkv.bytes()
+                + l.o.bytes()
+                + l.post_norm.bytes()
+                + l.gate_up.bytes()
+                + l.down.bytes();
             b += opt(&l.qkv_bias) + opt(&l.q_norm) + opt(&l.k_norm);
         }
         b as u64
@@ -548,7 +592,13 @@ impl CudaRunner {
 
     /// Validates the batch and packs its metadata for `t_pad` tokens / `s_pad` sequences
     /// (padding rows write no KV and produce ignored outputs).
-    fn pack(&self, batch: &ForwardBatch, t_pad: usize, s_pad: usize, stride: usize) -> Result<(StepMeta, Vec<u8>, usize, usize), CudaError> {
+    fn pack(
+        &self,
+        batch: &ForwardBatch,
+        t_pad: usize,
+        s_pad: usize,
+        stride: usize,
+    ) -> Result<(StepMeta, Vec<u8>, usize, usize), CudaError> {
         let t = batch.num_tokens();
         let s = batch.seqs.len();
         let bs = self.layout.block_size;
@@ -570,10 +620,16 @@ impl CudaRunner {
         for (si, seq) in batch.seqs.iter().enumerate() {
             let ctx = seq.context_before + seq.len;
             if seq.block_table.len() * bs < ctx || seq.block_table.len() > stride {
-                return Err(CudaError::Shape(format!("sequence {si}: {} blocks for {ctx} tokens (max {stride} blocks)", seq.block_table.len())));
+                return Err(CudaError::Shape(format!(
+                    "sequence {si}: {} blocks for {ctx} tokens (max {stride} blocks)",
+                    seq.block_table.len()
+                )));
             }
             if let Some(&b) = seq.block_table.iter().find(|&&b| b as usize >= self.layout.num_blocks) {
-                return Err(CudaError::Shape(format!("sequence {si}: block id {b} >= {} blocks", self.layout.num_blocks)));
+                return Err(CudaError::Shape(format!(
+                    "sequence {si}: block id {b} >= {} blocks",
+                    self.layout.num_blocks
+                )));
             }
             max_context = max_context.max(ctx);
             for (j, &b) in seq.block_table.iter().enumerate() {
@@ -658,7 +714,19 @@ impl CudaRunner {
                 &layer.k_cache.r(),
                 &layer.v_cache.r(),
             )?;
-            gpu.paged_attention(&attn, &q, &layer.k_cache.r(), &layer.v_cache.r(), &v.tables, &v.query_seq, &v.positions, v.max_context, &a.part_acc.r(), &a.part_ml.r(), scale)?;
+            gpu.paged_attention(
+                &attn,
+                &q,
+                &layer.k_cache.r(),
+                &layer.v_cache.r(),
+                &v.tables,
+                &v.query_seq,
+                &v.positions,
+                v.max_context,
+                &a.part_acc.r(),
+                &a.part_ml.r(),
+                scale,
+            )?;
             gpu.linear(&x, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
             reduce(&x)?;
             gpu.add_rmsnorm(&normed, &residual, Some(&x), &layer.post_norm.r(), eps)?;
@@ -685,7 +753,10 @@ impl CudaRunner {
         let t = batch.num_tokens();
         let s = batch.seqs.len();
         if t == 0 || t > self.max_tokens || s > self.max_seqs {
-            return Err(CudaError::Shape(format!("batch of {t} tokens / {s} sequences (limits {} / {})", self.max_tokens, self.max_seqs)));
+            return Err(CudaError::Shape(format!(
+                "batch of {t} tokens / {s} sequences (limits {} / {})",
+                self.max_tokens, self.max_seqs
+            )));
         }
         let vocab = self.cfg.vocab_size;
         let decode = batch.seqs.iter().all(|q| q.len == 1 && q.wants_logits);
@@ -705,7 +776,9 @@ impl CudaRunner {
                     let views = self.views(&meta, b, self.max_model_len);
                     // Run once eagerly (cuBLAS picks its kernels), then capture.
                     self.launch_forward(&views)?;
-                    self.gpu.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                    self.gpu
+                        .stream
+                        .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
                     let captured = self.launch_forward(&views);
                     let graph = self.gpu.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
                     captured?;
@@ -741,11 +814,21 @@ impl CudaRunner {
             (self.act.logits.rows(0, computed_rows), 1)
         };
         if let Some(w) = uniform {
-            self.gpu.argmax_sharded(&self.act.sampled.rows(0, computed_rows), &logits, computed_rows, shards, (w as usize).min(vocab))?;
+            self.gpu.argmax_sharded(
+                &self.act.sampled.rows(0, computed_rows),
+                &logits,
+                computed_rows,
+                shards,
+                (w as usize).min(vocab),
+            )?;
             let ids = self.act.sampled.download_u32(&self.gpu, n_rows)?;
             return Ok(ids.into_iter().map(RowOutput::Argmax).collect());
         }
-        let flat = if world > 1 { self.act.gathered.download_f32(&self.gpu, world * computed_rows * vl)? } else { self.act.logits.download_f32(&self.gpu, n_rows * vocab)? };
+        let flat = if world > 1 {
+            self.act.gathered.download_f32(&self.gpu, world * computed_rows * vl)?
+        } else {
+            self.act.logits.download_f32(&self.gpu, n_rows * vocab)?
+        };
         Ok((0..n_rows)
             .map(|r| {
                 let mut row = Vec::with_capacity(vocab);
@@ -785,7 +868,11 @@ impl ModelRunner for CudaRunner {
         Ok(StepLogits { vocab_size: self.cfg.vocab_size, rows })
     }
 
-    fn forward_argmax(&mut self, batch: &ForwardBatch, argmax_width: &[Option<u32>]) -> Result<Vec<RowOutput>, ModelError> {
+    fn forward_argmax(
+        &mut self,
+        batch: &ForwardBatch,
+        argmax_width: &[Option<u32>],
+    ) -> Result<Vec<RowOutput>, ModelError> {
         Ok(self.step(batch, argmax_width)?)
     }
 
@@ -797,7 +884,9 @@ impl ModelRunner for CudaRunner {
         let per_block = self.layout.block_size * self.layout.num_kv_heads * self.layout.head_dim * 2;
         for layer in &self.layers {
             for cache in [&layer.k_cache, &layer.v_cache] {
-                cache.copy_within(&self.gpu, src as usize * per_block, dst as usize * per_block, per_block).map_err(ModelError::from)?;
+                cache
+                    .copy_within(&self.gpu, src as usize * per_block, dst as usize * per_block, per_block)
+                    .map_err(ModelError::from)?;
             }
         }
         Ok(())

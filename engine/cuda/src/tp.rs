@@ -66,7 +66,13 @@ fn failed(rank: usize, e: impl std::fmt::Display) -> CudaError {
 impl TpRunner {
     /// Loads one rank per entry of `gpus` (distinct CUDA device numbers), in parallel.
     /// Progress is reported from rank 0. Any rank failing fails the load and frees every GPU.
-    pub fn load(dir: &Path, cfg: &ModelConfig, opts: &CudaLoadConfig, gpus: &[usize], progress: &mut dyn FnMut(usize, usize)) -> Result<TpRunner, ModelError> {
+    pub fn load(
+        dir: &Path,
+        cfg: &ModelConfig,
+        opts: &CudaLoadConfig,
+        gpus: &[usize],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<TpRunner, ModelError> {
         let world = gpus.len();
         let mut seen = gpus.to_vec();
         seen.sort_unstable();
@@ -74,7 +80,8 @@ impl TpRunner {
         if seen.len() != world {
             return Err(CudaError::Unsupported(format!("GPU list {gpus:?} repeats a GPU")).into());
         }
-        let id = crate::nccl::unique_id().map_err(|e| CudaError::Unsupported(format!("tensor parallelism needs NCCL: {e}")))?;
+        let id = crate::nccl::unique_id()
+            .map_err(|e| CudaError::Unsupported(format!("tensor parallelism needs NCCL: {e}")))?;
         let mut workers = Vec::with_capacity(world);
         for (rank, &ordinal) in gpus.iter().enumerate() {
             let (jobs, job_rx) = mpsc::channel::<Job>();
@@ -176,7 +183,12 @@ fn worker(
     let shard = Shard { rank, world };
     let mut runner = match load_rank(dir, cfg, opts, ordinal, shard, Some(id), &mut report) {
         Ok((r, possible)) => {
-            let info = Loaded { possible_blocks: possible, weight_bytes: r.weight_bytes(), num_params: r.num_params(), layout: r.kv_layout() };
+            let info = Loaded {
+                possible_blocks: possible,
+                weight_bytes: r.weight_bytes(),
+                num_params: r.num_params(),
+                layout: r.kv_layout(),
+            };
             let _ = replies.send(Reply::Loaded(Ok(info)));
             r
         }
@@ -188,7 +200,9 @@ fn worker(
     while let Ok(job) = jobs.recv() {
         let reply = match job {
             Job::AllocKv(n) => Reply::Done(runner.alloc_kv(n).map_err(|e| e.to_string())),
-            Job::Forward(batch, widths) => Reply::Rows(runner.forward_argmax(&batch, &widths).map_err(|e| e.to_string())),
+            Job::Forward(batch, widths) => {
+                Reply::Rows(runner.forward_argmax(&batch, &widths).map_err(|e| e.to_string()))
+            }
             Job::CopyBlock(s, d) => Reply::Done(runner.copy_block(s, d).map_err(|e| e.to_string())),
         };
         if replies.send(reply).is_err() {
@@ -204,7 +218,8 @@ impl ModelRunner for TpRunner {
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, ModelError> {
         let rows = self.forward_argmax(batch, &[])?;
-        let vocab_size = rows.iter().find_map(|r| if let RowOutput::Logits(l) = r { Some(l.len()) } else { None }).unwrap_or(0);
+        let vocab_size =
+            rows.iter().find_map(|r| if let RowOutput::Logits(l) = r { Some(l.len()) } else { None }).unwrap_or(0);
         let rows = rows
             .into_iter()
             .map(|r| match r {
@@ -215,7 +230,11 @@ impl ModelRunner for TpRunner {
         Ok(StepLogits { vocab_size, rows })
     }
 
-    fn forward_argmax(&mut self, batch: &ForwardBatch, argmax_width: &[Option<u32>]) -> Result<Vec<RowOutput>, ModelError> {
+    fn forward_argmax(
+        &mut self,
+        batch: &ForwardBatch,
+        argmax_width: &[Option<u32>],
+    ) -> Result<Vec<RowOutput>, ModelError> {
         let (batch, widths) = (Arc::new(batch.clone()), Arc::new(argmax_width.to_vec()));
         match self.all(|| Job::Forward(batch.clone(), widths.clone()))? {
             Reply::Rows(Ok(rows)) => Ok(rows),

@@ -48,7 +48,13 @@ impl Seqs {
             self.tables[i].push(self.next_block);
             self.next_block += 1;
         }
-        batch.seqs.push(SeqSlice { start: batch.tokens.len(), len: chunk.len(), context_before: before, block_table: self.tables[i].clone(), wants_logits });
+        batch.seqs.push(SeqSlice {
+            start: batch.tokens.len(),
+            len: chunk.len(),
+            context_before: before,
+            block_table: self.tables[i].clone(),
+            wants_logits,
+        });
         batch.tokens.extend_from_slice(chunk);
         batch.positions.extend((before..after).map(|p| p as u32));
         self.lens[i] = after;
@@ -86,13 +92,21 @@ fn gpus_arg(args: &[String]) -> Vec<usize> {
 
 fn check(dir: PathBuf, args: &[String]) -> Result<bool, String> {
     let e = |x: llmd_models::ModelError| x.to_string();
-    let mut cpu = load_cpu(&dir, &LoadConfig { kv_cache_bytes: 512 << 20, block_size: 16 }, &mut |_, _| {}).map_err(e)?;
+    let mut cpu =
+        load_cpu(&dir, &LoadConfig { kv_cache_bytes: 512 << 20, block_size: 16 }, &mut |_, _| {}).map_err(e)?;
     let gpus = gpus_arg(args);
-    let opts = CudaLoadConfig { gpus: gpus.clone(), gpu_memory_utilization: 0.4, block_size: 16, max_num_batched_tokens: 2048, max_model_len: 1024 };
+    let opts = CudaLoadConfig {
+        gpus: gpus.clone(),
+        gpu_memory_utilization: 0.4,
+        block_size: 16,
+        max_num_batched_tokens: 2048,
+        max_model_len: 1024,
+    };
     let mut gpu = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
     let vocab = cpu.vocab_size;
     println!("model {} ({}), vocab {vocab}, gpu {}", dir.display(), cpu.config.architecture, gpu.runner.device_name());
-    let prompts: Vec<Vec<u32>> = [37usize, 300, 5].iter().enumerate().map(|(i, &n)| tokens(i as u64 + 1, n, vocab)).collect();
+    let prompts: Vec<Vec<u32>> =
+        [37usize, 300, 5].iter().enumerate().map(|(i, &n)| tokens(i as u64 + 1, n, vocab)).collect();
     let mut worst = 0f64;
     let mut ok = true;
 
@@ -124,7 +138,13 @@ fn check(dir: PathBuf, args: &[String]) -> Result<bool, String> {
     }
     for (i, (g, c)) in gl.rows.iter().zip(&cl.rows).enumerate() {
         let (err, bad) = rel_err(g, c);
-        println!("prefill seq {i} (len {:>3}): rel err {err:.2e}{}  argmax gpu {} cpu {}", prompts[i].len(), if bad { " NON-FINITE" } else { "" }, argmax(g), argmax(c));
+        println!(
+            "prefill seq {i} (len {:>3}): rel err {err:.2e}{}  argmax gpu {} cpu {}",
+            prompts[i].len(),
+            if bad { " NON-FINITE" } else { "" },
+            argmax(g),
+            argmax(c)
+        );
         worst = worst.max(err);
         ok &= !bad;
     }
@@ -224,7 +244,10 @@ fn check(dir: PathBuf, args: &[String]) -> Result<bool, String> {
 
     let tol = 3e-2;
     ok &= worst < tol && agree * 10 >= steps * 9;
-    println!("worst relative error {worst:.2e} (tolerance {tol:.0e} for bf16 vs f32): {}", if ok { "PASS" } else { "FAIL" });
+    println!(
+        "worst relative error {worst:.2e} (tolerance {tol:.0e} for bf16 vs f32): {}",
+        if ok { "PASS" } else { "FAIL" }
+    );
     Ok(ok)
 }
 
@@ -235,7 +258,13 @@ fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
     let gen_len: usize = arg(args, "--gen", "256").parse().map_err(|_| "--gen")?;
     let max_batch = *batches.iter().max().unwrap_or(&1);
     let t0 = Instant::now();
-    let opts = CudaLoadConfig { gpus: gpus_arg(args), gpu_memory_utilization: 0.9, block_size: 16, max_num_batched_tokens: 8192, max_model_len: prompt + gen_len + 16 };
+    let opts = CudaLoadConfig {
+        gpus: gpus_arg(args),
+        gpu_memory_utilization: 0.9,
+        block_size: 16,
+        max_num_batched_tokens: 8192,
+        max_model_len: prompt + gen_len + 16,
+    };
     let mut m = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
     let load_s = t0.elapsed().as_secs_f64();
     println!("load {load_s:.2} s, {} params, {:.2} GB weights", m.num_params, m.weight_bytes as f64 / 1e9);
