@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use llmd_models::ModelError;
-use llmd_models::runner::{ModelRunner, RowOutput};
+use llmd_models::runner::{ModelRunner, RowOutput, RowRequest};
 use llmd_tokenizer::{IncrementalDecoder, Tokenizer};
 use tokio::sync::mpsc as tokio_mpsc;
 
@@ -818,24 +818,32 @@ impl Engine {
         for &(src, dst) in &out.copies {
             self.runner.copy_block(src, dst)?;
         }
-        // Rows whose next token is a plain argmax may be picked on the device.
-        let widths: Vec<Option<u32>> = out
-            .scheduled
-            .iter()
-            .filter(|s| s.wants_logits)
-            .map(|s| {
-                let seq = self.sched.seq(s.seq)?;
-                if seq.pending_forks() > 0 {
-                    return None;
-                }
-                let req = self.requests.get(&seq.group)?;
-                let choice = req.choices.get(seq.choice as usize)?;
-                choice.sampler.is_plain_greedy(&req.params).then_some(self.sample_width as u32)
-            })
-            .collect();
-        let rows = self.runner.forward_argmax(&out.batch, &widths)?;
-        if rows.len() != widths.len() {
-            return Err(ModelError::Backend(format!("runner returned {} logits rows, expected {}", rows.len(), widths.len())));
+        // Rows the backend picks on its device: everything but logprobs (the host needs the
+        // row) and a prompt about to fork into `n` choices (each samples from the same row).
+        let width = self.sample_width as u32;
+        let mut requests = Vec::with_capacity(out.scheduled.len());
+        for s in out.scheduled.iter().filter(|s| s.wants_logits) {
+            let Some(seq) = self.sched.seq(s.seq) else {
+                requests.push(RowRequest::Logits);
+                continue;
+            };
+            let (group, choice, forks) = (seq.group, seq.choice as usize, seq.pending_forks());
+            let request = match self.requests.get_mut(&group) {
+                Some(req) if forks == 0 && req.params.logprobs.is_none() => match req.choices.get_mut(choice) {
+                    Some(c) => RowRequest::Pick(c.sampler.pick(&req.params, width)),
+                    None => RowRequest::Logits,
+                },
+                _ => RowRequest::Logits,
+            };
+            requests.push(request);
+        }
+        let rows = self.runner.forward_sample(&out.batch, &requests)?;
+        if rows.len() != requests.len() {
+            return Err(ModelError::Backend(format!(
+                "runner returned {} logits rows, expected {}",
+                rows.len(),
+                requests.len()
+            )));
         }
         Ok(rows)
     }
@@ -862,8 +870,8 @@ impl Engine {
         let params = &req.params;
         let choice = &mut req.choices[c];
         let sampled = match row {
-            RowOutput::Logits(l) => choice.sampler.sample(params, &l[..width.min(l.len())]),
-            RowOutput::Argmax(token) => choice.sampler.accept(*token),
+            RowOutput::Logits(l) => choice.sampler.sample(params, l, width as u32, None),
+            RowOutput::Token(token) => choice.sampler.accept(*token),
         };
         let tok = sampled.token;
         req.completion_tokens += 1;

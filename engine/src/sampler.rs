@@ -17,14 +17,20 @@
 //! 7. greedy (`temperature == 0`): argmax, ties to the lowest id; otherwise one draw from the
 //!    sequence's own ChaCha20 generator.
 //!
+//! Steps 1–3 become a [`TokenPick`]'s adjustments and steps 6–7 follow its exact rule
+//! (`llmd_models::pick`), so a backend can pick on its device: the same draw gives the same
+//! token from the same logits on the CPU or the GPU. Only logprobs need the row on the host.
+//!
 //! Each sequence owns its RNG, seeded from the request's `seed` with the choice index as the
 //! ChaCha stream, so a seeded request gives the same tokens whatever else is in the batch,
 //! and choice 0 of an `n > 1` request matches the same request with `n == 1`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+
+use llmd_models::pick::{LogitAdjust, TokenPick};
 
 use crate::request::SamplingParams;
 
@@ -81,70 +87,63 @@ impl SeqSampler {
         self.num_output
     }
 
-    /// Applies steps 1–4 of the module doc to `logits` in place; returns whether greedy.
-    fn process(&self, params: &SamplingParams, logits: &mut [f32]) -> bool {
-        for x in logits.iter_mut() {
-            if x.is_nan() {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-        if self.num_output < params.min_tokens {
-            for &t in &self.min_tokens_mask {
-                if let Some(x) = logits.get_mut(t as usize) {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-        }
-        let rp = params.repetition_penalty;
-        if rp != 1.0 {
+    /// The device-independent pick for the next token ([`TokenPick`]): this sequence's penalties
+    /// and masks as adjustments, and one uniform draw from its generator (none when greedy).
+    /// Call once per token, then [`Self::accept`] the token a backend picked with it, or hand it
+    /// to [`Self::sample`].
+    pub fn pick(&mut self, params: &SamplingParams, width: u32) -> TokenPick {
+        let mut adjust: BTreeMap<u32, LogitAdjust> = BTreeMap::new();
+        let entry = |t: u32| LogitAdjust { token: t, divide_positive: 1.0, subtract: 0.0 };
+        if params.repetition_penalty != 1.0 {
             for &t in &self.seen {
-                if let Some(x) = logits.get_mut(t as usize) {
-                    *x = if *x > 0.0 { *x / rp } else { *x * rp };
-                }
+                adjust.entry(t).or_insert_with(|| entry(t)).divide_positive = params.repetition_penalty;
             }
         }
         if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
             for (&t, &c) in &self.output_counts {
-                if let Some(x) = logits.get_mut(t as usize) {
-                    *x -= params.frequency_penalty * c as f32 + params.presence_penalty;
-                }
+                adjust.entry(t).or_insert_with(|| entry(t)).subtract +=
+                    params.frequency_penalty * c as f32 + params.presence_penalty;
+            }
+        }
+        if self.num_output < params.min_tokens {
+            for &t in &self.min_tokens_mask {
+                adjust.entry(t).or_insert_with(|| entry(t)).subtract = f32::INFINITY;
             }
         }
         let greedy = params.temperature == 0.0;
-        if !greedy && params.temperature != 1.0 {
-            let inv = 1.0 / params.temperature;
-            for x in logits.iter_mut() {
-                *x *= inv;
-            }
+        TokenPick {
+            width,
+            temperature: params.temperature,
+            top_k: params.top_k.unwrap_or(0),
+            top_p: params.top_p,
+            min_p: params.min_p,
+            uniform: if greedy { 0.0 } else { self.rng.random::<f64>() },
+            adjust: adjust.into_values().collect(),
         }
-        greedy
     }
 
-    /// Whether `sample` would reduce to a plain argmax of the raw logits for the next token, so
-    /// a backend may pick it on the device (no penalties, no temperature, no logprobs, no
-    /// min_tokens mask in force).
-    pub fn is_plain_greedy(&self, params: &SamplingParams) -> bool {
-        params.temperature == 0.0
-            && params.repetition_penalty == 1.0
-            && params.presence_penalty == 0.0
-            && params.frequency_penalty == 0.0
-            && params.logprobs.is_none()
-            && self.num_output >= params.min_tokens
-    }
-
-    /// Records a token the backend picked greedily on the device (see [`Self::is_plain_greedy`]).
+    /// Records a token a backend picked with [`Self::pick`]'s rule.
     pub fn accept(&mut self, token: u32) -> Sampled {
         self.record(token);
         Sampled { token, logprob: 0.0, top: Vec::new() }
     }
 
-    /// Picks the next token from `logits` (one vocabulary row) and records it.
-    pub fn sample(&mut self, params: &SamplingParams, logits: &[f32]) -> Sampled {
-        let mut l = logits.to_vec();
-        let greedy = self.process(params, &mut l);
-        let token = if greedy { argmax(&l) } else { self.draw(params, &l) };
+    /// Picks the next token from `logits` (one vocabulary row, ids below `width` are
+    /// candidates) with `pick` (from [`Self::pick`], or a fresh one when `None`), computes the
+    /// logprobs asked for, and records the token.
+    pub fn sample(&mut self, params: &SamplingParams, logits: &[f32], width: u32, pick: Option<TokenPick>) -> Sampled {
+        let pick = pick.unwrap_or_else(|| self.pick(params, width));
+        let mut l = logits[..(width as usize).min(logits.len())].to_vec();
+        pick.apply_adjustments(&mut l);
+        let token = pick.choose(&l);
         let (logprob, top) = match params.logprobs {
             Some(k) => {
+                if params.temperature != 0.0 && params.temperature != 1.0 {
+                    let inv = 1.0 / params.temperature;
+                    for x in l.iter_mut() {
+                        *x *= inv;
+                    }
+                }
                 let lse = log_sum_exp(&l);
                 let lp = |x: f32| if x.is_finite() { x - lse } else { MASKED_LOGPROB };
                 let top = top_k_indices(&l, k as usize).into_iter().map(|t| (t, lp(l[t as usize]))).collect();
@@ -163,72 +162,6 @@ impl SeqSampler {
             self.seen.insert(token);
         }
     }
-
-    /// Steps 6–7 for a non-greedy draw over processed logits `l`.
-    fn draw(&mut self, params: &SamplingParams, l: &[f32]) -> u32 {
-        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
-            return argmax(l);
-        }
-        let mut cand: Vec<(u32, f32)> =
-            l.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as u32, (x - max).exp())).collect();
-        let by_prob = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let mut sorted = false;
-        if let Some(k) = params.top_k {
-            let k = k as usize;
-            if k < cand.len() {
-                cand.select_nth_unstable_by(k - 1, by_prob);
-                cand.truncate(k);
-            }
-        }
-        if params.top_p < 1.0 {
-            cand.sort_unstable_by(by_prob);
-            sorted = true;
-            let total: f32 = cand.iter().map(|c| c.1).sum();
-            let target = params.top_p * total;
-            let mut cum = 0.0;
-            let mut keep = cand.len();
-            for (i, c) in cand.iter().enumerate() {
-                cum += c.1;
-                if cum >= target {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cand.truncate(keep.max(1));
-        }
-        if params.min_p > 0.0 {
-            // exp(max - max) == 1 is the top probability before normalisation.
-            let top = cand.iter().map(|c| c.1).fold(0.0f32, f32::max);
-            let threshold = params.min_p * top;
-            cand.retain(|c| c.1 >= threshold);
-        }
-        if !sorted {
-            // A fixed order so that one uniform draw maps to one token deterministically.
-            cand.sort_unstable_by_key(|c| c.0);
-        }
-        let total: f64 = cand.iter().map(|c| f64::from(c.1)).sum();
-        let u = self.rng.random::<f64>() * total;
-        let mut cum = 0.0f64;
-        for c in &cand {
-            cum += f64::from(c.1);
-            if u < cum {
-                return c.0;
-            }
-        }
-        cand.last().map_or_else(|| argmax(l), |c| c.0)
-    }
-}
-
-/// Index of the largest value; ties go to the lowest index; NaN never wins.
-pub fn argmax(l: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &x) in l.iter().enumerate() {
-        if x > l[best] || (l[best].is_nan() && !x.is_nan()) {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn log_sum_exp(l: &[f32]) -> f32 {
@@ -272,7 +205,7 @@ mod tests {
         let mut h = vec![0; logits.len()];
         for _ in 0..draws {
             // Fresh counts each time: penalties are off in these tests anyway.
-            h[s.sample(p, logits).token as usize] += 1;
+            h[s.sample(p, logits, u32::MAX, None).token as usize] += 1;
         }
         h
     }
@@ -281,8 +214,8 @@ mod tests {
     fn greedy_takes_argmax_lowest_id_on_ties() {
         let p = SamplingParams { temperature: 0.0, ..params() };
         let mut s = SeqSampler::new(&p, &[], 0, &[]);
-        assert_eq!(s.sample(&p, &[0.1, 3.0, 3.0, -1.0]).token, 1);
-        assert_eq!(s.sample(&p, &[f32::NAN, 0.5, 0.2]).token, 1);
+        assert_eq!(s.sample(&p, &[0.1, 3.0, 3.0, -1.0], u32::MAX, None).token, 1);
+        assert_eq!(s.sample(&p, &[f32::NAN, 0.5, 0.2], u32::MAX, None).token, 1);
     }
 
     #[test]
@@ -329,14 +262,14 @@ mod tests {
     fn repetition_penalty_hf_semantics() {
         let p = SamplingParams { temperature: 0.0, repetition_penalty: 2.0, logprobs: Some(0), ..params() };
         let prompt = [0u32, 2];
-        let s = SeqSampler::new(&p, &prompt, 0, &[]);
+        let mut s = SeqSampler::new(&p, &prompt, 0, &[]);
         let mut l = vec![4.0, 3.0, -1.0, 0.0];
-        s.process(&p, &mut l);
+        s.pick(&p, u32::MAX).apply_adjustments(&mut l);
         assert_eq!(l, vec![2.0, 3.0, -2.0, 0.0]);
         // Token 0 was the argmax, now token 1 wins; then 1 is penalised too (it is in the output).
         let mut s = SeqSampler::new(&p, &prompt, 0, &[]);
-        assert_eq!(s.sample(&p, &[4.0, 3.0, -1.0, 0.0]).token, 1);
-        assert_eq!(s.sample(&p, &[4.0, 3.9, -1.0, 0.0]).token, 0);
+        assert_eq!(s.sample(&p, &[4.0, 3.0, -1.0, 0.0], u32::MAX, None).token, 1);
+        assert_eq!(s.sample(&p, &[4.0, 3.9, -1.0, 0.0], u32::MAX, None).token, 0);
     }
 
     #[test]
@@ -344,10 +277,10 @@ mod tests {
         let p = SamplingParams { temperature: 0.0, presence_penalty: 0.5, frequency_penalty: 1.0, ..params() };
         let mut s = SeqSampler::new(&p, &[1, 1, 1], 0, &[]);
         // Prompt tokens are not penalised.
-        assert_eq!(s.sample(&p, &[0.0, 5.0, 0.0]).token, 1);
-        assert_eq!(s.sample(&p, &[0.0, 5.0, 0.0]).token, 1);
+        assert_eq!(s.sample(&p, &[0.0, 5.0, 0.0], u32::MAX, None).token, 1);
+        assert_eq!(s.sample(&p, &[0.0, 5.0, 0.0], u32::MAX, None).token, 1);
         let mut l = vec![0.0, 5.0, 0.0];
-        s.process(&p, &mut l);
+        s.pick(&p, u32::MAX).apply_adjustments(&mut l);
         assert_eq!(l, vec![0.0, 5.0 - 2.0 - 0.5, 0.0]);
     }
 
@@ -356,13 +289,13 @@ mod tests {
         let p = SamplingParams { temperature: 0.0, min_tokens: 2, stop_token_ids: vec![3], ..params() };
         let mut s = SeqSampler::new(&p, &[], 0, &[0]);
         let l = [9.0, 1.0, 0.0, 8.0];
-        assert_eq!(s.sample(&p, &l).token, 1);
-        assert_eq!(s.sample(&p, &l).token, 1);
-        assert_eq!(s.sample(&p, &l).token, 0, "min_tokens reached");
+        assert_eq!(s.sample(&p, &l, u32::MAX, None).token, 1);
+        assert_eq!(s.sample(&p, &l, u32::MAX, None).token, 1);
+        assert_eq!(s.sample(&p, &l, u32::MAX, None).token, 0, "min_tokens reached");
         // ignore_eos: EOS is an ordinary token, not masked.
         let p = SamplingParams { ignore_eos: true, ..p };
         let mut s = SeqSampler::new(&p, &[], 0, &[0]);
-        assert_eq!(s.sample(&p, &l).token, 0);
+        assert_eq!(s.sample(&p, &l, u32::MAX, None).token, 0);
     }
 
     #[test]
@@ -370,7 +303,7 @@ mod tests {
         let p = SamplingParams { temperature: 0.5, logprobs: Some(2), ..params() };
         let mut s = SeqSampler::new(&p, &[], 0, &[]);
         let l = [1.0f32, 2.0, 0.5];
-        let out = s.sample(&p, &l);
+        let out = s.sample(&p, &l, u32::MAX, None);
         let scaled: Vec<f32> = l.iter().map(|x| x / 0.5).collect();
         let lse = scaled.iter().map(|x| x.exp()).sum::<f32>().ln();
         assert!((out.logprob - (scaled[out.token as usize] - lse)).abs() < 1e-5);
@@ -379,7 +312,7 @@ mod tests {
         // Masked tokens report a finite sentinel.
         let p = SamplingParams { temperature: 0.0, min_tokens: 1, logprobs: Some(3), ..params() };
         let mut s = SeqSampler::new(&p, &[], 0, &[1]);
-        let out = s.sample(&p, &l);
+        let out = s.sample(&p, &l, u32::MAX, None);
         assert_eq!(out.token, 0);
         assert_eq!(out.top[2], (1, MASKED_LOGPROB));
     }
@@ -389,7 +322,7 @@ mod tests {
         let p = SamplingParams { seed: Some(7), temperature: 1.0, ..SamplingParams::default() };
         let row = |step: usize| -> Vec<f32> { (0..50).map(|i| ((i * 31 + step * 17) % 13) as f32 * 0.3).collect() };
         let mut alone = SeqSampler::new(&p, &[1, 2], 0, &[]);
-        let a: Vec<u32> = (0..40).map(|i| alone.sample(&p, &row(i)).token).collect();
+        let a: Vec<u32> = (0..40).map(|i| alone.sample(&p, &row(i), u32::MAX, None).token).collect();
         // Same request interleaved with other sequences sampling in between (another batch).
         let other = SamplingParams { seed: None, ..p.clone() };
         let mut mine = SeqSampler::new(&p, &[1, 2], 0, &[]);
@@ -397,14 +330,14 @@ mod tests {
         let mut b = Vec::new();
         for i in 0..40 {
             for n in noise.iter_mut().take(i % 4) {
-                n.sample(&other, &row(i + 3));
+                n.sample(&other, &row(i + 3), u32::MAX, None);
             }
-            b.push(mine.sample(&p, &row(i)).token);
+            b.push(mine.sample(&p, &row(i), u32::MAX, None).token);
         }
         assert_eq!(a, b);
         // Another seed, or another choice index, gives another stream.
         let mut c1 = SeqSampler::new(&p, &[1, 2], 1, &[]);
-        let c: Vec<u32> = (0..40).map(|i| c1.sample(&p, &row(i)).token).collect();
+        let c: Vec<u32> = (0..40).map(|i| c1.sample(&p, &row(i), u32::MAX, None).token).collect();
         assert_ne!(a, c);
     }
 }

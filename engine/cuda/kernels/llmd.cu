@@ -362,6 +362,9 @@ extern "C" __global__ void attention_merge_bf16(bf16* __restrict__ out, const fl
   }
 }
 
+// Prefill attention on tensor cores: tiles of query rows per (sequence, KV head).
+#include "prefill_attention.cuh"
+
 // out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i], gate_up = [n_tokens, 2 * inter].
 // grid = (ceil(inter / 256), n_tokens), block = 256.
 extern "C" __global__ void silu_mul_bf16(bf16* __restrict__ out, const bf16* __restrict__ gate_up, int inter) {
@@ -382,54 +385,9 @@ extern "C" __global__ void gather_rows_bf16(bf16* __restrict__ out, const bf16* 
   for (int i = threadIdx.x; i < width; i += blockDim.x) out[r * width + i] = src[i];
 }
 
-// Greedy sampling: ids[r] = argmax(logits[r, :width]) (lowest index on ties, as torch.argmax;
-// NaN never wins).  logits f32 [n_rows, stride].  grid = n_rows, block = 1024.
-// With shards > 1 the row is split in `shards` pieces of `stride` values laid out
-// [shard, n_rows, stride] (all-gathered vocabulary-parallel logits); index i is global.
-extern "C" __global__ void argmax_f32(uint32_t* __restrict__ ids, const float* __restrict__ logits, int vocab,
-                                      int stride, int shards, int n_rows) {
-  float best = -INFINITY;
-  int best_i = 0x7fffffff;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const int k = i / stride;
-    float v = logits[((size_t)k * n_rows + blockIdx.x) * stride + (i - k * stride)];
-    if (v > best || (v == best && i < best_i)) {
-      best = v;
-      best_i = i;
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    float ov = __shfl_xor_sync(FULL_MASK, best, o);
-    int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
-    if (ov > best || (ov == best && oi < best_i)) {
-      best = ov;
-      best_i = oi;
-    }
-  }
-  __shared__ float sv[32];
-  __shared__ int si[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    sv[warp] = best;
-    si[warp] = best_i;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < (int)(blockDim.x >> 5) ? sv[lane] : -INFINITY;
-    best_i = lane < (int)(blockDim.x >> 5) ? si[lane] : 0x7fffffff;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      float ov = __shfl_xor_sync(FULL_MASK, best, o);
-      int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
-      if (ov > best || (ov == best && oi < best_i)) {
-        best = ov;
-        best_i = oi;
-      }
-    }
-    if (lane == 0) ids[blockIdx.x] = (uint32_t)best_i;
-  }
-}
+// Token picking (greedy, sampling, penalties): the rule of llmd_models::pick.
+#include "pick.cuh"
+
 
 // Converts f32 to bf16 (weights of f32 checkpoints, staged through the device).  grid-stride.
 extern "C" __global__ void f32_to_bf16(bf16* __restrict__ out, const float* __restrict__ x, size_t n) {
@@ -514,3 +472,6 @@ DEFINE_GEMV(gemv_bf16, bf16, 1)
 DEFINE_GEMV(gemv_bf16, bf16, 2)
 DEFINE_GEMV(gemv_f32, float, 1)
 DEFINE_GEMV(gemv_f32, float, 2)
+
+// Routed experts (Qwen3-MoE).
+#include "moe.cuh"

@@ -11,6 +11,8 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
+use llmd_models::pick::{LogitAdjust, TokenPick};
+
 use crate::device::{DType, Gpu, TensorRef};
 use crate::error::CudaError;
 
@@ -34,11 +36,13 @@ pub struct Kernels {
     attention_merge: CudaFunction,
     silu_mul: CudaFunction,
     gather_rows: CudaFunction,
-    argmax: CudaFunction,
+    pick: CudaFunction,
     f32_to_bf16: CudaFunction,
     f16_to_bf16: CudaFunction,
     /// Skinny GEMMs by row count 1..=GEMV_MAX_T: (bf16 output, f32 output).
     gemv: Vec<(CudaFunction, CudaFunction)>,
+    /// Routed experts (Qwen3-MoE).
+    pub(crate) moe: crate::moe::MoeKernels,
 }
 
 /// Most rows of `x` the GEMV kernels take; larger batches go to cuBLAS. Measured faster than
@@ -66,18 +70,19 @@ impl Kernels {
             attention_merge: f("attention_merge_bf16")?,
             silu_mul: f("silu_mul_bf16")?,
             gather_rows: f("gather_rows_bf16")?,
-            argmax: f("argmax_f32")?,
+            pick: f("pick_tokens_f32")?,
             f32_to_bf16: f("f32_to_bf16")?,
             f16_to_bf16: f("f16_to_bf16")?,
             gemv: (1..=GEMV_MAX_T)
                 .map(|t| Ok((f(&format!("gemv_bf16_t{t}"))?, f(&format!("gemv_f32_t{t}"))?)))
                 .collect::<Result<_, cudarc::driver::DriverError>>()?,
+            moe: crate::moe::MoeKernels::load(&module)?,
         })
     }
 
     /// The attention variant for `head_dim` and GQA group size, if compiled.
     fn attention_for(&self, head_dim: usize, group: usize) -> Option<&CudaFunction> {
-        if head_dim % 32 != 0 {
+        if !head_dim.is_multiple_of(32) {
             return None;
         }
         let epl = head_dim / 32;
@@ -357,35 +362,42 @@ impl Gpu {
         launch!(self, &self.kernels.gather_rows, cfg((r as u32, 1, 1), 256), &out.ptr, &x.ptr, &rows.ptr, &width)
     }
 
-    /// ids[R] = argmax over the first `width` logits of each of `rows` rows (lowest index on
-    /// ties). logits f32 [shards * rows, V/shards]: the row's vocabulary in `shards` slices laid
-    /// out [shard, rows, V/shards] (one shard: plain [rows, V]). ids u32 [rows], width <= V.
-    pub fn argmax_sharded(
+    /// out[r] = the token [`llmd_models::pick`]'s rule picks from row r of the logits, for the
+    /// first `out.len()` rows. logits f32 [shards * rows, V/shards]: each row's vocabulary in
+    /// `shards` slices laid out [shard, rows, V/shards] (one shard: plain [rows, V]);
+    /// adjustments are applied in place. `params` holds one `PickParams` per picked row, then
+    /// the adjustments they index, as packed by [`pack_picks`]. Rows with width 0 get u32::MAX.
+    pub fn pick_tokens(
         &self,
-        ids: &TensorRef,
+        out: &TensorRef,
         logits: &TensorRef,
         rows: usize,
         shards: usize,
-        width: usize,
+        params: &TensorRef,
     ) -> Result<(), CudaError> {
         let stride = logits.shape[1];
+        let picked = out.numel();
         check(logits, "logits", DType::F32, &[shards * rows, stride])?;
-        check(ids, "ids", DType::U32, &[rows])?;
-        if width == 0 || width > stride * shards {
-            return Err(CudaError::Shape(format!("argmax width {width} for rows of {}", stride * shards)));
+        check(out, "out", DType::U32, &[picked])?;
+        if picked > rows || params.numel() * params.dtype.size() < picked * PICK_PARAMS_BYTES {
+            return Err(CudaError::Shape(format!(
+                "picking {picked} of {rows} rows with {} bytes of parameters",
+                params.numel() * params.dtype.size()
+            )));
         }
-        let (width, stride, shards, rows_i) =
-            (i32_of(width, "width")?, i32_of(stride, "vocab")?, i32_of(shards, "shards")?, i32_of(rows, "rows")?);
+        let adjust = params.ptr + (picked * PICK_PARAMS_BYTES) as u64;
+        let (stride, shards, rows_i) = (i32_of(stride, "vocab")?, i32_of(shards, "shards")?, i32_of(rows, "rows")?);
         launch!(
             self,
-            &self.kernels.argmax,
-            cfg((rows as u32, 1, 1), 1024),
-            &ids.ptr,
+            &self.kernels.pick,
+            cfg((picked as u32, 1, 1), 1024),
+            &out.ptr,
             &logits.ptr,
-            &width,
             &stride,
             &shards,
-            &rows_i
+            &rows_i,
+            &params.ptr,
+            &adjust
         )
     }
 
@@ -450,4 +462,42 @@ impl Gpu {
         }
         Ok(())
     }
+}
+
+/// Bytes of one row's `PickParams` (kernels/pick.cuh): width u32, temperature f32, top_k u32,
+/// top_p f32, min_p f32, adjust_start u32, adjust_count u32, padding u32, uniform f64.
+pub const PICK_PARAMS_BYTES: usize = 40;
+
+// `LogitAdjust` is `#[repr(C)]` {u32, f32, f32}, the layout of `PickAdjust` in kernels/pick.cuh.
+const _: () = assert!(std::mem::size_of::<LogitAdjust>() == 12);
+
+/// Packs one `PickParams` per row (`None`: width 0, the row is not picked) followed by every
+/// row's adjustments, as `pick_tokens` reads them. Widths are capped at `vocab`.
+pub fn pack_picks(picks: &[Option<&TokenPick>], vocab: usize) -> Result<Vec<u8>, CudaError> {
+    let n_adjust: usize = picks.iter().flatten().map(|p| p.adjust.len()).sum();
+    let too_many = || CudaError::Shape(format!("{n_adjust} logit adjustments in one step"));
+    let mut buf = Vec::with_capacity(picks.len() * PICK_PARAMS_BYTES + n_adjust * 12);
+    let vocab = u32::try_from(vocab).unwrap_or(u32::MAX);
+    let mut start = 0u32;
+    for pick in picks {
+        let greedy_none = TokenPick { width: 0, ..TokenPick::greedy(0) };
+        let p = pick.unwrap_or(&greedy_none);
+        let count = u32::try_from(p.adjust.len()).map_err(|_| too_many())?;
+        buf.extend_from_slice(&p.width.min(vocab).to_ne_bytes());
+        buf.extend_from_slice(&p.temperature.to_ne_bytes());
+        buf.extend_from_slice(&p.top_k.to_ne_bytes());
+        buf.extend_from_slice(&p.top_p.to_ne_bytes());
+        buf.extend_from_slice(&p.min_p.to_ne_bytes());
+        buf.extend_from_slice(&start.to_ne_bytes());
+        buf.extend_from_slice(&count.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(&p.uniform.to_ne_bytes());
+        start = start.checked_add(count).ok_or_else(too_many)?;
+    }
+    for a in picks.iter().flatten().flat_map(|p| &p.adjust) {
+        buf.extend_from_slice(&a.token.to_ne_bytes());
+        buf.extend_from_slice(&a.divide_positive.to_ne_bytes());
+        buf.extend_from_slice(&a.subtract.to_ne_bytes());
+    }
+    Ok(buf)
 }

@@ -11,6 +11,7 @@
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod moe;
 pub mod nccl;
 pub mod runner;
 pub mod tp;

@@ -151,8 +151,9 @@ impl Communicator {
     }
 
     /// In-place sum of `buf` across all ranks (bf16 or f32).
-    pub fn all_reduce_sum(&self, buf: &TensorRef, stream: Stream) -> Result<(), CudaError> {
+    pub fn all_reduce_sum(&self, buf: &TensorRef, stream: &cudarc::driver::CudaStream) -> Result<(), CudaError> {
         let api = api()?;
+        let stream = stream.cu_stream() as Stream;
         let ty = Self::nccl_type(buf)?;
         // SAFETY: `buf` is a live device allocation of `numel` elements of `ty` on this rank's GPU.
         check(api, "ncclAllReduce", unsafe {
@@ -169,8 +170,9 @@ impl Communicator {
     }
 
     /// out[rank * n .. (rank + 1) * n] = input from each rank (n = input.numel()).
-    pub fn all_gather(&self, input: &TensorRef, out: &TensorRef, stream: Stream) -> Result<(), CudaError> {
+    pub fn all_gather(&self, input: &TensorRef, out: &TensorRef, stream: &cudarc::driver::CudaStream) -> Result<(), CudaError> {
         let api = api()?;
+        let stream = stream.cu_stream() as Stream;
         let ty = Self::nccl_type(input)?;
         if out.dtype != input.dtype || out.numel() < input.numel() * self.world {
             return Err(CudaError::Shape(format!("all_gather of {:?} into {:?}", input.shape, out.shape)));

@@ -1,5 +1,5 @@
-//! [`CudaRunner`]: a dense decoder (Llama, Mistral, Qwen2, Qwen3) in bf16 on one GPU, with
-//! its paged KV cache in device memory.
+//! [`CudaRunner`]: a dense decoder (Llama, Mistral, Qwen2, Qwen3) or Qwen3-MoE (routed experts:
+//! [`crate::moe`]) in bf16 on one GPU, with its paged KV cache in device memory.
 //!
 //! Per step: host arrays (ids, positions, KV slots, block tables) are uploaded once, then every
 //! layer runs as fused RMSNorm → one QKV GEMM → bias/q-k-norm/RoPE/KV-write kernel → paged
@@ -13,11 +13,13 @@ use llmd_models::config::{GenerationConfig, ModelConfig};
 use llmd_models::cpu::LoadedModel;
 use llmd_models::loader::Checkpoint;
 use llmd_models::models::layers::Rope;
-use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, StepLogits};
+use llmd_models::pick::TokenPick;
+use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, RowRequest, StepLogits};
 use safetensors::Dtype;
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
+use crate::kernels::pack_picks;
 
 /// How to load a model on a GPU.
 #[derive(Debug, Clone)]
@@ -41,10 +43,24 @@ struct Layer {
     k_norm: Option<DeviceTensor>,
     o: DeviceTensor,
     post_norm: DeviceTensor,
-    gate_up: DeviceTensor,
-    down: DeviceTensor,
+    mlp: Mlp,
     k_cache: DeviceTensor,
     v_cache: DeviceTensor,
+}
+
+/// A layer's MLP: dense (gate/up fused), or routed experts (sparse layers of Qwen3-MoE).
+enum Mlp {
+    Dense { gate_up: DeviceTensor, down: DeviceTensor },
+    Sparse(crate::moe::MoeLayer),
+}
+
+impl Mlp {
+    fn bytes(&self) -> usize {
+        match self {
+            Mlp::Dense { gate_up, down } => gate_up.bytes() + down.bytes(),
+            Mlp::Sparse(moe) => moe.bytes(),
+        }
+    }
 }
 
 /// Activation buffers, allocated once for `max_tokens` rows.
@@ -60,6 +76,8 @@ struct Activations {
     x: DeviceTensor,
     gate_up: DeviceTensor,
     act: DeviceTensor,
+    /// Scratch of the sparse layers (MoE models only).
+    moe: Option<crate::moe::MoeBuffers>,
     part_acc: DeviceTensor,
     part_ml: DeviceTensor,
     selected: DeviceTensor,
@@ -68,6 +86,8 @@ struct Activations {
     /// All ranks' slices after the all-gather, [tp, rows, vocab / tp] (tp > 1 only).
     gathered: DeviceTensor,
     sampled: DeviceTensor,
+    /// Packed pick parameters and logit adjustments of one step (grows when a step needs more).
+    pick_params: DeviceTensor,
 }
 
 /// The model on one GPU. Owns weights, KV cache and activation buffers.
@@ -177,7 +197,8 @@ fn to_dtype(d: Dtype, name: &str) -> Result<bool, CudaError> {
 }
 
 /// A rectangle of one checkpoint tensor: rows `rows` and columns `cols` of a [R, C] matrix
-/// (a vector is one row). Tensor-parallel ranks read only their slices.
+/// (a vector is one row; a higher-rank tensor is [product of the leading dims, last dim]).
+/// Tensor-parallel ranks read only their slices.
 #[derive(Debug, Clone)]
 struct Part {
     name: String,
@@ -188,7 +209,8 @@ struct Part {
 
 impl Part {
     fn whole(name: impl Into<String>, shape: &[usize]) -> Part {
-        let (r, c) = if shape.len() == 1 { (1, shape[0]) } else { (shape[0], shape[1]) };
+        let c = shape.last().copied().unwrap_or(1);
+        let r = shape.iter().product::<usize>() / c.max(1);
         Part { name: name.into(), shape: shape.to_vec(), rows: 0..r, cols: 0..c }
     }
     fn rows(name: impl Into<String>, shape: &[usize], rows: std::ops::Range<usize>) -> Part {
@@ -224,7 +246,7 @@ fn load_parts(gpu: &Gpu, ckpt: &Checkpoint, parts: &[Part], out_shape: &[usize])
     for part in parts {
         let raw = ckpt.raw(&part.name, &part.shape)?;
         let elem = raw.bytes.len() / part.shape.iter().product::<usize>().max(1);
-        let ncols = if part.shape.len() == 1 { part.shape[0] } else { part.shape[1] };
+        let ncols = part.shape.last().copied().unwrap_or(1);
         let numel = part.numel();
         let gathered;
         let bytes: &[u8] = if part.cols.len() == ncols {
@@ -305,9 +327,9 @@ fn shard_dims(cfg: &ModelConfig, shard: Shard) -> Result<ShardDims, CudaError> {
     Ok(ShardDims { heads: hq / tp, kv_heads, kv_head0, inter: inter / tp, vocab: vocab / tp })
 }
 
-/// Architectures the CUDA backend serves (dense decoders; Qwen3-MoE runs on the CPU for now).
+/// Architectures the CUDA backend serves (dense decoders and Qwen3-MoE).
 pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"];
 
 /// Whether [`load_cuda`] serves HF `architectures[0]` = `arch`.
 pub fn supports_architecture(arch: &str) -> bool {
@@ -384,6 +406,8 @@ pub(crate) fn load_rank(
         return Err(CudaError::Unsupported(format!("{hq} heads with {hkv} KV heads")));
     }
     let dims = shard_dims(cfg, shard)?;
+    // Routed experts held by this rank (sparse layers only).
+    let experts = cfg.moe.as_ref().map(|m| crate::moe::local_experts(m, h, shard)).transpose()?.unwrap_or(0..0);
     if !gpu.kernels.supports_attention(d, dims.heads / dims.kv_heads) {
         return Err(CudaError::Unsupported(format!(
             "head_dim {d} with {} query heads per KV head",
@@ -445,7 +469,43 @@ pub(crate) fn load_rank(
             if ckpt.contains(&name) { Ok(Some(load_one(&gpu, &ckpt, &name, &[d])?)) } else { Ok(None) }
         };
         let (q_norm, k_norm) = (norm("q_norm")?, norm("k_norm")?);
-        let mlp = |n: &str| format!("{p}.mlp.{n}_proj.weight");
+        let mlp = match cfg.moe.as_ref().filter(|m| m.is_sparse_layer(i)) {
+            Some(moe) => {
+                let (el, mi) = (experts.len(), moe.moe_intermediate_size);
+                let src = crate::moe::expert_sources(&ckpt, &p, moe, h, experts.clone());
+                let parts = |v: Vec<crate::moe::TensorRows>| -> Vec<Part> {
+                    v.into_iter().map(|s| Part::rows(s.name, &s.shape, s.rows)).collect()
+                };
+                Mlp::Sparse(crate::moe::MoeLayer {
+                    router: load_one(&gpu, &ckpt, &format!("{p}.mlp.gate.weight"), &[moe.num_experts, h])?,
+                    gate_up: load_parts(&gpu, &ckpt, &parts(src.gate_up), &[el, 2 * mi, h])?,
+                    down: load_parts(&gpu, &ckpt, &parts(src.down), &[el, h, mi])?,
+                    expert0: experts.start,
+                    top_k: moe.num_experts_per_tok,
+                    renormalize: moe.norm_topk_prob,
+                })
+            }
+            None => {
+                let mlp = |n: &str| format!("{p}.mlp.{n}_proj.weight");
+                Mlp::Dense {
+                    gate_up: load_parts(
+                        &gpu,
+                        &ckpt,
+                        &[
+                            Part::rows(mlp("gate"), &[inter, h], inter_rows.clone()),
+                            Part::rows(mlp("up"), &[inter, h], inter_rows.clone()),
+                        ],
+                        &[2 * inter_l, h],
+                    )?,
+                    down: load_parts(
+                        &gpu,
+                        &ckpt,
+                        &[Part::cols(mlp("down"), &[h, inter], inter_rows.clone())],
+                        &[h, inter_l],
+                    )?,
+                }
+            }
+        };
         let layer = Layer {
             input_norm: load_one(&gpu, &ckpt, &format!("{p}.input_layernorm.weight"), &[h])?,
             qkv,
@@ -454,16 +514,7 @@ pub(crate) fn load_rank(
             k_norm,
             o: load_parts(&gpu, &ckpt, &[Part::cols(proj("o"), &[h, hq * d], q_rows.clone())], &[h, hq_l * d])?,
             post_norm: load_one(&gpu, &ckpt, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            gate_up: load_parts(
-                &gpu,
-                &ckpt,
-                &[
-                    Part::rows(mlp("gate"), &[inter, h], inter_rows.clone()),
-                    Part::rows(mlp("up"), &[inter, h], inter_rows.clone()),
-                ],
-                &[2 * inter_l, h],
-            )?,
-            down: load_parts(&gpu, &ckpt, &[Part::cols(mlp("down"), &[h, inter], inter_rows.clone())], &[h, inter_l])?,
+            mlp,
             k_cache: DeviceTensor::zeros(&gpu, &[1], DType::BF16)?,
             v_cache: DeviceTensor::zeros(&gpu, &[1], DType::BF16)?,
         };
@@ -496,12 +547,14 @@ pub(crate) fn load_rank(
         x: z(&[max_tokens, h], DType::BF16)?,
         gate_up: z(&[max_tokens, 2 * inter_l], DType::BF16)?,
         act: z(&[max_tokens, inter_l], DType::BF16)?,
+        moe: cfg.moe.as_ref().map(|m| crate::moe::MoeBuffers::new(&gpu, max_tokens, m)).transpose()?,
         part_acc: z(&[attn_ws_elems], DType::F32)?,
         part_ml: z(&[attn_ws_elems / d * 2], DType::F32)?,
         selected: z(&[max_seqs, h], DType::BF16)?,
         logits: z(&[max_seqs, vl], DType::F32)?,
         gathered: z(&[if shard.world > 1 { shard.world * max_seqs * vl } else { 1 }], DType::F32)?,
         sampled: z(&[max_seqs], DType::U32)?,
+        pick_params: z(&[(max_seqs * crate::kernels::PICK_PARAMS_BYTES).next_power_of_two() / 4], DType::U32)?,
     };
     gpu.synchronize()?;
 
@@ -579,12 +632,7 @@ impl CudaRunner {
         let opt = |t: &Option<DeviceTensor>| t.as_ref().map_or(0, DeviceTensor::bytes);
         let mut b = self.embed.bytes() + self.final_norm.bytes() + opt(&self.lm_head);
         for l in &self.layers {
-            b += l.input_norm.bytes()
-                + l.qkv.bytes()
-                + l.o.bytes()
-                + l.post_norm.bytes()
-                + l.gate_up.bytes()
-                + l.down.bytes();
+            b += l.input_norm.bytes() + l.qkv.bytes() + l.o.bytes() + l.post_norm.bytes() + l.mlp.bytes();
             b += opt(&l.qkv_bias) + opt(&l.q_norm) + opt(&l.k_norm);
         }
         b as u64
@@ -678,7 +726,7 @@ impl CudaRunner {
         let eps = cfg.rms_norm_eps as f32;
         let scale = 1.0 / (d as f32).sqrt();
         let t = v.t;
-        let stream = self.gpu.stream.cu_stream() as *mut std::ffi::c_void;
+        let stream = &*self.gpu.stream;
         // Sums partial results of the ranks (no-op on one GPU).
         let reduce = |buf: &TensorRef| -> Result<(), CudaError> {
             match &self.comm {
@@ -730,9 +778,18 @@ impl CudaRunner {
             gpu.linear(&x, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
             reduce(&x)?;
             gpu.add_rmsnorm(&normed, &residual, Some(&x), &layer.post_norm.r(), eps)?;
-            gpu.linear(&gate_up, &normed, &layer.gate_up.r())?;
-            gpu.silu_mul(&act, &gate_up)?;
-            gpu.linear(&x, &act, &layer.down.r())?;
+            match &layer.mlp {
+                Mlp::Dense { gate_up: w_gate_up, down } => {
+                    gpu.linear(&gate_up, &normed, &w_gate_up.r())?;
+                    gpu.silu_mul(&act, &gate_up)?;
+                    gpu.linear(&x, &act, &down.r())?;
+                }
+                Mlp::Sparse(moe) => {
+                    let buffers =
+                        a.moe.as_ref().ok_or_else(|| CudaError::Shape("sparse layer without MoE buffers".into()))?;
+                    moe.forward(gpu, &x, &normed, buffers)?;
+                }
+            }
             reduce(&x)?;
         }
         gpu.add_rmsnorm(&normed, &residual, Some(&x), &self.final_norm.r(), eps)?;
@@ -749,7 +806,7 @@ impl CudaRunner {
         Ok(())
     }
 
-    fn step(&mut self, batch: &ForwardBatch, argmax_width: &[Option<u32>]) -> Result<Vec<RowOutput>, CudaError> {
+    fn step(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, CudaError> {
         let t = batch.num_tokens();
         let s = batch.seqs.len();
         if t == 0 || t > self.max_tokens || s > self.max_seqs {
@@ -802,10 +859,14 @@ impl CudaRunner {
             self.gpu.synchronize()?;
             return Ok(Vec::new());
         }
-        // Greedy rows: argmax on the device, one id back per row. If every row is greedy with
-        // one width, the logits never leave the GPU.
-        let widths: Vec<Option<u32>> = (0..n_rows).map(|i| argmax_width.get(i).copied().flatten()).collect();
-        let uniform = widths.first().copied().flatten().filter(|w| widths.iter().all(|x| *x == Some(*w)));
+        // Picked rows: the token is chosen on the device and one id per row comes back; the
+        // logits are downloaded only when some row needs them (logprobs, forks).
+        let picks: Vec<Option<&TokenPick>> = (0..n_rows)
+            .map(|i| match requests.get(i) {
+                Some(RowRequest::Pick(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
         let (world, vl) = (self.shard.world, self.dims.vocab);
         // With tp > 1 the gathered logits are [world, rows, vocab / world].
         let (logits, shards) = if world > 1 {
@@ -813,32 +874,39 @@ impl CudaRunner {
         } else {
             (self.act.logits.rows(0, computed_rows), 1)
         };
-        if let Some(w) = uniform {
-            self.gpu.argmax_sharded(
-                &self.act.sampled.rows(0, computed_rows),
-                &logits,
-                computed_rows,
-                shards,
-                (w as usize).min(vocab),
-            )?;
+        let mut out: Vec<Option<RowOutput>> = (0..n_rows).map(|_| None).collect();
+        if picks.iter().any(Option::is_some) {
+            let mut packed = pack_picks(&picks, vocab)?;
+            packed.resize(packed.len().next_multiple_of(4), 0);
+            if self.act.pick_params.bytes() < packed.len() {
+                self.act.pick_params = DeviceTensor::zeros(&self.gpu, &[packed.len().next_power_of_two() / 4], DType::U32)?;
+            }
+            self.act.pick_params.upload_at(&self.gpu, 0, &packed)?;
+            let params = self.act.pick_params.r();
+            self.gpu.pick_tokens(&self.act.sampled.rows(0, n_rows), &logits, computed_rows, shards, &params)?;
             let ids = self.act.sampled.download_u32(&self.gpu, n_rows)?;
-            return Ok(ids.into_iter().map(RowOutput::Argmax).collect());
+            for (i, id) in ids.into_iter().enumerate() {
+                if picks[i].is_some() {
+                    out[i] = Some(RowOutput::Token(id));
+                }
+            }
         }
-        let flat = if world > 1 {
-            self.act.gathered.download_f32(&self.gpu, world * computed_rows * vl)?
-        } else {
-            self.act.logits.download_f32(&self.gpu, n_rows * vocab)?
-        };
-        Ok((0..n_rows)
-            .map(|r| {
+        if picks.iter().any(Option::is_none) {
+            let flat = if world > 1 {
+                self.act.gathered.download_f32(&self.gpu, world * computed_rows * vl)?
+            } else {
+                self.act.logits.download_f32(&self.gpu, n_rows * vocab)?
+            };
+            for (r, slot) in out.iter_mut().enumerate().filter(|(_, o)| o.is_none()) {
                 let mut row = Vec::with_capacity(vocab);
                 for k in 0..shards {
                     let at = (k * computed_rows + r) * vl;
                     row.extend_from_slice(&flat[at..at + vl]);
                 }
-                RowOutput::Logits(row)
-            })
-            .collect())
+                *slot = Some(RowOutput::Logits(row));
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
 }
 
@@ -862,18 +930,14 @@ impl ModelRunner for CudaRunner {
             .into_iter()
             .map(|r| match r {
                 RowOutput::Logits(l) => Ok(l),
-                RowOutput::Argmax(_) => Err(ModelError::Backend("argmax row without an argmax request".into())),
+                RowOutput::Token(_) => Err(ModelError::Backend("token row without a pick request".into())),
             })
             .collect::<Result<_, _>>()?;
         Ok(StepLogits { vocab_size: self.cfg.vocab_size, rows })
     }
 
-    fn forward_argmax(
-        &mut self,
-        batch: &ForwardBatch,
-        argmax_width: &[Option<u32>],
-    ) -> Result<Vec<RowOutput>, ModelError> {
-        Ok(self.step(batch, argmax_width)?)
+    fn forward_sample(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, ModelError> {
+        Ok(self.step(batch, requests)?)
     }
 
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), ModelError> {

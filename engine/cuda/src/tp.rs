@@ -13,14 +13,14 @@ use std::thread::JoinHandle;
 
 use llmd_models::ModelError;
 use llmd_models::config::ModelConfig;
-use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, StepLogits};
+use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, RowRequest, StepLogits};
 
 use crate::error::CudaError;
 use crate::runner::{CudaLoadConfig, Shard, load_rank};
 
 enum Job {
     AllocKv(usize),
-    Forward(Arc<ForwardBatch>, Arc<Vec<Option<u32>>>),
+    Forward(Arc<ForwardBatch>, Arc<Vec<RowRequest>>),
     CopyBlock(u32, u32),
 }
 
@@ -200,8 +200,8 @@ fn worker(
     while let Ok(job) = jobs.recv() {
         let reply = match job {
             Job::AllocKv(n) => Reply::Done(runner.alloc_kv(n).map_err(|e| e.to_string())),
-            Job::Forward(batch, widths) => {
-                Reply::Rows(runner.forward_argmax(&batch, &widths).map_err(|e| e.to_string()))
+            Job::Forward(batch, requests) => {
+                Reply::Rows(runner.forward_sample(&batch, &requests).map_err(|e| e.to_string()))
             }
             Job::CopyBlock(s, d) => Reply::Done(runner.copy_block(s, d).map_err(|e| e.to_string())),
         };
@@ -217,26 +217,23 @@ impl ModelRunner for TpRunner {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, ModelError> {
-        let rows = self.forward_argmax(batch, &[])?;
+        let rows = self.forward_sample(batch, &[])?;
         let vocab_size =
             rows.iter().find_map(|r| if let RowOutput::Logits(l) = r { Some(l.len()) } else { None }).unwrap_or(0);
         let rows = rows
             .into_iter()
             .map(|r| match r {
                 RowOutput::Logits(l) => Ok(l),
-                RowOutput::Argmax(_) => Err(ModelError::Backend("argmax row without an argmax request".into())),
+                RowOutput::Token(_) => Err(ModelError::Backend("token row without a pick request".into())),
             })
             .collect::<Result<_, _>>()?;
         Ok(StepLogits { vocab_size, rows })
     }
 
-    fn forward_argmax(
-        &mut self,
-        batch: &ForwardBatch,
-        argmax_width: &[Option<u32>],
-    ) -> Result<Vec<RowOutput>, ModelError> {
-        let (batch, widths) = (Arc::new(batch.clone()), Arc::new(argmax_width.to_vec()));
-        match self.all(|| Job::Forward(batch.clone(), widths.clone()))? {
+    fn forward_sample(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, ModelError> {
+        // Every rank runs the same pick on its copy of the gathered logits; rank 0 answers.
+        let (batch, requests) = (Arc::new(batch.clone()), Arc::new(requests.to_vec()));
+        match self.all(|| Job::Forward(batch.clone(), requests.clone()))? {
             Reply::Rows(Ok(rows)) => Ok(rows),
             _ => Err(ModelError::Backend("tensor-parallel rank 0 gave no rows".into())),
         }

@@ -11,9 +11,11 @@ pub mod cpu;
 pub mod error;
 pub mod loader;
 pub mod models;
+pub mod pick;
 pub mod runner;
 
 pub use config::{GenerationConfig, ModelConfig};
 pub use cpu::{CpuRunner, LoadConfig, LoadedModel, load_cpu};
 pub use error::ModelError;
-pub use runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, SeqSlice, StepLogits};
+pub use pick::{LogitAdjust, TokenPick};
+pub use runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, RowRequest, SeqSlice, StepLogits};

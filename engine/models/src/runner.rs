@@ -6,6 +6,8 @@
 //! The CPU backend implements this with candle tensors and paged attention in Rust; the CUDA
 //! backend implements the same trait with its own kernels.
 
+use crate::pick::TokenPick;
+
 /// Shape of the paged KV cache a runner allocates: `num_blocks` blocks per layer of
 /// `block_size` token slots, each slot holding K and V of `num_kv_heads * head_dim` elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,14 +83,23 @@ pub struct StepLogits {
     pub rows: Vec<Vec<f32>>,
 }
 
+/// What the serving core wants for one row of a step (a sequence with `wants_logits`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowRequest {
+    /// The full logits row (the host needs logprobs, or samples several choices from it).
+    Logits,
+    /// Only the token [`TokenPick`] chooses; a backend that can follow the rule on its device
+    /// copies one id back instead of a vocabulary-wide row.
+    Pick(TokenPick),
+}
+
 /// One row of a step's output, for a sequence that wanted logits.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowOutput {
     /// The full logits row.
     Logits(Vec<f32>),
-    /// Only the greedy choice: the index of the largest logit among the first `width` (ties to
-    /// the lowest index, NaN never wins), picked on the device so the row never leaves it.
-    Argmax(u32),
+    /// The token a [`RowRequest::Pick`] chose.
+    Token(u32),
 }
 
 /// A loaded model on one device together with its KV storage.
@@ -97,13 +108,19 @@ pub trait ModelRunner: Send {
     fn kv_layout(&self) -> KvCacheLayout;
     /// Runs one step: writes K/V of the new tokens into their slots and returns logits.
     fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, crate::ModelError>;
-    /// Like [`ModelRunner::forward`], for a caller that needs only the argmax of some rows:
-    /// `argmax_width[i]` is `Some(width)` when the i-th logits row is sampled greedily over ids
-    /// below `width`. A backend that can pick it on the device answers [`RowOutput::Argmax`] and
-    /// copies one id back instead of a vocabulary-wide row; the default returns full rows.
-    fn forward_argmax(&mut self, batch: &ForwardBatch, argmax_width: &[Option<u32>]) -> Result<Vec<RowOutput>, crate::ModelError> {
-        let _ = argmax_width;
-        Ok(self.forward(batch)?.rows.into_iter().map(RowOutput::Logits).collect())
+    /// Like [`ModelRunner::forward`], with what the caller wants of each logits row
+    /// (`requests[i]` for the i-th row). The default computes full rows and follows each
+    /// [`TokenPick`] on the host; a GPU backend picks on the device.
+    fn forward_sample(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, crate::ModelError> {
+        let rows = self.forward(batch)?.rows;
+        Ok(rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| match requests.get(i) {
+                Some(RowRequest::Pick(p)) => RowOutput::Token(p.pick_host(&row)),
+                _ => RowOutput::Logits(row),
+            })
+            .collect())
     }
 
     /// Copies the contents of block `src` into block `dst` in every layer (copy-on-write

@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use llmd_cuda::{CudaLoadConfig, load_cuda};
-use llmd_models::runner::{ForwardBatch, RowOutput, SeqSlice};
+use llmd_models::pick::TokenPick;
+use llmd_models::runner::{ForwardBatch, RowOutput, RowRequest, SeqSlice};
 use llmd_models::{LoadConfig, load_cpu};
 
 /// Deterministic pseudo-random token ids (no RNG dependency needed).
@@ -192,13 +193,13 @@ fn check(dir: PathBuf, args: &[String]) -> Result<bool, String> {
             gs2.push(&mut gb2, i, &[*t], true);
         }
         let host: Vec<u32> = twin.runner.forward(&tb).map_err(e)?.rows.iter().map(|r| argmax(r)).collect();
-        let widths = vec![Some(vocab as u32); prompts.len()];
+        let greedy = vec![RowRequest::Pick(TokenPick::greedy(vocab as u32)); prompts.len()];
         let dev: Vec<u32> = gpu
             .runner
-            .forward_argmax(&gb2, &widths)
+            .forward_sample(&gb2, &greedy)
             .map_err(e)?
             .into_iter()
-            .map(|r| if let RowOutput::Argmax(t) = r { t } else { u32::MAX })
+            .map(|r| if let RowOutput::Token(t) = r { t } else { u32::MAX })
             .collect();
         device_agree += host.iter().zip(&dev).filter(|(a, b)| a == b).count();
         next_t = host;
@@ -256,6 +257,9 @@ fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
     let batches: Vec<usize> = arg(args, "--batch", "1,8,32,64").split(',').filter_map(|s| s.parse().ok()).collect();
     let prompt: usize = arg(args, "--prompt", "512").parse().map_err(|_| "--prompt")?;
     let gen_len: usize = arg(args, "--gen", "256").parse().map_err(|_| "--gen")?;
+    // 0 is greedy; otherwise every row samples on the device with this temperature and top-p.
+    let temperature: f32 = arg(args, "--temperature", "0").parse().map_err(|_| "--temperature")?;
+    let top_p: f32 = arg(args, "--top-p", "1").parse().map_err(|_| "--top-p")?;
     let max_batch = *batches.iter().max().unwrap_or(&1);
     let t0 = Instant::now();
     let opts = CudaLoadConfig {
@@ -282,20 +286,29 @@ fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
             ttft.push(t.elapsed().as_secs_f64());
             next.push(argmax(&l.rows[0]));
         }
+        let picks: Vec<RowRequest> = (0..b)
+            .map(|i| {
+                RowRequest::Pick(TokenPick {
+                    temperature,
+                    top_p,
+                    uniform: ((i * 7919) % 1000) as f64 / 1000.0,
+                    ..TokenPick::greedy(vocab as u32)
+                })
+            })
+            .collect();
         let t = Instant::now();
         for _ in 0..gen_len {
             let mut fb = ForwardBatch::default();
             for (i, tok) in next.iter().enumerate() {
                 s.push(&mut fb, i, &[*tok], true);
             }
-            let widths = vec![Some(vocab as u32); b];
             next = m
                 .runner
-                .forward_argmax(&fb, &widths)
+                .forward_sample(&fb, &picks)
                 .map_err(e)?
                 .into_iter()
                 .map(|r| match r {
-                    RowOutput::Argmax(t) => t,
+                    RowOutput::Token(t) => t,
                     RowOutput::Logits(l) => argmax(&l),
                 })
                 .collect();
@@ -315,9 +328,155 @@ fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// xorshift64*: deterministic test data without an RNG dependency.
+struct Xs(u64);
+
+impl Xs {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `llmd-cuda-check pick`: the device token picker against the host rule of
+/// `llmd_models::pick` on random 128,256-wide rows (one and two vocabulary shards), for greedy,
+/// temperature, top-k, top-p, min-p, penalties and ties; then its time per step at 64 rows.
+fn pick_check() -> Result<bool, String> {
+    use llmd_cuda::device::{DType, DeviceTensor};
+    use llmd_cuda::kernels::pack_picks;
+    use llmd_models::pick::LogitAdjust;
+    let e = |x: llmd_cuda::CudaError| x.to_string();
+    let gpu = llmd_cuda::Gpu::open(0).map_err(e)?;
+    let (vocab, rows) = (128_256usize, 64usize);
+    let mut rng = Xs(0x9e37_79b9_7f4a_7c15);
+    // (name, temperature, top_k, top_p, min_p, penalties, ties)
+    let cases: &[(&str, f32, u32, f32, f32, bool, bool)] = &[
+        ("greedy", 0.0, 0, 1.0, 0.0, false, false),
+        ("greedy + penalties", 0.0, 0, 1.0, 0.0, true, false),
+        ("temperature 1", 1.0, 0, 1.0, 0.0, false, false),
+        ("temperature 0.7", 0.7, 0, 1.0, 0.0, false, false),
+        ("top-k 50", 0.8, 50, 1.0, 0.0, false, false),
+        ("top-p 0.9", 0.8, 0, 0.9, 0.0, false, false),
+        ("top-k 40 + top-p 0.95 + min-p 0.05", 1.0, 40, 0.95, 0.05, false, false),
+        ("min-p 0.1", 1.2, 0, 1.0, 0.1, false, false),
+        ("penalties + top-p", 0.9, 0, 0.8, 0.0, true, false),
+        ("ties, top-k 7", 1.0, 7, 1.0, 0.0, false, true),
+        ("ties, top-p 0.5", 1.0, 0, 0.5, 0.0, false, true),
+        ("ties, top-k 20 + top-p 0.3", 1.0, 20, 0.3, 0.0, false, true),
+    ];
+    let mut ok = true;
+    let mut logits = DeviceTensor::zeros(&gpu, &[rows, vocab], DType::F32).map_err(e)?;
+    let mut params = DeviceTensor::zeros(&gpu, &[1 << 20], DType::U32).map_err(e)?;
+    let out = DeviceTensor::zeros(&gpu, &[rows], DType::U32).map_err(e)?;
+    for shards in [1usize, 2] {
+        for &(name, temperature, top_k, top_p, min_p, penalties, ties) in cases {
+            let host_rows: Vec<Vec<f32>> = (0..rows)
+                .map(|_| {
+                    (0..vocab)
+                        .map(|_| {
+                            // Peaked like real logits: a few large values over a wide low tail.
+                            let u = rng.unit();
+                            let x = (u.powi(24) * 30.0 - 8.0 + rng.unit() * 4.0) as f32;
+                            if ties { (x * 2.0).round() / 2.0 } else { x }
+                        })
+                        .collect()
+                })
+                .collect();
+            let picks: Vec<TokenPick> = (0..rows)
+                .map(|r| {
+                    let adjust = if penalties {
+                        let mut toks: Vec<u32> = (0..200).map(|_| (rng.next() % vocab as u64) as u32).collect();
+                        toks.sort_unstable();
+                        toks.dedup();
+                        toks.into_iter()
+                            .enumerate()
+                            .map(|(i, token)| LogitAdjust {
+                                token,
+                                divide_positive: 1.3,
+                                subtract: if i % 17 == 0 { f32::INFINITY } else { (i % 3) as f32 * 0.4 },
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    TokenPick {
+                        width: if r % 5 == 0 { vocab as u32 - 256 } else { vocab as u32 },
+                        temperature,
+                        top_k,
+                        top_p,
+                        min_p,
+                        uniform: rng.unit(),
+                        adjust,
+                    }
+                })
+                .collect();
+            // Device layout [shard, rows, vocab / shards].
+            let vl = vocab / shards;
+            let mut flat = vec![0f32; rows * vocab];
+            for (r, row) in host_rows.iter().enumerate() {
+                for k in 0..shards {
+                    flat[(k * rows + r) * vl..(k * rows + r + 1) * vl].copy_from_slice(&row[k * vl..(k + 1) * vl]);
+                }
+            }
+            logits.upload(&gpu, &flat).map_err(e)?;
+            let refs: Vec<Option<&TokenPick>> = picks.iter().map(Some).collect();
+            let mut packed = pack_picks(&refs, vocab).map_err(e)?;
+            packed.resize(packed.len().next_multiple_of(4), 0);
+            params.upload_at(&gpu, 0, &packed).map_err(e)?;
+            let view = logits.r().reshape(&[shards * rows, vl]);
+            gpu.pick_tokens(&out.r(), &view, rows, shards, &params.r()).map_err(e)?;
+            let dev = out.download_u32(&gpu, rows).map_err(e)?;
+            let mismatches =
+                (0..rows).filter(|&r| picks[r].pick_host(&host_rows[r]) != dev[r]).count();
+            let in_width = (0..rows).all(|r| dev[r] < picks[r].width);
+            // expf on the device may differ from the host's in the last bit, which can move a
+            // draw that lands exactly on a boundary; anything more is a bug.
+            let pass = in_width && mismatches <= rows / 32 && (temperature != 0.0 || mismatches == 0);
+            ok &= pass;
+            println!(
+                "pick {name:<36} shards {shards}: {}/{rows} match the host rule {}",
+                rows - mismatches,
+                if pass { "PASS" } else { "FAIL" }
+            );
+        }
+    }
+    // Time per step at 64 rows (temperature 0.8, top-p 0.95; no adjustments so re-running is valid).
+    let pick = TokenPick { temperature: 0.8, top_p: 0.95, uniform: 0.5, ..TokenPick::greedy(vocab as u32) };
+    for (label, p) in [("greedy", TokenPick::greedy(vocab as u32)), ("temperature 0.8 + top-p 0.95", pick)] {
+        let refs: Vec<Option<&TokenPick>> = (0..rows).map(|_| Some(&p)).collect();
+        let packed = pack_picks(&refs, vocab).map_err(e)?;
+        params.upload_at(&gpu, 0, &packed).map_err(e)?;
+        let view = logits.r().reshape(&[rows, vocab]);
+        gpu.pick_tokens(&out.r(), &view, rows, 1, &params.r()).map_err(e)?;
+        gpu.synchronize().map_err(e)?;
+        let t = Instant::now();
+        let n = 50;
+        for _ in 0..n {
+            gpu.pick_tokens(&out.r(), &view, rows, 1, &params.r()).map_err(e)?;
+        }
+        gpu.synchronize().map_err(e)?;
+        println!("pick {label}: {:.1} us per step of {rows} rows x {vocab}", t.elapsed().as_secs_f64() * 1e6 / n as f64);
+    }
+    Ok(ok)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N]";
+    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick";
+    if args.get(1).map(String::as_str) == Some("pick") {
+        match pick_check() {
+            Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),
+            Err(msg) => {
+                eprintln!("error: {msg}");
+                std::process::exit(1);
+            }
+        }
+    }
     let (Some(cmd), Some(dir)) = (args.get(1), args.get(2)) else {
         eprintln!("{usage}");
         std::process::exit(2);
