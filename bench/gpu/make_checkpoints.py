@@ -1,9 +1,10 @@
 """Writes random-weight checkpoints for the GPU checks and benchmarks (run on the GPU machine).
 
-check models: small transformers models of every dense architecture with realistic head
-geometry (head_dim 128, GQA), saved in float32 by save_pretrained so the CPU runner is an exact
-reference. bench model: Llama-3-8B-shaped random bf16 weights written straight to safetensors
-(transformers' init of 8B parameters on the CPU would take minutes), plus config.json.
+check models: small transformers models of every architecture the CUDA backend serves (the
+dense ones and Qwen3-MoE) with realistic head geometry (head_dim 128, GQA), saved in float32 by
+save_pretrained so the CPU runner is an exact reference. bench model: Llama-3-8B-shaped random
+bf16 weights written straight to safetensors (transformers' init of 8B parameters on the CPU
+would take minutes), plus config.json.
 
 usage: python3 make_checkpoints.py OUT_DIR [--bench-8b] [--bench-70b] [--no-small]
 """
@@ -38,6 +39,12 @@ def small_models():
         "mistral": ("mistral", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=64, sliding_window=None)),
         "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
         "qwen3": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=1, head_dim=128, tie_word_embeddings=True)),
+        # Layers 0 and 2 route over 16 experts (4 per token), layer 1 is dense (mlp_only_layers);
+        # 16 experts split evenly for tp 2 and 4.
+        "qwen3_moe": ("qwen3_moe", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                                        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+                                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                                        tie_word_embeddings=False)),
     }
     for name, (model_type, extra) in specs.items():
         torch.manual_seed(len(name))
@@ -49,6 +56,10 @@ def small_models():
             for n, p in model.named_parameters():
                 if "norm" in n:
                     p.uniform_(0.8, 1.2)
+                elif n.endswith("mlp.gate.weight"):
+                    # Sharpen the MoE router (as tests/fixtures/make_golden.py does): an expert whose
+                    # choice bf16 rounding can flip then has a negligible routing weight.
+                    p.mul_(5.0)
         d = os.path.join(out, "check-" + name)
         model.save_pretrained(d, safe_serialization=True)
         copy_tokenizer(d)
