@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a multi-GPU machine: tensor-parallel correctness (TP=N vs TP=1 and vs the CPU f32 runner on
-# every dense architecture) and decode speed of Llama-3-shaped random checkpoints at several TP sizes.
+# every architecture) and decode speed of Llama-3-shaped random checkpoints at several TP sizes.
 # env: TP_LIST (e.g. "0,1" or "0,1,2,3"), BENCH (8b|70b|none), BENCH_GPUS (space-separated GPU lists).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 CUDA_DEVICE_ORDER=PCI_BUS_ID
@@ -15,8 +15,9 @@ python3 bench/gpu/make_checkpoints.py /tmp/ck $flag 2>&1 | grep -v Writing | tai
 status=0
 for m in /tmp/ck/check-*; do
   echo "== $m --gpus $TP_LIST"
-  timeout 120 /tmp/llmd-cuda-check check "$m" --gpus "$TP_LIST" || status=1
+  timeout 120 /tmp/llmd-cuda-check check "$m" --gpus "$TP_LIST" || echo "FAILED: $m"
 done 2>&1 | tee "$OUT/tp-check.txt"
+grep -q "^FAILED" "$OUT/tp-check.txt" && status=1
 python3 - <<'PY' | tee "$OUT/bandwidth.txt"
 import torch
 x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
