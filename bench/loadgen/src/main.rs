@@ -5,8 +5,14 @@
 //! Token timing is taken from the SSE stream as a client sees it: each chunk carrying text is
 //! one arrival; the output token count comes from the final usage chunk
 //! (`stream_options.include_usage`), falling back to the number of text chunks.
+//!
+//! Prompts are made of words. `--calibrate-prompt` sizes them in the served model's tokens
+//! instead: before the run it asks the server's `POST /tokenize` how many tokens a prompt makes
+//! and scales the word count until prompts average `--prompt-tokens` tokens. The prompt tokens
+//! the server actually processed (`usage.prompt_tokens`) are reported either way.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,9 +48,14 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     requests: usize,
     /// Prompt length in words: about one token each with real BPE vocabularies (the tiny
-    /// test fixtures' 512-token vocabulary splits a word into ~3.4 tokens).
+    /// test fixtures' 512-token vocabulary splits a word into ~3.4 tokens). With
+    /// `--calibrate-prompt`, in the served model's tokens.
     #[arg(long, default_value_t = 32)]
     prompt_tokens: usize,
+    /// Before the run, size prompts in tokens through the server's `POST /tokenize` so that
+    /// they average `--prompt-tokens` tokens (within 0.5%, or 1 token).
+    #[arg(long)]
+    calibrate_prompt: bool,
     /// `max_tokens` per request.
     #[arg(long, default_value_t = 64)]
     max_tokens: u32,
@@ -60,9 +71,16 @@ struct Args {
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
-    /// Print the result as JSON.
+    /// Stop starting new requests after this many seconds (requests in flight finish); the
+    /// report counts only the requests started. Unset: run all `--requests`.
+    #[arg(long)]
+    max_duration_s: Option<f64>,
+    /// Print the result as JSON (instead of the human report).
     #[arg(long)]
     json: bool,
+    /// Also write the result as JSON to this file (the human report is still printed).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 /// What one request measured.
@@ -75,6 +93,10 @@ struct Sample {
     itl: Vec<f64>,
     e2e: f64,
     output_tokens: u64,
+    /// `usage.prompt_tokens` of the final usage chunk.
+    prompt_tokens: Option<u64>,
+    /// SSE chunks that carried text (ITL samples are the gaps between them).
+    text_chunks: u64,
 }
 
 /// Latency percentiles in milliseconds.
@@ -86,24 +108,46 @@ struct Percentiles {
     mean_ms: f64,
 }
 
-/// The run's result (`--json`).
+/// Smallest, mean and largest of a count over the requests.
+#[derive(Debug, Serialize)]
+struct CountStats {
+    min: u64,
+    mean: f64,
+    max: u64,
+}
+
+/// The run's result (`--json`, `--json-out`).
 #[derive(Debug, Serialize)]
 struct Report {
     url: String,
     model: String,
     endpoint: String,
     concurrency: usize,
+    /// Requests asked for (`--requests`).
     requests: usize,
+    /// Requests started: fewer than `requests` when `--max-duration-s` stopped the run.
+    started: usize,
+    /// `--prompt-tokens` as given.
     prompt_tokens: usize,
+    /// Words per prompt (after calibration, if any).
+    prompt_words: usize,
+    /// Prompt tokens the server counted (`usage.prompt_tokens`) over the successful requests.
+    prompt_tokens_measured: Option<CountStats>,
     max_tokens: u32,
+    ignore_eos: bool,
     succeeded: usize,
     errors: BTreeMap<String, usize>,
     duration_s: f64,
     output_tokens: u64,
+    /// SSE chunks with text over the successful requests; below `output_tokens` when some
+    /// chunks carried more than one token (then ITL gaps span several tokens).
+    text_chunks: u64,
     output_tokens_per_s: f64,
     requests_per_s: f64,
     ttft: Option<Percentiles>,
     itl: Option<Percentiles>,
+    /// Time per output token after the first, per request: (E2E − TTFT) / (tokens − 1).
+    tpot: Option<Percentiles>,
     e2e: Option<Percentiles>,
 }
 
@@ -138,8 +182,80 @@ fn make_prompt(tokens: usize, seed: usize) -> String {
     out
 }
 
-fn body(args: &Args, seed: usize) -> Value {
-    let prompt = make_prompt(args.prompt_tokens, seed);
+/// Time per output token after the first, from the request's TTFT, end and token count.
+fn tpot(s: &Sample) -> Option<f64> {
+    let ttft = s.ttft?;
+    (s.output_tokens > 1).then(|| (s.e2e - ttft) / (s.output_tokens - 1) as f64)
+}
+
+fn count_stats(v: &[u64]) -> Option<CountStats> {
+    let (&min, &max) = (v.iter().min()?, v.iter().max()?);
+    Some(CountStats { min, mean: v.iter().sum::<u64>() as f64 / v.len() as f64, max })
+}
+
+/// The next word count to try: scales `words` by `target / measured` tokens, at least 4 words
+/// (the prompt's prefix takes three).
+fn rescale_words(words: usize, target: usize, measured: f64) -> usize {
+    if measured <= 0.0 {
+        return words * 2;
+    }
+    ((words as f64 * target as f64 / measured).round() as usize).max(4)
+}
+
+/// Where the server's tokenizer is: `POST /tokenize` beside `/v1`.
+fn tokenize_url(base: &str) -> String {
+    format!("{}/tokenize", base.trim_end_matches('/'))
+}
+
+/// Mean token count of the prompts of `words` words for seeds 0..8, by `POST /tokenize`.
+async fn mean_prompt_tokens(client: &reqwest::Client, args: &Args, words: usize) -> anyhow::Result<f64> {
+    const SEEDS: usize = 8;
+    let url = tokenize_url(&args.url);
+    let mut total = 0u64;
+    for seed in 0..SEEDS {
+        let prompt = make_prompt(words, seed);
+        let body = match args.endpoint {
+            Endpoint::Chat => json!({"model": args.model, "messages": [{"role": "user", "content": prompt}]}),
+            Endpoint::Completions => json!({"model": args.model, "prompt": prompt}),
+        };
+        let mut req = client.post(&url).json(&body);
+        if let Some(k) = &args.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.with_context(|| format!("POST {url}"))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.with_context(|| format!("POST {url}: reading the reply"))?;
+        let Some(count) = v["count"].as_u64() else { bail!("POST {url}: {status}: no `count` in {v}") };
+        total += count;
+    }
+    Ok(total as f64 / SEEDS as f64)
+}
+
+/// Words per prompt so that prompts average `--prompt-tokens` tokens of the served model.
+async fn calibrate_words(client: &reqwest::Client, args: &Args) -> anyhow::Result<usize> {
+    let target = args.prompt_tokens;
+    let tolerance = (target as f64 * 0.005).max(1.0);
+    let (mut words, mut best) = (target.max(4), (f64::INFINITY, target.max(4)));
+    for _ in 0..8 {
+        let measured = mean_prompt_tokens(client, args, words).await?;
+        let miss = (measured - target as f64).abs();
+        if miss < best.0 {
+            best = (miss, words);
+        }
+        if miss <= tolerance {
+            break;
+        }
+        let next = rescale_words(words, target, measured);
+        if next == words {
+            break;
+        }
+        words = next;
+    }
+    Ok(best.1)
+}
+
+fn body(args: &Args, words: usize, seed: usize) -> Value {
+    let prompt = make_prompt(words, seed);
     let mut b = json!({
         "model": args.model,
         "max_tokens": args.max_tokens,
@@ -169,10 +285,11 @@ fn has_text(chunk: &Value) -> bool {
     })
 }
 
-async fn one_request(client: &reqwest::Client, args: &Args, url: &str, seed: usize) -> Sample {
+async fn one_request(client: &reqwest::Client, args: &Args, url: &str, words: usize, seed: usize) -> Sample {
+    let body = body(args, words, seed);
     let start = Instant::now();
     let mut sample = Sample::default();
-    let mut req = client.post(url).json(&body(args, seed));
+    let mut req = client.post(url).json(&body);
     if let Some(k) = &args.api_key {
         req = req.bearer_auth(k);
     }
@@ -223,6 +340,9 @@ async fn one_request(client: &reqwest::Client, args: &Args, url: &str, seed: usi
                 if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
                     usage_tokens = Some(n);
                 }
+                if let Some(n) = chunk["usage"]["prompt_tokens"].as_u64() {
+                    sample.prompt_tokens = Some(n);
+                }
                 if has_text(&chunk) {
                     let now = Instant::now();
                     match last {
@@ -241,6 +361,7 @@ async fn one_request(client: &reqwest::Client, args: &Args, url: &str, seed: usi
         return sample;
     }
     sample.output_tokens = usage_tokens.unwrap_or(text_chunks);
+    sample.text_chunks = text_chunks;
     sample.ok = true;
     sample
 }
@@ -248,6 +369,9 @@ async fn one_request(client: &reqwest::Client, args: &Args, url: &str, seed: usi
 async fn run(args: Arc<Args>) -> anyhow::Result<Report> {
     if args.concurrency == 0 || args.requests == 0 {
         bail!("--concurrency and --requests must be >= 1");
+    }
+    if args.max_duration_s.is_some_and(|d| !(d > 0.0 && d.is_finite())) {
+        bail!("--max-duration-s must be a positive number of seconds");
     }
     let path = match args.endpoint {
         Endpoint::Chat => "/v1/chat/completions",
@@ -259,19 +383,24 @@ async fn run(args: Arc<Args>) -> anyhow::Result<Report> {
         .pool_max_idle_per_host(args.concurrency)
         .build()
         .context("building the HTTP client")?;
+    let words = if args.calibrate_prompt { calibrate_words(&client, &args).await? } else { args.prompt_tokens };
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
+    let deadline = args.max_duration_s.map(Duration::from_secs_f64);
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.min(args.requests) {
         let (client, args, url, next) = (client.clone(), args.clone(), url.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             let mut samples = Vec::new();
             loop {
+                if deadline.is_some_and(|d| start.elapsed() >= d) {
+                    break;
+                }
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= args.requests {
                     break;
                 }
-                samples.push(one_request(&client, &args, &url, i).await);
+                samples.push(one_request(&client, &args, &url, words, i).await);
             }
             samples
         }));
@@ -289,36 +418,59 @@ async fn run(args: Arc<Args>) -> anyhow::Result<Report> {
     }
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let output_tokens: u64 = ok.iter().map(|s| s.output_tokens).sum();
+    let prompt_counts: Vec<u64> = ok.iter().filter_map(|s| s.prompt_tokens).collect();
     Ok(Report {
         url: args.url.clone(),
         model: args.model.clone(),
         endpoint: format!("{:?}", args.endpoint).to_lowercase(),
         concurrency: args.concurrency,
         requests: args.requests,
+        started: samples.len(),
         prompt_tokens: args.prompt_tokens,
+        prompt_words: words,
+        prompt_tokens_measured: count_stats(&prompt_counts),
         max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
         succeeded: ok.len(),
         errors,
         duration_s: duration,
         output_tokens,
+        text_chunks: ok.iter().map(|s| s.text_chunks).sum(),
         output_tokens_per_s: output_tokens as f64 / duration,
         requests_per_s: ok.len() as f64 / duration,
         ttft: percentiles(ok.iter().filter_map(|s| s.ttft).collect()),
         itl: percentiles(ok.iter().flat_map(|s| s.itl.iter().copied()).collect()),
+        tpot: percentiles(ok.iter().filter_map(|s| tpot(s)).collect()),
         e2e: percentiles(ok.iter().map(|s| s.e2e).collect()),
     })
 }
 
 fn print_human(r: &Report) {
     println!("{} {} ({}), concurrency {}, {} requests", r.url, r.model, r.endpoint, r.concurrency, r.requests);
-    println!("succeeded      {} / {}", r.succeeded, r.requests);
+    if r.started < r.requests {
+        println!("started        {} / {} (--max-duration-s reached)", r.started, r.requests);
+    }
+    println!("succeeded      {} / {}", r.succeeded, r.started);
+    match &r.prompt_tokens_measured {
+        Some(p) => println!(
+            "prompt         {} words, {} tokens (min {}, max {}) as the server counted",
+            r.prompt_words,
+            p.mean.round(),
+            p.min,
+            p.max
+        ),
+        None => println!("prompt         {} words (the server sent no usage.prompt_tokens)", r.prompt_words),
+    }
     if !r.errors.is_empty() {
         let errs: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         println!("errors         {}", errs.join(", "));
     }
     println!("duration       {:.2} s", r.duration_s);
     println!("output tokens  {} ({:.1} tok/s, {:.2} req/s)", r.output_tokens, r.output_tokens_per_s, r.requests_per_s);
-    for (name, p) in [("TTFT", &r.ttft), ("ITL", &r.itl), ("E2E", &r.e2e)] {
+    if r.text_chunks < r.output_tokens {
+        println!("text chunks    {} (fewer than tokens: some tokens added no text of their own)", r.text_chunks);
+    }
+    for (name, p) in [("TTFT", &r.ttft), ("ITL", &r.itl), ("TPOT", &r.tpot), ("E2E", &r.e2e)] {
         if let Some(p) = p {
             println!(
                 "{name:<14} p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  mean {:.1} ms",
@@ -332,12 +484,16 @@ fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     let report = rt.block_on(run(args.clone()))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{json}");
     } else {
         print_human(&report);
     }
-    if report.succeeded < report.requests {
+    if report.succeeded < report.started {
         std::process::exit(1);
     }
     Ok(())
@@ -360,6 +516,27 @@ mod tests {
         let a = make_prompt(40, 1);
         assert_eq!(a.split_whitespace().count(), 2 + 37);
         assert_ne!(a, make_prompt(40, 2));
+    }
+
+    #[test]
+    fn word_counts_scale_towards_the_token_target() {
+        // 512 words measured as 1768 tokens: about 148 words make 512 tokens.
+        assert_eq!(rescale_words(512, 512, 1768.0), 148);
+        assert_eq!(rescale_words(148, 512, 512.0), 148);
+        assert_eq!(rescale_words(10, 1, 100.0), 4);
+        assert_eq!(rescale_words(8, 512, 0.0), 16);
+    }
+
+    #[test]
+    fn count_stats_cover_min_mean_max() {
+        let s = count_stats(&[510, 512, 520]).unwrap();
+        assert_eq!((s.min, s.max), (510, 520));
+        assert!((s.mean - 514.0).abs() < 1e-9);
+        assert!(count_stats(&[]).is_none());
+        assert_eq!(tokenize_url("http://h:1/"), "http://h:1/tokenize");
+        let s = Sample { ttft: Some(0.1), e2e: 2.6, output_tokens: 251, ..Sample::default() };
+        assert!((tpot(&s).unwrap() - 0.01).abs() < 1e-12);
+        assert!(tpot(&Sample { ttft: Some(0.1), e2e: 0.1, output_tokens: 1, ..Sample::default() }).is_none());
     }
 
     #[test]
