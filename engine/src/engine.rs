@@ -794,7 +794,14 @@ impl Engine {
         // Published before any event of this step goes out, so a client that sees a token
         // also sees the blocks behind it.
         self.publish_stats();
+        let started = Instant::now();
         let result = self.run_forward(&out);
+        tracing::debug!(
+            tokens = out.batch.num_tokens(),
+            seqs = out.batch.seqs.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "step"
+        );
         let rows = match result {
             Ok(rows) => rows,
             Err(e) => {

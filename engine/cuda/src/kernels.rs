@@ -43,6 +43,8 @@ pub struct Kernels {
     gemv: Vec<(CudaFunction, CudaFunction)>,
     /// Routed experts (Qwen3-MoE).
     pub(crate) moe: crate::moe::MoeKernels,
+    /// Tensor-core prefill attention (head_dim 64 and 128).
+    pub(crate) prefill: crate::prefill_attention::PrefillKernels,
 }
 
 /// Most rows of `x` the GEMV kernels take; larger batches go to cuBLAS. Measured faster than
@@ -77,6 +79,7 @@ impl Kernels {
                 .map(|t| Ok((f(&format!("gemv_bf16_t{t}"))?, f(&format!("gemv_f32_t{t}"))?)))
                 .collect::<Result<_, cudarc::driver::DriverError>>()?,
             moe: crate::moe::MoeKernels::load(&module)?,
+            prefill: crate::prefill_attention::PrefillKernels::load(&module)?,
         })
     }
 
@@ -429,6 +432,17 @@ impl Gpu {
             let blocks = n.div_ceil(8 * rows_per_warp) as u32;
             let (n_i, k_i) = (i32_of(n, "out_features")?, i32_of(k, "in_features")?);
             return launch!(self, f, cfg((blocks, 1, 1), 256), &y.ptr, &x.ptr, &w.ptr, &n_i, &k_i);
+        }
+        self.linear_cublas(y, x, w)
+    }
+
+    /// [`Gpu::linear`] through cuBLAS whatever the batch (the GEMV comparison of the bench).
+    pub fn linear_cublas(&self, y: &TensorRef, x: &TensorRef, w: &TensorRef) -> Result<(), CudaError> {
+        let (t, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
+        check(x, "x", DType::BF16, &[t, k])?;
+        check(w, "w", DType::BF16, &[n, k])?;
+        if y.shape != [t, n] || !matches!(y.dtype, DType::BF16 | DType::F32) {
+            return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype, y.shape)));
         }
         let y_type = if y.dtype == DType::F32 {
             blas_sys::cudaDataType::CUDA_R_32F

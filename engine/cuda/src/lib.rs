@@ -13,6 +13,7 @@ pub mod error;
 pub mod kernels;
 pub mod moe;
 pub mod nccl;
+pub mod prefill_attention;
 pub mod runner;
 pub mod tp;
 

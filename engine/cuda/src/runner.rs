@@ -140,6 +140,9 @@ struct StepMeta {
     query_seq: usize,
     tables: usize,
     rows: usize,
+    tiles: usize,
+    /// Prefill attention tiles planned by `pack` (0: the step uses paged attention).
+    n_tiles: usize,
     bytes: usize,
 }
 
@@ -152,8 +155,11 @@ impl StepMeta {
         let query_seq = align(slots + 8 * t);
         let tables = align(query_seq + 4 * t);
         let rows = align(tables + 4 * s * stride);
-        let bytes = align(rows + 4 * s);
-        StepMeta { t, s, stride, ids, positions, slots, query_seq, tables, rows, bytes }
+        // Prefill attention tiles (the step's sequences and a run of padding rows) come last,
+        // so that `pack` uploads only the tiles it planned.
+        let tiles = align(rows + 4 * s);
+        let bytes = align(tiles + 16 * crate::prefill_attention::max_tiles(t, s + 1));
+        StepMeta { t, s, stride, ids, positions, slots, query_seq, tables, rows, tiles, n_tiles: 0, bytes }
     }
 
     fn capacity_bytes(max_tokens: usize, max_seqs: usize, max_blocks: usize) -> usize {
@@ -176,6 +182,9 @@ struct StepViews {
     tables: TensorRef,
     rows: TensorRef,
     n_rows: usize,
+    /// i32 [n_tiles, 4] query tiles of the tensor-core prefill attention, for steps with a
+    /// prompt chunk; None: the split paged kernel.
+    prefill_tiles: Option<TensorRef>,
     /// Context length the attention splits are planned for.
     max_context: usize,
 }
@@ -650,7 +659,7 @@ impl CudaRunner {
         let t = batch.num_tokens();
         let s = batch.seqs.len();
         let bs = self.layout.block_size;
-        let meta = StepMeta::new(t_pad, s_pad, stride);
+        let mut meta = StepMeta::new(t_pad, s_pad, stride);
         let mut buf = vec![0u8; meta.bytes];
         let put = |buf: &mut Vec<u8>, off: usize, bytes: &[u8]| buf[off..off + bytes.len()].copy_from_slice(bytes);
         let mut max_context = 0usize;
@@ -698,6 +707,29 @@ impl CudaRunner {
         // Padding rows (t..t_pad, s..s_pad) keep zeros: token 0 at position 0 of sequence 0,
         // slot -1 (no KV write), logits from row 0; their outputs are never read.
         debug_assert!(t <= t_pad && s <= s_pad);
+        // Steps with a prompt chunk run attention as tiles of query rows on tensor cores;
+        // pure decode keeps the split paged kernel (and its graphs).
+        let group = self.dims.heads / self.dims.kv_heads;
+        if batch.seqs.iter().any(|q| q.len > 1) && self.gpu.kernels.prefill.supports(self.cfg.head_dim, group) {
+            use crate::prefill_attention::{TileSeq, plan_tiles};
+            let mut seqs: Vec<TileSeq> = batch
+                .seqs
+                .iter()
+                .enumerate()
+                .map(|(si, q)| TileSeq { seq: si, q_start: q.start, q_len: q.len, context_before: q.context_before })
+                .collect();
+            if t_pad > t {
+                // Padding rows attend to position 0 of sequence 0, as in the paged kernel.
+                seqs.push(TileSeq { seq: 0, q_start: t, q_len: t_pad - t, context_before: 0 });
+            }
+            let tiles = plan_tiles(&seqs, group);
+            debug_assert!(tiles.len() <= crate::prefill_attention::max_tiles(t_pad, s_pad + 1));
+            for (i, tile) in tiles.iter().enumerate() {
+                put(&mut buf, meta.tiles + 16 * i, &tile.to_ne_bytes());
+            }
+            meta.n_tiles = tiles.len();
+        }
+        buf.truncate(meta.tiles + 16 * meta.n_tiles);
         Ok((meta, buf, max_context, n_rows))
     }
 
@@ -713,6 +745,7 @@ impl CudaRunner {
             tables: meta.view(base, meta.tables, &[s, meta.stride], DType::I32),
             rows: meta.view(base, meta.rows, &[n_rows], DType::I32),
             n_rows,
+            prefill_tiles: (meta.n_tiles > 0).then(|| meta.view(base, meta.tiles, &[meta.n_tiles, 4], DType::I32)),
             max_context,
         }
     }
@@ -762,19 +795,31 @@ impl CudaRunner {
                 &layer.k_cache.r(),
                 &layer.v_cache.r(),
             )?;
-            gpu.paged_attention(
-                &attn,
-                &q,
-                &layer.k_cache.r(),
-                &layer.v_cache.r(),
-                &v.tables,
-                &v.query_seq,
-                &v.positions,
-                v.max_context,
-                &a.part_acc.r(),
-                &a.part_ml.r(),
-                scale,
-            )?;
+            match &v.prefill_tiles {
+                Some(tiles) => gpu.prefill_attention(
+                    &attn,
+                    &q,
+                    &layer.k_cache.r(),
+                    &layer.v_cache.r(),
+                    &v.tables,
+                    &v.positions,
+                    tiles,
+                    scale,
+                )?,
+                None => gpu.paged_attention(
+                    &attn,
+                    &q,
+                    &layer.k_cache.r(),
+                    &layer.v_cache.r(),
+                    &v.tables,
+                    &v.query_seq,
+                    &v.positions,
+                    v.max_context,
+                    &a.part_acc.r(),
+                    &a.part_ml.r(),
+                    scale,
+                )?,
+            }
             gpu.linear(&x, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
             reduce(&x)?;
             gpu.add_rmsnorm(&normed, &residual, Some(&x), &layer.post_norm.r(), eps)?;

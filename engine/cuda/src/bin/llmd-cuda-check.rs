@@ -8,6 +8,9 @@
 //!
 //! `llmd-cuda-check bench <model_dir> --batch 1,8,64 --prompt 512 --gen_len 256`: runner-level
 //! prefill and decode speed (no HTTP, no sampling beyond argmax on the host).
+//!
+//! `llmd-cuda-check attention [--gpu N]`: the tensor-core prefill attention against the paged
+//! kernel and an f64 reference, then both timed on one 512- to 8,192-token prompt.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -465,9 +468,78 @@ fn pick_check() -> Result<bool, String> {
     Ok(ok)
 }
 
+/// `llmd-cuda-check attention`: prompts, batches of prompts, a chunk after a cached prefix and
+/// decode rows mixed with chunks (head_dim 64/128, groups 1-16, shuffled block tables, NaN in
+/// unwritten cache slots), then the timing table. Exit code 1 on any failure.
+fn attention_check(args: &[String]) -> i32 {
+    let ordinal = arg(args, "--gpu", "0").parse().unwrap_or(0);
+    match llmd_cuda::Gpu::open(ordinal).and_then(|gpu| llmd_cuda::prefill_attention::check::run(&gpu)) {
+        Ok(report) => {
+            println!("{report}");
+            i32::from(!report.passed())
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `llmd-cuda-check gemv`: achieved bandwidth of the decode GEMVs (1 and 2 rows) on the
+/// Llama-3-8B projection shapes, each over enough weight copies to defeat the L2 cache, next to
+/// cuBLAS on the same shapes. Prints GB/s of weight bytes streamed.
+fn gemv_bench() -> Result<(), String> {
+    use llmd_cuda::device::{DType, DeviceTensor};
+    let e = |x: llmd_cuda::CudaError| x.to_string();
+    let gpu = llmd_cuda::Gpu::open(0).map_err(e)?;
+    let shapes = [("qkv", 6144usize, 4096usize), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336), ("lm_head", 128256, 4096)];
+    println!("| shape | N x K | MB | rows | llmd GEMV GB/s | cuBLAS GB/s |");
+    println!("|---|---|---|---|---|---|");
+    for (name, n, k) in shapes {
+        let bytes = n * k * 2;
+        let copies = (400_000_000 / bytes).clamp(2, 16);
+        let ws: Vec<DeviceTensor> =
+            (0..copies).map(|_| DeviceTensor::zeros(&gpu, &[n, k], DType::BF16)).collect::<Result<_, _>>().map_err(e)?;
+        for t in [1usize, 2] {
+            let x = DeviceTensor::zeros(&gpu, &[t, k], DType::BF16).map_err(e)?;
+            let y = DeviceTensor::zeros(&gpu, &[t, n], DType::BF16).map_err(e)?;
+            let mut rates = Vec::new();
+            for blas in [false, true] {
+                let run = |i: usize| -> Result<(), String> {
+                    if blas {
+                        gpu.linear_cublas(&y.r(), &x.r(), &ws[i % copies].r()).map_err(e)
+                    } else {
+                        gpu.linear(&y.r(), &x.r(), &ws[i % copies].r()).map_err(e)
+                    }
+                };
+                for i in 0..copies {
+                    run(i)?;
+                }
+                gpu.synchronize().map_err(e)?;
+                let iters = 20 * copies;
+                let t0 = Instant::now();
+                for i in 0..iters {
+                    run(i)?;
+                }
+                gpu.synchronize().map_err(e)?;
+                rates.push(iters as f64 * bytes as f64 / t0.elapsed().as_secs_f64() / 1e9);
+            }
+            println!("| {name} | {n} x {k} | {:.0} | {t} | {:.0} | {:.0} |", bytes as f64 / 1e6, rates[0], rates[1]);
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick";
+    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N]";
+    if args.get(1).map(String::as_str) == Some("gemv") {
+        if let Err(msg) = gemv_bench() {
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
     if args.get(1).map(String::as_str) == Some("pick") {
         match pick_check() {
             Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),
@@ -476,6 +548,9 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if args.get(1).map(String::as_str) == Some("attention") {
+        std::process::exit(attention_check(&args));
     }
     let (Some(cmd), Some(dir)) = (args.get(1), args.get(2)) else {
         eprintln!("{usage}");
