@@ -113,6 +113,8 @@ pub struct CudaRunner {
     max_model_len: usize,
     /// Decode graphs by padded batch size.
     graphs: std::collections::HashMap<usize, DecodeGraph>,
+    /// While [`CudaRunner::profile_decode`] captures a step: an event after every op.
+    profile: std::cell::RefCell<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
 }
 
 /// A captured decode step. cudarc's graph handle is not `Send`; the runner moves to the engine
@@ -121,6 +123,10 @@ struct DecodeGraph(cudarc::driver::CudaGraph);
 
 // SAFETY: see above — one owner thread at a time, context bound on every launch.
 unsafe impl Send for DecodeGraph {}
+
+/// Mean milliseconds per op of a decode step (summed over layers, first-seen order) and of the
+/// whole step, from [`CudaRunner::profile_decode`].
+pub type StepProfile = (Vec<(&'static str, f64)>, f64);
 
 /// Batch sizes decode graphs are captured for; a decode batch is padded up to the next one.
 const GRAPH_BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256];
@@ -364,8 +370,7 @@ pub fn load_cuda(
     }
     let gpus = if opts.gpus.is_empty() { vec![0] } else { opts.gpus.clone() };
     let (runner, weight_bytes, num_params): (Box<dyn ModelRunner>, u64, u64) = if gpus.len() == 1 {
-        let (mut r, possible) = load_rank(dir, &cfg, opts, gpus[0], Shard::SINGLE, None, progress)?;
-        r.alloc_kv(possible)?;
+        let r = load_single(dir, &cfg, opts, gpus[0], progress)?;
         let (w, n) = (r.weight_bytes(), r.num_params());
         (Box::new(r), w, n)
     } else {
@@ -385,6 +390,25 @@ pub fn load_cuda(
         config: cfg,
         generation,
     })
+}
+
+fn load_single(
+    dir: &Path,
+    cfg: &ModelConfig,
+    opts: &CudaLoadConfig,
+    ordinal: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<CudaRunner, CudaError> {
+    let (mut r, possible) = load_rank(dir, cfg, opts, ordinal, Shard::SINGLE, None, progress)?;
+    r.alloc_kv(possible)?;
+    Ok(r)
+}
+
+/// The single-GPU runner itself (GPU `opts.gpus[0]`), for tools that call its own methods
+/// such as [`CudaRunner::profile_decode`]; serving goes through [`load_cuda`].
+pub fn load_cuda_runner(dir: &Path, opts: &CudaLoadConfig) -> Result<CudaRunner, ModelError> {
+    let cfg = ModelConfig::from_dir(dir)?;
+    Ok(load_single(dir, &cfg, opts, opts.gpus.first().copied().unwrap_or(0), &mut |_, _| {})?)
 }
 
 /// Loads rank `shard` of the model onto GPU `ordinal` (weights and activation buffers, no KV
@@ -606,6 +630,7 @@ pub(crate) fn load_rank(
         max_blocks_per_seq,
         max_model_len: opts.max_model_len,
         graphs: Default::default(),
+        profile: Default::default(),
     };
     progress(total, total);
     Ok((runner, possible))
@@ -778,10 +803,13 @@ impl CudaRunner {
         // Vocabulary-parallel embedding: each rank writes its rows (zeros elsewhere), then a sum.
         gpu.embedding_shard(&residual, &self.embed.r(), &v.ids, self.shard.rank * self.dims.vocab)?;
         reduce(&residual)?;
+        self.mark("embedding")?;
         for (li, layer) in self.layers.iter().enumerate() {
             let prev = if li == 0 { None } else { Some(&x) };
             gpu.add_rmsnorm(&normed, &residual, prev, &layer.input_norm.r(), eps)?;
+            self.mark("input_norm")?;
             gpu.linear(&qkv, &normed, &layer.qkv.r())?;
+            self.mark("qkv_proj")?;
             gpu.qkv_rope_cache(
                 &qkv,
                 layer.qkv_bias.as_ref().map(|b| b.r()).as_ref(),
@@ -795,6 +823,7 @@ impl CudaRunner {
                 &layer.k_cache.r(),
                 &layer.v_cache.r(),
             )?;
+            self.mark("rope_kv_write")?;
             match &v.prefill_tiles {
                 Some(tiles) => gpu.prefill_attention(
                     &attn,
@@ -820,24 +849,34 @@ impl CudaRunner {
                     scale,
                 )?,
             }
+            self.mark("attention")?;
             gpu.linear(&x, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
+            self.mark("o_proj")?;
             reduce(&x)?;
+            self.mark("all_reduce")?;
             gpu.add_rmsnorm(&normed, &residual, Some(&x), &layer.post_norm.r(), eps)?;
+            self.mark("post_norm")?;
             match &layer.mlp {
                 Mlp::Dense { gate_up: w_gate_up, down } => {
                     gpu.linear(&gate_up, &normed, &w_gate_up.r())?;
+                    self.mark("gate_up_proj")?;
                     gpu.silu_mul(&act, &gate_up)?;
+                    self.mark("silu_mul")?;
                     gpu.linear(&x, &act, &down.r())?;
+                    self.mark("down_proj")?;
                 }
                 Mlp::Sparse(moe) => {
                     let buffers =
                         a.moe.as_ref().ok_or_else(|| CudaError::Shape("sparse layer without MoE buffers".into()))?;
                     moe.forward(gpu, &x, &normed, buffers)?;
+                    self.mark("moe")?;
                 }
             }
             reduce(&x)?;
+            self.mark("all_reduce")?;
         }
         gpu.add_rmsnorm(&normed, &residual, Some(&x), &self.final_norm.r(), eps)?;
+        self.mark("final_norm")?;
         if v.n_rows > 0 {
             let selected = a.selected.rows(0, v.n_rows);
             gpu.gather_rows(&selected, &normed, &v.rows)?;
@@ -848,7 +887,60 @@ impl CudaRunner {
                 c.all_gather(&local, &a.gathered.r(), stream)?;
             }
         }
+        self.mark("lm_head")?;
         Ok(())
+    }
+
+    /// Records a timing event named `op` when a profile is being captured (a no-op otherwise).
+    fn mark(&self, op: &'static str) -> Result<(), CudaError> {
+        if let Some(events) = self.profile.borrow_mut().as_mut() {
+            let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+            events.push((op, self.gpu.stream.record_event(Some(flags))?));
+        }
+        Ok(())
+    }
+
+    /// Where one decode step of `batch` (every sequence decoding one token) spends its time:
+    /// the step is captured as a graph with an event after every op, as the serving path runs
+    /// it, and replayed `iters` times. Returns the mean milliseconds per op, summed over layers,
+    /// in first-seen order, and the whole step's mean.
+    pub fn profile_decode(&mut self, batch: &ForwardBatch, iters: usize) -> Result<StepProfile, CudaError> {
+        let s = batch.seqs.len();
+        let bucket = GRAPH_BUCKETS
+            .iter()
+            .copied()
+            .find(|&b| b >= s && b <= self.max_seqs && b <= self.max_tokens)
+            .ok_or_else(|| CudaError::Shape(format!("no decode graph bucket for {s} sequences")))?;
+        let (meta, host, _ctx, _rows) = self.pack(batch, bucket, bucket, self.max_blocks_per_seq)?;
+        self.act.meta.upload_at(&self.gpu, 0, &host)?;
+        let views = self.views(&meta, bucket, self.max_model_len);
+        self.launch_forward(&views)?;
+        *self.profile.borrow_mut() = Some(Vec::new());
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.gpu.stream.begin_capture(mode)?;
+        let captured = self.mark("start").and_then(|_| self.launch_forward(&views));
+        let graph = self.gpu.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
+        let events = self.profile.borrow_mut().take().unwrap_or_default();
+        captured?;
+        let graph = graph.ok_or_else(|| CudaError::Shape("profile capture produced no graph".into()))?;
+        let mut totals: Vec<(&'static str, f64)> = Vec::new();
+        let mut step = 0f64;
+        for _ in 0..iters.max(1) {
+            graph.launch()?;
+            self.gpu.synchronize()?;
+            for w in events.windows(2) {
+                let ms = f64::from(w[0].1.elapsed_ms(&w[1].1)?);
+                match totals.iter_mut().find(|(op, _)| *op == w[1].0) {
+                    Some(t) => t.1 += ms,
+                    None => totals.push((w[1].0, ms)),
+                }
+            }
+            if let (Some(first), Some(last)) = (events.first(), events.last()) {
+                step += f64::from(first.1.elapsed_ms(&last.1)?);
+            }
+        }
+        let n = iters.max(1) as f64;
+        Ok((totals.into_iter().map(|(op, ms)| (op, ms / n)).collect(), step / n))
     }
 
     fn step(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, CudaError> {

@@ -247,7 +247,10 @@ fn check(dir: PathBuf, args: &[String]) -> Result<bool, String> {
     }
     println!("single-sequence decode (6 steps): worst rel err {worst_single:.2e}");
 
-    let tol = 3e-2;
+    // bf16 weights (rounded from the f32 checkpoint) and bf16 activations against f32 all the
+    // way: 2-3% relative on these 3-layer models; qwen2 (one KV head, biases) reaches 3.4e-2
+    // with tensor parallelism (bench/results/2026-11-21-h200x4-tp.md).
+    let tol = 4e-2;
     decode_errs.sort_by(f64::total_cmp);
     let quantile = |q: f64| decode_errs[((decode_errs.len() - 1) as f64 * q).round() as usize];
     let above = decode_errs.iter().filter(|&&x| x >= tol).count();
@@ -574,6 +577,45 @@ fn gemv_bench() -> Result<(), String> {
     Ok(())
 }
 
+/// `llmd-cuda-check profile <model_dir> [--gpus N] [--batch 1,8,64] [--prompt 512]`: where one
+/// decode step spends its time, op by op (summed over layers), at each batch size after
+/// prefilling `--prompt` tokens per sequence. One GPU.
+fn profile(dir: PathBuf, args: &[String]) -> Result<(), String> {
+    use llmd_models::runner::ModelRunner;
+    let batches: Vec<usize> = arg(args, "--batch", "1,8,64").split(',').filter_map(|s| s.parse().ok()).collect();
+    let prompt: usize = arg(args, "--prompt", "512").parse().map_err(|_| "--prompt")?;
+    let gpu = gpus_arg(args).first().copied().unwrap_or(0);
+    let opts = CudaLoadConfig {
+        gpus: vec![gpu],
+        gpu_memory_utilization: 0.5,
+        block_size: 16,
+        max_num_batched_tokens: 8192,
+        max_model_len: arg(args, "--max-model-len", "4096").parse().map_err(|_| "--max-model-len")?,
+    };
+    let mut runner = llmd_cuda::load_cuda_runner(&dir, &opts).map_err(|e| e.to_string())?;
+    let vocab = llmd_models::ModelConfig::from_dir(&dir).map_err(|e| e.to_string())?.vocab_size;
+    for &b in &batches {
+        let mut s = Seqs::new(16, b);
+        for i in 0..b {
+            let mut fb = ForwardBatch::default();
+            s.push(&mut fb, i, &tokens(i as u64 + 11, prompt, vocab), true);
+            runner.forward(&fb).map_err(|e| e.to_string())?;
+        }
+        let mut fb = ForwardBatch::default();
+        for i in 0..b {
+            s.push(&mut fb, i, &[1], true);
+        }
+        let (ops, step_ms) = runner.profile_decode(&fb, 20).map_err(|e| e.to_string())?;
+        println!("decode step at batch {b}, context {prompt}, max_model_len {}: {step_ms:.3} ms on the GPU", opts.max_model_len);
+        for (op, ms) in ops {
+            println!("  {op:<14} {:>8.1} us  {:>5.1}%", ms * 1e3, 100.0 * ms / step_ms);
+        }
+        // Free this batch's blocks for the next one: a fresh runner would reload the weights.
+        drop(s);
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N]";
@@ -603,6 +645,7 @@ fn main() {
     let result = match cmd.as_str() {
         "check" => check(PathBuf::from(dir), &args).map(|ok| if ok { 0 } else { 1 }),
         "bench" => bench(PathBuf::from(dir), &args).map(|_| 0),
+        "profile" => profile(PathBuf::from(dir), &args).map(|_| 0),
         _ => {
             eprintln!("{usage}");
             std::process::exit(2);
