@@ -25,8 +25,11 @@ static FATBIN: &[u8] = &[];
 const ATTENTION_VARIANTS: &[(usize, &[usize])] =
     &[(1, &[1, 2, 4, 8, 16]), (2, &[1, 2, 4, 8, 16]), (3, &[1, 2, 4, 8]), (4, &[1, 2, 4, 8, 16]), (8, &[1, 2, 4, 8])];
 
-/// Context length handled by one block of paged attention before it splits (flash-decoding).
-pub const ATTENTION_SPLIT_LEN: usize = 256;
+/// Shortest context piece one block of paged attention takes when it splits (flash-decoding).
+pub const ATTENTION_SPLIT_LEN: usize = 128;
+
+/// Blocks paged attention aims for when choosing its number of splits (about 16 per SM).
+const ATTENTION_TARGET_BLOCKS: usize = 2048;
 
 pub struct Kernels {
     embedding: CudaFunction,
@@ -297,7 +300,11 @@ impl Gpu {
         if capacity == 0 {
             return Err(CudaError::Shape(format!("attention workspace too small for {nq} queries")));
         }
-        let splits = max_context.div_ceil(ATTENTION_SPLIT_LEN).clamp(1, capacity);
+        // Enough splits to fill the GPU (a few thousand blocks), no shorter than
+        // ATTENTION_SPLIT_LEN: small batches split long contexts finely, large batches already
+        // have a block per (query, KV head) and keep whole contexts together.
+        let wanted = ATTENTION_TARGET_BLOCKS.div_ceil(nq * hkv);
+        let splits = wanted.min(max_context.div_ceil(ATTENTION_SPLIT_LEN)).clamp(1, capacity);
         let split_len = max_context.div_ceil(splits).max(1);
         let (mb, hq_i, hkv_i, bs_i, split_i, splits_i, d_i) = (
             i32_of(block_tables.shape[1], "max_blocks")?,

@@ -893,9 +893,21 @@ impl CudaRunner {
 
     /// Records a timing event named `op` when a profile is being captured (a no-op otherwise).
     fn mark(&self, op: &'static str) -> Result<(), CudaError> {
+        use cudarc::driver::sys;
         if let Some(events) = self.profile.borrow_mut().as_mut() {
-            let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-            events.push((op, self.gpu.stream.record_event(Some(flags))?));
+            let event = self.gpu.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            // An external record becomes an event-record node of the captured graph, recorded at
+            // every replay (a plain record inside a capture only orders the stream).
+            // SAFETY: the event and the stream belong to this runner's context and outlive the call.
+            unsafe {
+                sys::cuEventRecordWithFlags(
+                    event.cu_event(),
+                    self.gpu.stream.cu_stream(),
+                    sys::CUevent_record_flags_enum::CU_EVENT_RECORD_EXTERNAL as u32,
+                )
+            }
+            .result()?;
+            events.push((op, event));
         }
         Ok(())
     }
