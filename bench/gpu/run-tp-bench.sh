@@ -4,7 +4,7 @@
 # Llama-3-70B-shaped weights at TP 2/4 (random bf16, real safetensors through the real loader),
 # next to the measured copy bandwidth. Checkpoints that already exist are kept (a warm machine).
 # Expects .bin/llmd-cuda-check.xz (built with --features require-kernels).
-# env: SKIP_CHECK=1 (benches only), GEN (decode steps per batch, default 64).
+# env: SKIP_CHECK=1 (benches only), TP_CHECK (GPU lists to check, default "0,1,2,3 0,1"), GEN (decode steps per batch, default 64).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 CUDA_DEVICE_ORDER=PCI_BUS_ID
 OUT=${OUT:-/tmp/out}
@@ -27,7 +27,7 @@ fi
 du -sh /tmp/ck/llama3-8b-random /tmp/ck/llama3-70b-random
 status=0
 if [ -z "${SKIP_CHECK:-}" ]; then
-  for tp in 0,1,2,3 0,1; do
+  for tp in ${TP_CHECK:-0,1,2,3 0,1}; do
     for m in /tmp/ck/check-*; do
       echo "== $m --gpus $tp"
       timeout 120 /tmp/llmd-cuda-check check "$m" --gpus "$tp" || echo "FAILED: $m --gpus $tp"
