@@ -26,7 +26,7 @@ const ATTENTION_VARIANTS: &[(usize, &[usize])] =
     &[(1, &[1, 2, 4, 8, 16]), (2, &[1, 2, 4, 8, 16]), (3, &[1, 2, 4, 8]), (4, &[1, 2, 4, 8, 16]), (8, &[1, 2, 4, 8])];
 
 /// Shortest context piece one block of paged attention takes when it splits (flash-decoding).
-pub const ATTENTION_SPLIT_LEN: usize = 128;
+pub const ATTENTION_SPLIT_LEN: usize = 64;
 
 /// Blocks paged attention aims for when choosing its number of splits. Splits past a query's
 /// context exit at once, so the plan (made for the longest context a graph may see) can be
