@@ -106,18 +106,18 @@ impl Kernels {
     }
 }
 
-fn check(t: &TensorRef, name: &str, dtype: DType, shape: &[usize]) -> Result<(), CudaError> {
+pub(crate) fn check(t: &TensorRef, name: &str, dtype: DType, shape: &[usize]) -> Result<(), CudaError> {
     if t.dtype != dtype || t.shape != shape {
         return Err(CudaError::Shape(format!("`{name}` is {:?} {:?}, expected {dtype:?} {shape:?}", t.dtype, t.shape)));
     }
     Ok(())
 }
 
-fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+pub(crate) fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn i32_of(v: usize, what: &str) -> Result<i32, CudaError> {
+pub(crate) fn i32_of(v: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds i32")))
 }
 
@@ -131,6 +131,7 @@ macro_rules! launch {
         unsafe { builder.launch($cfg) }.map(|_| ()).map_err(CudaError::from)
     }};
 }
+pub(crate) use launch;
 
 impl Gpu {
     /// out[T, H] = table[ids[T] - lo, :] for ids in [lo, lo + rows), zeros for other ids

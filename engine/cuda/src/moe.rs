@@ -24,6 +24,7 @@ use llmd_models::loader::Checkpoint;
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
+use crate::kernels::{check, i32_of, launch};
 use crate::runner::Shard;
 
 /// Most routed experts the top-k kernel takes (`MOE_MAX_EXPERTS` in `kernels/moe.cuh`).
@@ -190,19 +191,6 @@ impl MoeBuffers {
     }
 }
 
-// The helpers below mirror the private ones of `kernels.rs`.
-
-fn check(t: &TensorRef, name: &str, dtype: DType, shape: &[usize]) -> Result<(), CudaError> {
-    if t.dtype != dtype || t.shape != shape {
-        return Err(CudaError::Shape(format!("`{name}` is {:?} {:?}, expected {dtype:?} {shape:?}", t.dtype, t.shape)));
-    }
-    Ok(())
-}
-
-fn i32_of(v: usize, what: &str) -> Result<i32, CudaError> {
-    i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds i32")))
-}
-
 fn u32_of(v: usize, what: &str) -> Result<u32, CudaError> {
     u32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds u32")))
 }
@@ -213,16 +201,6 @@ fn grid(x: u32, y: u32, block: u32) -> LaunchConfig {
 
 /// Warps per block of the GEMV kernels (one output value per warp).
 const WARPS: usize = 8;
-
-macro_rules! launch {
-    ($gpu:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let mut builder = $gpu.stream.launch_builder($f);
-        $( builder.arg($arg); )*
-        // SAFETY: every wrapper checked the shapes of the buffers it passes against the kernel's
-        // documented contract; pointers come from live allocations of this context.
-        unsafe { builder.launch($cfg) }.map(|_| ()).map_err(CudaError::from)
-    }};
-}
 
 impl Gpu {
     /// Top-k softmax routing of T tokens over E experts: ids[T, k] (global expert ids, best

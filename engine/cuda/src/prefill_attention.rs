@@ -19,6 +19,7 @@ use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use crate::device::{DType, Gpu, TensorRef};
 use crate::error::CudaError;
+use crate::kernels::{check, i32_of};
 
 /// Query rows per CTA (`prefill::BLOCK_M` in the kernel).
 pub const BLOCK_M: usize = 64;
@@ -133,17 +134,6 @@ pub fn plan_tiles(seqs: &[TileSeq], group: usize) -> Vec<PrefillTile> {
 /// [`MAX_GROUP`]: a sequence of n queries needs ceil(n·group / BLOCK_M) < n·group / BLOCK_M + 1.
 pub fn max_tiles(t: usize, n_seqs: usize) -> usize {
     (t * MAX_GROUP).div_ceil(BLOCK_M) + n_seqs
-}
-
-fn check(t: &TensorRef, name: &str, dtype: DType, shape: &[usize]) -> Result<(), CudaError> {
-    if t.dtype != dtype || t.shape != shape {
-        return Err(CudaError::Shape(format!("`{name}` is {:?} {:?}, expected {dtype:?} {shape:?}", t.dtype, t.shape)));
-    }
-    Ok(())
-}
-
-fn i32_of(v: usize, what: &str) -> Result<i32, CudaError> {
-    i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds i32")))
 }
 
 impl Gpu {
