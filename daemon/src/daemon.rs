@@ -148,7 +148,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Dispatcher { shared: shared.clone(), models: models.clone(), authz, store, telemetry: telemetry.clone() };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let http_task = tokio::spawn(http::serve(listener, http::router(shared.clone(), served, telemetry), stop_rx.clone()));
+    let http_task =
+        tokio::spawn(http::serve(listener, http::router(shared.clone(), served, telemetry), stop_rx.clone()));
     tracing::info!(listen = %http_addr, "HTTP listener bound");
 
     notify::status("binding the control socket");

@@ -92,12 +92,17 @@ impl ModelLoader for EngineLoader {
         let name = request.served_name.clone();
         let tp = request.params.tp.unwrap_or(1);
         if tp == 0 {
-            return Err(ControlError::new(ErrorCode::InvalidArgument, format!("cannot load `{name}`: `tp` must be >= 1")));
+            return Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                format!("cannot load `{name}`: `tp` must be >= 1"),
+            ));
         }
         if tp > 1 && !runs_on_gpu(request.engine.device) {
             return Err(ControlError::new(
                 ErrorCode::InvalidArgument,
-                format!("cannot load `{name}` with tp {tp}: tensor parallelism needs the CUDA backend (engine.device = \"cuda\" in a CUDA build)"),
+                format!(
+                    "cannot load `{name}` with tp {tp}: tensor parallelism needs the CUDA backend (engine.device = \"cuda\" in a CUDA build)"
+                ),
             ));
         }
         let gpus = if runs_on_gpu(request.engine.device) { self.place(request)? } else { Vec::new() };
@@ -301,8 +306,11 @@ mod tests {
         assert_eq!(place_on(&none, &request(LoadParams::default())).unwrap(), [0]);
         assert_eq!(place_on(&none, &request(LoadParams { tp: Some(2), ..Default::default() })).unwrap(), [0, 1]);
         // A GPU list that does not match tp is a usage error.
-        let e = place_on(&one_gpu(8 << 30), &request(LoadParams { tp: Some(2), gpus: Some(vec![0]), ..Default::default() }))
-            .unwrap_err();
+        let e = place_on(
+            &one_gpu(8 << 30),
+            &request(LoadParams { tp: Some(2), gpus: Some(vec![0]), ..Default::default() }),
+        )
+        .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument);
         assert!(e.message.contains("`gpus` = [0] lists 1 GPUs but `tp` is 2"), "{}", e.message);
         // A GPU that does not exist is refused by placement, naming it.

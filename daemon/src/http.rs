@@ -95,7 +95,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// hyper directly rather than `axum::serve`: `axum::serve` gives hyper no timer, so hyper can
 /// enforce no header read timeout and a client that sends its headers a byte at a time holds a
 /// connection forever.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router, mut stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto;
     use hyper_util::server::graceful::GracefulShutdown;

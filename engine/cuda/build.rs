@@ -36,7 +36,9 @@ fn main() {
     let required = std::env::var("CARGO_FEATURE_REQUIRE_KERNELS").is_ok();
     let Some(nvcc) = find_nvcc() else {
         if required {
-            panic!("nvcc not found: run scripts/setup-cuda-toolchain.sh and source the cuda-env.sh it prints, or set NVCC");
+            panic!(
+                "nvcc not found: run scripts/setup-cuda-toolchain.sh and source the cuda-env.sh it prints, or set NVCC"
+            );
         }
         println!("cargo:warning=nvcc not found: llmd-cuda is built without kernels (GPU serving disabled)");
         std::fs::write(&fatbin, b"").expect("write empty fatbin");

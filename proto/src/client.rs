@@ -4,13 +4,15 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::UnixStream;
 
+use crate::PROTOCOL_VERSION;
 use crate::framing::{self, FrameError};
 use crate::messages::*;
-use crate::PROTOCOL_VERSION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("permission denied on {socket}: add yourself to group {group} (sudo usermod -aG {group} $USER, then log in again)")]
+    #[error(
+        "permission denied on {socket}: add yourself to group {group} (sudo usermod -aG {group} $USER, then log in again)"
+    )]
     PermissionDenied { socket: PathBuf, group: String },
     #[error("cannot reach llmd at {socket}: {source}; is llmd running? systemctl status llmd")]
     Unreachable {
@@ -53,11 +55,7 @@ impl Client {
             }
             _ => ClientError::Unreachable { socket: socket.to_path_buf(), source },
         })?;
-        let mut client = Client {
-            stream,
-            next_id: 0,
-            welcome: Welcome { protocol: 0, daemon_version: String::new() },
-        };
+        let mut client = Client { stream, next_id: 0, welcome: Welcome { protocol: 0, daemon_version: String::new() } };
         let hello = Request::Hello { protocol: PROTOCOL_VERSION, client: client_name.to_string() };
         match client.call(hello, |_| {}).await? {
             Reply::Hello(welcome) => client.welcome = welcome,
@@ -71,14 +69,21 @@ impl Client {
     }
 
     /// Sends `request`, passes each progress event to `on_progress`, returns the final reply.
-    pub async fn call(&mut self, request: Request, mut on_progress: impl FnMut(&Progress)) -> Result<Reply, ClientError> {
+    pub async fn call(
+        &mut self,
+        request: Request,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<Reply, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         framing::write_message(&mut self.stream, &ClientFrame { id, request }).await?;
         loop {
             let frame: ServerFrame = framing::read_message(&mut self.stream).await?.ok_or(ClientError::Closed)?;
             if frame.id() != id {
-                return Err(ClientError::Unexpected(format!("answer for request {} while waiting for {id}", frame.id())));
+                return Err(ClientError::Unexpected(format!(
+                    "answer for request {} while waiting for {id}",
+                    frame.id()
+                )));
             }
             match frame {
                 ServerFrame::Progress { progress, .. } => on_progress(&progress),

@@ -11,7 +11,11 @@ pub const BUS_NAME: &str = "org.llmd.Daemon1";
 pub const OBJECT_PATH: &str = "/org/llmd/Daemon1";
 pub const INTERFACE: &str = "org.llmd.Daemon1.Manager";
 
-#[proxy(interface = "org.llmd.Daemon1.Manager", default_service = "org.llmd.Daemon1", default_path = "/org/llmd/Daemon1")]
+#[proxy(
+    interface = "org.llmd.Daemon1.Manager",
+    default_service = "org.llmd.Daemon1",
+    default_path = "/org/llmd/Daemon1"
+)]
 pub trait Manager {
     /// JSON of [`crate::StatusInfo`].
     fn status(&self) -> zbus::Result<String>;

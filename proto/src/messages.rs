@@ -105,7 +105,9 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame, (u64, ControlErr
     };
     let method = request.get("method").and_then(serde_json::Value::as_str);
     match method {
-        None => return Err((id, ControlError::new(ErrorCode::BadFrame, "`request.method` is missing or not a string"))),
+        None => {
+            return Err((id, ControlError::new(ErrorCode::BadFrame, "`request.method` is missing or not a string")));
+        }
         Some(m) if !Request::METHODS.contains(&m) => {
             return Err((id, ControlError::new(ErrorCode::UnknownMethod, format!("unknown method `{m}`"))));
         }
@@ -453,7 +455,10 @@ mod tests {
         let frame = ClientFrame { id: 1, request: Request::Status };
         assert_eq!(serde_json::to_string(&frame).unwrap(), r#"{"id":1,"request":{"method":"status"}}"#);
         let reply = ServerFrame::Reply { id: 3, reply: Reply::Unloaded { name: "m".into() } };
-        assert_eq!(serde_json::to_string(&reply).unwrap(), r#"{"event":"reply","id":3,"reply":{"kind":"unloaded","name":"m"}}"#);
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            r#"{"event":"reply","id":3,"reply":{"kind":"unloaded","name":"m"}}"#
+        );
         let err = ServerFrame::Error { id: 4, error: ControlError::new(ErrorCode::NotFound, "no model `x`") };
         assert_eq!(
             serde_json::to_string(&err).unwrap(),
@@ -464,7 +469,10 @@ mod tests {
     #[test]
     fn decode_tells_errors_apart() {
         assert_eq!(decode_client_frame(b"nope").unwrap_err().1.code, ErrorCode::BadFrame);
-        assert_eq!(decode_client_frame(br#"{"id":5}"#).unwrap_err(), (5, ControlError::new(ErrorCode::BadFrame, "frame has no `request` object")));
+        assert_eq!(
+            decode_client_frame(br#"{"id":5}"#).unwrap_err(),
+            (5, ControlError::new(ErrorCode::BadFrame, "frame has no `request` object"))
+        );
         let (id, e) = decode_client_frame(br#"{"id":9,"request":{"method":"explode"}}"#).unwrap_err();
         assert_eq!((id, e.code), (9, ErrorCode::UnknownMethod));
         let (id, e) = decode_client_frame(br#"{"id":2,"request":{"method":"unload"}}"#).unwrap_err();

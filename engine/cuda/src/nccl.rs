@@ -170,7 +170,12 @@ impl Communicator {
     }
 
     /// out[rank * n .. (rank + 1) * n] = input from each rank (n = input.numel()).
-    pub fn all_gather(&self, input: &TensorRef, out: &TensorRef, stream: &cudarc::driver::CudaStream) -> Result<(), CudaError> {
+    pub fn all_gather(
+        &self,
+        input: &TensorRef,
+        out: &TensorRef,
+        stream: &cudarc::driver::CudaStream,
+    ) -> Result<(), CudaError> {
         let api = api()?;
         let stream = stream.cu_stream() as Stream;
         let ty = Self::nccl_type(input)?;

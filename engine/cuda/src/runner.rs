@@ -1028,7 +1028,8 @@ impl CudaRunner {
             let mut packed = pack_picks(&picks, vocab)?;
             packed.resize(packed.len().next_multiple_of(4), 0);
             if self.act.pick_params.bytes() < packed.len() {
-                self.act.pick_params = DeviceTensor::zeros(&self.gpu, &[packed.len().next_power_of_two() / 4], DType::U32)?;
+                self.act.pick_params =
+                    DeviceTensor::zeros(&self.gpu, &[packed.len().next_power_of_two() / 4], DType::U32)?;
             }
             self.act.pick_params.upload_at(&self.gpu, 0, &packed)?;
             let params = self.act.pick_params.r();

@@ -143,8 +143,7 @@ impl TokenPick {
         }
         let keep = |key: u32, eq: &mut usize| in_set(threshold, key, eq) && f32::from_bits(key) >= self.min_p;
         let mut eq = 0;
-        let total: u64 =
-            cand.iter().filter(|c| keep(c.0, &mut eq)).map(|c| weight(f32::from_bits(c.0))).sum();
+        let total: u64 = cand.iter().filter(|c| keep(c.0, &mut eq)).map(|c| weight(f32::from_bits(c.0))).sum();
         let target = ((self.uniform * total as f64) as u64).min(total.saturating_sub(1));
         let mut eq = 0;
         let mut cum = 0u64;

@@ -111,7 +111,11 @@ pub trait ModelRunner: Send {
     /// Like [`ModelRunner::forward`], with what the caller wants of each logits row
     /// (`requests[i]` for the i-th row). The default computes full rows and follows each
     /// [`TokenPick`] on the host; a GPU backend picks on the device.
-    fn forward_sample(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, crate::ModelError> {
+    fn forward_sample(
+        &mut self,
+        batch: &ForwardBatch,
+        requests: &[RowRequest],
+    ) -> Result<Vec<RowOutput>, crate::ModelError> {
         let rows = self.forward(batch)?.rows;
         Ok(rows
             .into_iter()

@@ -66,7 +66,8 @@ fn llmctl_command() -> clap::Command {
 fn write_man_pages(cmd: &clap::Command, dir: &Path) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = Vec::new();
-    clap_mangen::generate_to(cmd.clone(), dir).with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+    clap_mangen::generate_to(cmd.clone(), dir)
+        .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(cmd.get_name())) {
@@ -164,6 +165,9 @@ mod tests {
         assert!(bash.contains("--max-model-len"));
         assert!(read(&dir.path().join("completions/zsh/_llmctl")).starts_with("#compdef llmctl"));
         assert!(read(&dir.path().join("completions/fish/llmctl.fish")).contains("-l cancel-on-interrupt"));
-        assert!(files.contains(&man.join("llmd.8")) && files.contains(&man.join("llmctl.1")), "reported files: {files:?}");
+        assert!(
+            files.contains(&man.join("llmd.8")) && files.contains(&man.join("llmctl.1")),
+            "reported files: {files:?}"
+        );
     }
 }

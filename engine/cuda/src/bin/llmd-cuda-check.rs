@@ -465,8 +465,7 @@ fn pick_check() -> Result<bool, String> {
             let view = logits.r().reshape(&[shards * rows, vl]);
             gpu.pick_tokens(&out.r(), &view, rows, shards, &params.r()).map_err(e)?;
             let dev = out.download_u32(&gpu, rows).map_err(e)?;
-            let mismatches =
-                (0..rows).filter(|&r| picks[r].pick_host(&host_rows[r]) != dev[r]).count();
+            let mismatches = (0..rows).filter(|&r| picks[r].pick_host(&host_rows[r]) != dev[r]).count();
             let in_width = (0..rows).all(|r| dev[r] < picks[r].width);
             // expf on the device may differ from the host's in the last bit, which can move a
             // draw that lands exactly on a boundary; anything more is a bug.
@@ -539,14 +538,22 @@ fn gemv_bench() -> Result<(), String> {
     use llmd_cuda::device::{DType, DeviceTensor};
     let e = |x: llmd_cuda::CudaError| x.to_string();
     let gpu = llmd_cuda::Gpu::open(0).map_err(e)?;
-    let shapes = [("qkv", 6144usize, 4096usize), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336), ("lm_head", 128256, 4096)];
+    let shapes = [
+        ("qkv", 6144usize, 4096usize),
+        ("o", 4096, 4096),
+        ("gate_up", 28672, 4096),
+        ("down", 4096, 14336),
+        ("lm_head", 128256, 4096),
+    ];
     println!("| shape | N x K | MB | rows | llmd GEMV GB/s | cuBLAS GB/s |");
     println!("|---|---|---|---|---|---|");
     for (name, n, k) in shapes {
         let bytes = n * k * 2;
         let copies = (400_000_000 / bytes).clamp(2, 16);
-        let ws: Vec<DeviceTensor> =
-            (0..copies).map(|_| DeviceTensor::zeros(&gpu, &[n, k], DType::BF16)).collect::<Result<_, _>>().map_err(e)?;
+        let ws: Vec<DeviceTensor> = (0..copies)
+            .map(|_| DeviceTensor::zeros(&gpu, &[n, k], DType::BF16))
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
         for t in [1usize, 2] {
             let x = DeviceTensor::zeros(&gpu, &[t, k], DType::BF16).map_err(e)?;
             let y = DeviceTensor::zeros(&gpu, &[t, n], DType::BF16).map_err(e)?;
@@ -606,7 +613,10 @@ fn profile(dir: PathBuf, args: &[String]) -> Result<(), String> {
             s.push(&mut fb, i, &[1], true);
         }
         let (ops, step_ms) = runner.profile_decode(&fb, 20).map_err(|e| e.to_string())?;
-        println!("decode step at batch {b}, context {prompt}, max_model_len {}: {step_ms:.3} ms on the GPU", opts.max_model_len);
+        println!(
+            "decode step at batch {b}, context {prompt}, max_model_len {}: {step_ms:.3} ms on the GPU",
+            opts.max_model_len
+        );
         for (op, ms) in ops {
             println!("  {op:<14} {:>8.1} us  {:>5.1}%", ms * 1e3, 100.0 * ms / step_ms);
         }
