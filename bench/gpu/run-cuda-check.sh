@@ -21,15 +21,7 @@ for m in /tmp/ck/check-*; do
 done 2>&1 | tee "$OUT/check.txt"
 grep -q "^FAILED" "$OUT/check.txt" && status=1
 { st=0; /tmp/llmd-cuda-check pick || st=1; /tmp/llmd-cuda-check attention || st=1; /tmp/llmd-cuda-check gemv; exit $st; } 2>&1 | tee "$OUT/kernels.txt" || status=1
-python3 - <<'PY' | tee "$OUT/bandwidth.txt"
-import torch
-x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-s, e = torch.cuda.Event(True), torch.cuda.Event(True); torch.cuda.synchronize(); s.record()
-for _ in range(10): y.copy_(x)
-e.record(); torch.cuda.synchronize()
-print(f"device copy bandwidth (read+write): {2 * 10 * x.numel() / (s.elapsed_time(e) / 1e3) / 1e9:.0f} GB/s")
-PY
+python3 bench/gpu/bandwidth.py | tee "$OUT/bandwidth.txt"
 if [ -n "${BENCH_8B:-}" ]; then
   cat /tmp/ck/llama3-8b-random/*.safetensors > /dev/null  # page cache, as "load from the page cache"
   /tmp/llmd-cuda-check bench /tmp/ck/llama3-8b-random --batch ${BATCHES:-1,8,32,64} --prompt 512 --gen 128 2>&1 | tee "$OUT/bench.txt"

@@ -18,15 +18,7 @@ for m in /tmp/ck/check-*; do
   timeout 120 /tmp/llmd-cuda-check check "$m" --gpus "$TP_LIST" || echo "FAILED: $m"
 done 2>&1 | tee "$OUT/tp-check.txt"
 grep -q "^FAILED" "$OUT/tp-check.txt" && status=1
-python3 - <<'PY' | tee "$OUT/bandwidth.txt"
-import torch
-x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-s, e = torch.cuda.Event(True), torch.cuda.Event(True); torch.cuda.synchronize(); s.record()
-for _ in range(10): y.copy_(x)
-e.record(); torch.cuda.synchronize()
-print(f"device copy bandwidth (read+write): {2 * 10 * x.numel() / (s.elapsed_time(e) / 1e3) / 1e9:.0f} GB/s")
-PY
+python3 bench/gpu/bandwidth.py | tee "$OUT/bandwidth.txt"
 if [ "${BENCH:-none}" != none ]; then
   cat /tmp/ck/llama3-${BENCH}-random/*.safetensors > /dev/null
   for g in ${BENCH_GPUS:-0}; do

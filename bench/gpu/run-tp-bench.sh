@@ -36,15 +36,7 @@ if [ -z "${SKIP_CHECK:-}" ]; then
   grep -q "^FAILED" "$OUT/tp-check.txt" && status=1
 fi
 stamp "checks done"
-python3 - <<'PY' | tee "$OUT/bandwidth.txt"
-import torch
-x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-s, e = torch.cuda.Event(True), torch.cuda.Event(True); torch.cuda.synchronize(); s.record()
-for _ in range(10): y.copy_(x)
-e.record(); torch.cuda.synchronize()
-print(f"device copy bandwidth (read+write): {2 * 10 * x.numel() / (s.elapsed_time(e) / 1e3) / 1e9:.0f} GB/s")
-PY
+python3 bench/gpu/bandwidth.py | tee "$OUT/bandwidth.txt"
 {
   for g in 0 0,1 0,1,2,3; do
     stamp "bench llama3-8b --gpus $g"

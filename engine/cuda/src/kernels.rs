@@ -121,6 +121,17 @@ pub(crate) fn i32_of(v: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds i32")))
 }
 
+/// (tokens, in_features, out_features) of y[T, N] = x[T, K] · w[N, K]ᵀ after checking the types.
+fn linear_shape(y: &TensorRef, x: &TensorRef, w: &TensorRef) -> Result<(usize, usize, usize), CudaError> {
+    let (t, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
+    check(x, "x", DType::BF16, &[t, k])?;
+    check(w, "w", DType::BF16, &[n, k])?;
+    if y.shape != [t, n] || !matches!(y.dtype, DType::BF16 | DType::F32) {
+        return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype, y.shape)));
+    }
+    Ok((t, k, n))
+}
+
 /// Builds and launches a kernel with the given arguments in order.
 macro_rules! launch {
     ($gpu:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
@@ -428,12 +439,7 @@ impl Gpu {
     /// y[T, N] = x[T, K] · w[N, K]ᵀ with bf16 inputs and f32 accumulation; y is bf16 or f32.
     /// (Row-major; computed by cuBLAS as the column-major product wᵀ·x.)
     pub fn linear(&self, y: &TensorRef, x: &TensorRef, w: &TensorRef) -> Result<(), CudaError> {
-        let (t, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
-        check(x, "x", DType::BF16, &[t, k])?;
-        check(w, "w", DType::BF16, &[n, k])?;
-        if y.shape != [t, n] || !matches!(y.dtype, DType::BF16 | DType::F32) {
-            return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype, y.shape)));
-        }
+        let (t, k, n) = linear_shape(y, x, w)?;
         if t <= GEMV_MAX_T && k % 8 == 0 {
             // Decode-sized batches: a bandwidth-bound kernel streams w at close to peak, where
             // cuBLAS's skinny-GEMM kernels reach ~65% of it (bench/results/2026-11-21-h100-cuda-runner.md).
@@ -449,12 +455,7 @@ impl Gpu {
 
     /// [`Gpu::linear`] through cuBLAS whatever the batch (the GEMV comparison of the bench).
     pub fn linear_cublas(&self, y: &TensorRef, x: &TensorRef, w: &TensorRef) -> Result<(), CudaError> {
-        let (t, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
-        check(x, "x", DType::BF16, &[t, k])?;
-        check(w, "w", DType::BF16, &[n, k])?;
-        if y.shape != [t, n] || !matches!(y.dtype, DType::BF16 | DType::F32) {
-            return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype, y.shape)));
-        }
+        let (t, k, n) = linear_shape(y, x, w)?;
         let y_type = if y.dtype == DType::F32 {
             blas_sys::cudaDataType::CUDA_R_32F
         } else {
