@@ -72,19 +72,6 @@ pub fn router(shared: Arc<Shared>, models: EngineRegistry, telemetry: Arc<Teleme
     llmd_openai::router(ApiState::new(registry, keys, options).with_extra_metrics(gauges))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reloading_keeps_serving() {
-        assert_eq!(phase_of(DaemonState::Starting), Phase::Starting);
-        assert_eq!(phase_of(DaemonState::Ready), Phase::Ready);
-        assert_eq!(phase_of(DaemonState::Reloading), Phase::Ready);
-        assert_eq!(phase_of(DaemonState::Stopping), Phase::Stopping);
-    }
-}
-
 /// A client must send its whole request head within this time or the connection is closed
 /// (slowloris). Request bodies and streamed responses are not limited by it.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
@@ -141,4 +128,17 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reloading_keeps_serving() {
+        assert_eq!(phase_of(DaemonState::Starting), Phase::Starting);
+        assert_eq!(phase_of(DaemonState::Ready), Phase::Ready);
+        assert_eq!(phase_of(DaemonState::Reloading), Phase::Ready);
+        assert_eq!(phase_of(DaemonState::Stopping), Phase::Stopping);
+    }
 }

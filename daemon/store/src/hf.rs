@@ -200,12 +200,10 @@ impl<'a> HfApi<'a> {
             .await?;
         let h = resp.headers();
         let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        if let Some(c) = header("x-repo-commit") {
-            if !c.eq_ignore_ascii_case(commit) {
-                return Err(StoreError::Protocol(format!(
-                    "{what}: X-Repo-Commit {c} differs from the resolved {commit}"
-                )));
-            }
+        if let Some(c) = header("x-repo-commit")
+            && !c.eq_ignore_ascii_case(commit)
+        {
+            return Err(StoreError::Protocol(format!("{what}: X-Repo-Commit {c} differs from the resolved {commit}")));
         }
         let etag = header("x-linked-etag")
             .or_else(|| header("etag"))

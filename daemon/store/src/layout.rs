@@ -190,10 +190,10 @@ impl HfRepoDir {
         let refs = self.root.join("refs");
         let mut out = Vec::new();
         for f in walk_files(&refs) {
-            if fs::read_to_string(&f).is_ok_and(|c| c.trim() == commit) {
-                if let Ok(rel) = f.strip_prefix(&refs) {
-                    out.push(rel.to_string_lossy().into_owned());
-                }
+            if fs::read_to_string(&f).is_ok_and(|c| c.trim() == commit)
+                && let Ok(rel) = f.strip_prefix(&refs)
+            {
+                out.push(rel.to_string_lossy().into_owned());
             }
         }
         out.sort_by_key(|r| (r != "main", r.clone()));

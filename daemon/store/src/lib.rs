@@ -552,10 +552,11 @@ fn remove_blocking(cfg: &StoreConfig, r: &RepoRef) -> Result<u64, StoreError> {
             if !dir.root.is_dir() {
                 return Err(StoreError::NotFound(format!("`{}` is not in the store", r.id())));
             }
-            if let (Some(rev), Some(rec)) = (&r.revision, read_record(&dir.record_path())) {
-                if rec.revision.as_deref() != Some(rev) && rec.commit.as_deref() != Some(rev) {
-                    return Err(StoreError::NotFound(format!("`{r}` is not in the store")));
-                }
+            if let (Some(rev), Some(rec)) = (&r.revision, read_record(&dir.record_path()))
+                && rec.revision.as_deref() != Some(rev)
+                && rec.commit.as_deref() != Some(rev)
+            {
+                return Err(StoreError::NotFound(format!("`{r}` is not in the store")));
             }
             let freed = layout::size_on_disk(&dir.root);
             fs::remove_dir_all(&dir.root).at(&dir.root)?;
@@ -717,11 +718,11 @@ async fn run_pull(
     record.complete = true;
     let (path, rec) = (record_path.clone(), record.clone());
     blocking(move || write_record(&path, &rec)).await?;
-    if let (Hub::HuggingFace, Some(c)) = (r.hub, &commit) {
-        if &revision != c {
-            let (dir, rev, c) = (hf_dir.clone(), revision.clone(), c.clone());
-            blocking(move || dir.write_ref(&rev, &c)).await?;
-        }
+    if let (Hub::HuggingFace, Some(c)) = (r.hub, &commit)
+        && &revision != c
+    {
+        let (dir, rev, c) = (hf_dir.clone(), revision.clone(), c.clone());
+        blocking(move || dir.write_ref(&rev, &c)).await?;
     }
     tracker.set_phase("complete");
     shared.emit(tracker.snapshot());

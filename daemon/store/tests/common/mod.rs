@@ -203,12 +203,13 @@ fn decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -382,6 +383,8 @@ async fn handle(
     resp
 }
 
+// The error is the fake hub's HTTP answer itself, returned as is.
+#[allow(clippy::result_large_err)]
 fn hf_repo(state: &HubState, repo: &str, authorized: bool) -> Result<FakeRepo, Response> {
     if state.gated.lock().contains(repo) && !authorized {
         return Err(status(401, Some("GatedRepo")));
@@ -402,14 +405,14 @@ async fn serve(
     let len = f.content.len();
     let (drop_after, corrupt, throttle) = {
         let mut faults = state.faults.lock();
-        if method == Method::GET {
-            if let Some((code, retry_after)) = faults.status_once.remove(&f.path) {
-                let mut r = status(code, None);
-                if let Some(s) = retry_after {
-                    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
-                }
-                return r;
+        if method == Method::GET
+            && let Some((code, retry_after)) = faults.status_once.remove(&f.path)
+        {
+            let mut r = status(code, None);
+            if let Some(s) = retry_after {
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
             }
+            return r;
         }
         let get = method == Method::GET;
         (
