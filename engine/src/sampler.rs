@@ -340,4 +340,32 @@ mod tests {
         let c: Vec<u32> = (0..40).map(|i| c1.sample(&p, &row(i), u32::MAX, None).token).collect();
         assert_ne!(a, c);
     }
+
+    #[test]
+    fn device_pick_path_and_host_path_give_the_same_tokens() {
+        // A request with logprobs samples on the host; without, the backend follows the TokenPick
+        // (here the host rule standing in for the device). Same seed, same tokens.
+        let p = SamplingParams {
+            seed: Some(11),
+            temperature: 0.9,
+            top_k: Some(7),
+            top_p: 0.8,
+            min_p: 0.02,
+            repetition_penalty: 1.3,
+            presence_penalty: 0.4,
+            frequency_penalty: 0.2,
+            ..SamplingParams::default()
+        };
+        let row = |step: usize| -> Vec<f32> { (0..64).map(|i| ((i * 37 + step * 11) % 17) as f32 * 0.25).collect() };
+        let mut host = SeqSampler::new(&p, &[3, 5], 0, &[]);
+        let mut device = SeqSampler::new(&p, &[3, 5], 0, &[]);
+        let with_logprobs = SamplingParams { logprobs: Some(2), ..p.clone() };
+        for step in 0..60 {
+            let a = host.sample(&with_logprobs, &row(step), 60, None).token;
+            let pick = device.pick(&p, 60);
+            let b = device.accept(pick.pick_host(&row(step))).token;
+            assert_eq!(a, b, "step {step}");
+            assert!(a < 60);
+        }
+    }
 }
