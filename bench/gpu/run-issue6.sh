@@ -16,7 +16,8 @@
 # PHASE-metrics.txt (a /metrics snapshot).
 # Expects .bin/{llmd,llmctl,llmd-loadgen}.xz: llmd built with --features cuda, llmd-loadgen
 # from this tree (it needs --calibrate-prompt, --json-out and --max-duration-s).
-# Env: ISSUE6_BUDGET_S (seconds for the phase), LLMD_LOG_LEVEL (the daemon's log.level); for a
+# Env: ISSUE6_BUDGET_S (seconds for the phase), LLMD_LOG_LEVEL (the daemon's log.level), LLMD_COMMIT
+# (the commit the binaries were built from; the device copy's git metadata may be stale); for a
 # dry run of the script on a CPU: ISSUE6_DEVICE=cpu, ISSUE6_PROMPT, ISSUE6_GEN, ISSUE6_CK.
 set -uo pipefail
 phase=${1:-}
@@ -76,7 +77,8 @@ env = {
     "nvidia_smi": sh("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"),
     "nvidia_smi_L": sh("nvidia-smi", "-L"),
     "cuda_version": m.group(1) if m else None,
-    "git_commit": sh("git", "rev-parse", "HEAD") or None,
+    # The GPU machine's copy of the tree may carry stale git metadata: pass LLMD_COMMIT.
+    "git_commit": os.environ.get("LLMD_COMMIT") or sh("git", "rev-parse", "HEAD") or None,
 }
 json.dump(env, open(sys.argv[1], "w"), indent=1)
 print("GPU:", env["nvidia_smi"], "| CUDA", env["cuda_version"], "|", env["date_utc"])
