@@ -281,4 +281,71 @@ mod tests {
         let row = [f32::NEG_INFINITY; 3];
         assert_eq!(pick(1.0, 0, 0.9, 0.1, 0.7).pick_host(&row), 0);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn row() -> impl Strategy<Value = Vec<f32>> {
+            // Coarse values make ties common; a few -inf (masked) and NaN entries.
+            proptest::collection::vec(
+                prop_oneof![
+                    8 => (-40i32..40).prop_map(|x| x as f32 * 0.25),
+                    1 => Just(f32::NEG_INFINITY),
+                    1 => Just(f32::NAN),
+                ],
+                1..200,
+            )
+        }
+
+        fn pick() -> impl Strategy<Value = TokenPick> {
+            (
+                prop_oneof![Just(0.0f32), 0.05f32..3.0],
+                prop_oneof![Just(0u32), 1u32..20],
+                prop_oneof![Just(1.0f32), 0.01f32..1.0],
+                prop_oneof![Just(0.0f32), 0.0f32..1.0],
+                0.0f64..1.0,
+                1u32..250,
+            )
+                .prop_map(|(temperature, top_k, top_p, min_p, uniform, width)| TokenPick {
+                    width,
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    uniform,
+                    adjust: Vec::new(),
+                })
+        }
+
+        proptest! {
+            /// The picked id is inside the width, deterministic, finite unless nothing is,
+            /// never below min-p, and within the top-k by (probability, lower id).
+            #[test]
+            fn pick_respects_every_constraint(row in row(), t in pick()) {
+                let token = t.pick_host(&row);
+                let width = (t.width as usize).min(row.len());
+                prop_assert!((token as usize) < width);
+                prop_assert_eq!(token, t.pick_host(&row));
+                let l: Vec<f32> = row[..width].iter().map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }).collect();
+                let x = l[token as usize];
+                if l.iter().any(|v| v.is_finite()) {
+                    prop_assert!(x.is_finite(), "picked a masked id while finite ones exist");
+                }
+                if t.temperature > 0.0 && x.is_finite() {
+                    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let p = (x / t.temperature - max / t.temperature).exp();
+                    // The rule compares f32 products exactly; allow for the rounding of this check.
+                    prop_assert!(p >= t.min_p * 0.999, "p {p} below min_p {}", t.min_p);
+                    if t.top_k > 0 {
+                        let better = l.iter().enumerate().filter(|&(i, &v)| v > x || (v == x && i < token as usize)).count();
+                        prop_assert!(better < t.top_k as usize, "{better} ids rank above the pick with top_k {}", t.top_k);
+                    }
+                } else if x.is_finite() {
+                    prop_assert_eq!(token, argmax(&l));
+                }
+            }
+        }
+    }
 }
