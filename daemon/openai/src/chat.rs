@@ -1,8 +1,6 @@
 //! `POST /v1/chat/completions`: template rendering, validation, and the per-choice output
 //! pipeline (reasoning and tool-call parsing) shared by streaming and non-streaming replies.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -11,7 +9,7 @@ use serde_json::Value;
 
 use crate::backend::{EventStream, ServedModel, TemplateError};
 use crate::error::ApiError;
-use crate::metrics::{Metrics, RequestTimer};
+use crate::metrics::RequestAccount;
 use crate::parse::{OutputParser, Piece};
 use crate::sse::{RunOut, SseRun, render_outs, sse_response, truncated_payload};
 use crate::state::ApiState;
@@ -72,21 +70,9 @@ struct ChoiceState {
 pub(crate) struct ChatRun {
     id: String,
     created: u64,
-    model: String,
     choices: Vec<ChoiceState>,
     logprobs: bool,
-    timer: RequestTimer,
-    metrics: Arc<Metrics>,
-    completed: bool,
-}
-
-impl Drop for ChatRun {
-    fn drop(&mut self) {
-        if !self.completed {
-            // The client went away (or the request timed out): count it as aborted.
-            self.metrics.record_finish(&self.model, FinishReason::Abort.as_str());
-        }
-    }
+    account: RequestAccount,
 }
 
 impl ChatRun {
@@ -114,7 +100,7 @@ impl ChatRun {
     fn on_event(&mut self, ev: GenerationEvent) -> Vec<RunOut<ChatChunkChoice>> {
         match ev {
             GenerationEvent::Token { index, token_ids, text, logprobs } => {
-                self.timer.on_tokens(token_ids.len());
+                self.account.on_tokens(token_ids.len());
                 let Some(choice) = self.choices.get_mut(index as usize) else {
                     return vec![RunOut::Error(format!("engine sent choice index {index} out of range"))];
                 };
@@ -145,7 +131,7 @@ impl ChatRun {
                     out.push(RunOut::Choice(ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }));
                 }
                 let reason = if tool && reason == FinishReason::Stop { "tool_calls" } else { reason.as_str() };
-                self.metrics.record_finish(&self.model, reason);
+                self.account.choice_finished(reason);
                 out.push(RunOut::Choice(ChatChunkChoice {
                     index,
                     delta: ChatDelta::default(),
@@ -155,13 +141,11 @@ impl ChatRun {
                 out
             }
             GenerationEvent::Usage(u) => {
-                self.completed = true;
-                self.timer.finish(&self.metrics, &self.model, u.completion_tokens, Some(u.queue_time));
+                self.account.finish(u.completion_tokens, Some(u.queue_time));
                 vec![RunOut::Usage(UsageInfo::from_engine(&u))]
             }
             GenerationEvent::Error(msg) => {
-                self.completed = true;
-                self.metrics.record_error("internal");
+                self.account.failed();
                 vec![RunOut::Error(msg)]
             }
         }
@@ -172,7 +156,7 @@ impl ChatRun {
             id: self.id.clone(),
             object: "chat.completion.chunk",
             created: self.created,
-            model: self.model.clone(),
+            model: self.account.model().to_string(),
             choices,
             usage,
             system_fingerprint: None,
@@ -207,7 +191,7 @@ impl SseRun for ChatSse {
     }
 
     fn on_truncated(&mut self) -> Vec<String> {
-        self.run.completed = true;
+        self.run.account.settle();
         vec![truncated_payload()]
     }
 }
@@ -233,7 +217,7 @@ async fn collect(mut run: ChatRun, mut events: EventStream) -> Result<ChatComple
     let mut usage = None;
     while usage.is_none() {
         let Some(ev) = events.next().await else {
-            run.completed = true;
+            run.account.settle();
             return Err(ApiError::Unavailable("the model stopped before finishing the request".into()));
         };
         for o in run.on_event(ev) {
@@ -275,7 +259,7 @@ async fn collect(mut run: ChatRun, mut events: EventStream) -> Result<ChatComple
         id: run.id.clone(),
         object: "chat.completion",
         created: run.created,
-        model: run.model.clone(),
+        model: run.account.model().to_string(),
         choices,
         usage: usage.unwrap_or_default(),
         system_fingerprint: None,
@@ -341,13 +325,12 @@ pub(crate) async fn chat_completions(state: &ApiState, req: ChatCompletionReques
     let limits = ModelLimits { max_model_len: info.max_model_len, vocab_size: info.vocab_size };
     let (sampling, n) = build_sampling(input, prompt_tokens.len(), limits)?;
     let id = new_id("chatcmpl-");
-    let timer = RequestTimer::start();
+    let started = std::time::Instant::now();
     let events = backend.submit(generate_request(&id, prompt_tokens, sampling, n))?;
     let parse_tools = tools.is_some();
     let run = ChatRun {
         id,
         created: unix_now(),
-        model: model.name().to_string(),
         choices: (0..n)
             .map(|_| ChoiceState {
                 parser: OutputParser::new(model.reasoning_parser, &prompt, parse_tools),
@@ -355,9 +338,7 @@ pub(crate) async fn chat_completions(state: &ApiState, req: ChatCompletionReques
             })
             .collect(),
         logprobs,
-        timer,
-        metrics: state.metrics.clone(),
-        completed: false,
+        account: RequestAccount::new(state.metrics.clone(), model.name(), started),
     };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);

@@ -3,16 +3,15 @@
 //! as index `p * n + i`, as OpenAI does.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use llmd_engine::{FinishReason, GenerationEvent, PositionLogprobs};
+use llmd_engine::{GenerationEvent, PositionLogprobs};
 
 use crate::chat::{lookup, unix_now};
 use crate::error::ApiError;
-use crate::metrics::{Metrics, RequestTimer};
+use crate::metrics::RequestAccount;
 use crate::sse::{RunOut, SseRun, render_outs, sse_response, truncated_payload};
 use crate::state::ApiState;
 use crate::types::*;
@@ -23,7 +22,6 @@ type Tagged = Pin<Box<dyn Stream<Item = (usize, GenerationEvent)> + Send>>;
 struct CompletionRun {
     id: String,
     created: u64,
-    model: String,
     n: u32,
     /// Per choice: the prompt text to echo (when `echo`), and the text offset for logprobs.
     echo: Vec<Option<String>>,
@@ -32,17 +30,7 @@ struct CompletionRun {
     usage: UsageInfo,
     usage_pending: usize,
     queue_time: std::time::Duration,
-    timer: RequestTimer,
-    metrics: Arc<Metrics>,
-    completed: bool,
-}
-
-impl Drop for CompletionRun {
-    fn drop(&mut self) {
-        if !self.completed {
-            self.metrics.record_finish(&self.model, FinishReason::Abort.as_str());
-        }
-    }
+    account: RequestAccount,
 }
 
 impl CompletionRun {
@@ -66,7 +54,7 @@ impl CompletionRun {
         let n = self.n as usize;
         match ev {
             GenerationEvent::Token { index, token_ids, text, logprobs } => {
-                self.timer.on_tokens(token_ids.len());
+                self.account.on_tokens(token_ids.len());
                 let choice = prompt * n + index as usize;
                 if index as usize >= n {
                     return vec![RunOut::Error(format!("engine sent choice index {index} out of range"))];
@@ -76,7 +64,7 @@ impl CompletionRun {
             }
             GenerationEvent::Finished { index, reason, text, .. } => {
                 let choice = (prompt * n + index as usize) as u32;
-                self.metrics.record_finish(&self.model, reason.as_str());
+                self.account.choice_finished(reason.as_str());
                 let mut out = Vec::new();
                 if !text.is_empty() {
                     out.push(RunOut::Choice(CompletionChoice {
@@ -101,14 +89,11 @@ impl CompletionRun {
                 if self.usage_pending > 0 {
                     return Vec::new();
                 }
-                self.completed = true;
-                let queue = Some(self.queue_time);
-                self.timer.finish(&self.metrics, &self.model, self.usage.completion_tokens, queue);
+                self.account.finish(self.usage.completion_tokens, Some(self.queue_time));
                 vec![RunOut::Usage(self.usage.clone())]
             }
             GenerationEvent::Error(msg) => {
-                self.completed = true;
-                self.metrics.record_error("internal");
+                self.account.failed();
                 vec![RunOut::Error(msg)]
             }
         }
@@ -119,7 +104,7 @@ impl CompletionRun {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
-            model: self.model.clone(),
+            model: self.account.model().to_string(),
             choices,
             usage,
             system_fingerprint: None,
@@ -157,7 +142,7 @@ impl SseRun for CompletionSse {
     }
 
     fn on_truncated(&mut self) -> Vec<String> {
-        self.run.completed = true;
+        self.run.account.settle();
         vec![truncated_payload()]
     }
 }
@@ -179,7 +164,7 @@ async fn collect(mut run: CompletionRun, mut events: Tagged) -> Result<Completio
     let mut usage = None;
     while usage.is_none() {
         let Some(item) = events.next().await else {
-            run.completed = true;
+            run.account.settle();
             return Err(ApiError::Unavailable("the model stopped before finishing the request".into()));
         };
         for o in run.on_item(item) {
@@ -206,7 +191,7 @@ async fn collect(mut run: CompletionRun, mut events: Tagged) -> Result<Completio
         id: run.id.clone(),
         object: "text_completion",
         created: run.created,
-        model: run.model.clone(),
+        model: run.account.model().to_string(),
         choices,
         usage: Some(usage),
         system_fingerprint: None,
@@ -300,7 +285,7 @@ pub(crate) async fn completions(state: &ApiState, req: CompletionRequest) -> Res
         let request_id = if p == 0 { id.clone() } else { format!("{id}-{p}") };
         requests.push(generate_request(&request_id, ids, sampling, n));
     }
-    let timer = RequestTimer::start();
+    let started = std::time::Instant::now();
     let count = requests.len();
     let mut streams: Vec<Tagged> = Vec::with_capacity(count);
     for (p, r) in requests.into_iter().enumerate() {
@@ -313,7 +298,6 @@ pub(crate) async fn completions(state: &ApiState, req: CompletionRequest) -> Res
     let run = CompletionRun {
         id,
         created: unix_now(),
-        model: model.name().to_string(),
         n,
         echo: echoes,
         offsets: vec![0; total],
@@ -321,9 +305,7 @@ pub(crate) async fn completions(state: &ApiState, req: CompletionRequest) -> Res
         usage: UsageInfo::default(),
         usage_pending: count,
         queue_time: std::time::Duration::ZERO,
-        timer,
-        metrics: state.metrics.clone(),
-        completed: false,
+        account: RequestAccount::new(state.metrics.clone(), model.name(), started),
     };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);

@@ -16,6 +16,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use llmd_engine::FinishReason;
+
 use crate::backend::ModelRegistry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -216,24 +218,40 @@ impl Collector for EngineCollector {
     }
 }
 
-/// Measures one request as its events arrive; records into [`Metrics`] once.
+/// One request's account in [`Metrics`]: its token timings as events arrive, each choice's
+/// finish reason, and one outcome. Dropped before an outcome was settled (the client went away,
+/// the request timed out) it counts the request as aborted, so chat and completions need no
+/// bookkeeping of their own for that.
 #[derive(Debug)]
-pub struct RequestTimer {
+pub struct RequestAccount {
+    metrics: Arc<Metrics>,
+    model: String,
     start: std::time::Instant,
     last_token: Option<std::time::Instant>,
     timings: RequestTimings,
+    /// The timings went into the histograms (once).
     recorded: bool,
+    /// The request reached an outcome: usage, an error, or a stream cut short on purpose.
+    settled: bool,
 }
 
-impl RequestTimer {
-    /// Starts timing at request arrival.
-    pub fn start() -> Self {
-        RequestTimer {
-            start: std::time::Instant::now(),
+impl RequestAccount {
+    /// The account of a request accepted by the engine, timed from `start` (its arrival).
+    pub fn new(metrics: Arc<Metrics>, model: &str, start: std::time::Instant) -> Self {
+        RequestAccount {
+            metrics,
+            model: model.to_string(),
+            start,
             last_token: None,
             timings: RequestTimings::default(),
             recorded: false,
+            settled: false,
         }
+    }
+
+    /// The served model name the request is accounted under.
+    pub fn model(&self) -> &str {
+        &self.model
     }
 
     /// An event carrying `tokens` new tokens arrived.
@@ -256,19 +274,87 @@ impl RequestTimer {
         self.last_token = Some(now);
     }
 
-    /// Records the finished request (once).
-    pub fn finish(&mut self, metrics: &Metrics, model: &str, output_tokens: u32, queue: Option<std::time::Duration>) {
+    /// A choice finished with `reason` (the OpenAI `finish_reason`).
+    pub fn choice_finished(&self, reason: &str) {
+        self.metrics.record_finish(&self.model, reason);
+    }
+
+    /// The request completed: records its timings (once) and settles it.
+    pub fn finish(&mut self, output_tokens: u32, queue: Option<std::time::Duration>) {
+        self.settled = true;
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
         self.timings.e2e = self.start.elapsed().as_secs_f64();
         self.timings.output_tokens = output_tokens;
         self.timings.queue = queue.map(|q| q.as_secs_f64());
-        metrics.record_timings(model, &self.timings);
+        self.metrics.record_timings(&self.model, &self.timings);
     }
 
-    /// Whether [`RequestTimer::finish`] ran.
-    pub fn is_recorded(&self) -> bool {
-        self.recorded
+    /// The engine reported an error: counts it and settles the request.
+    pub fn failed(&mut self) {
+        self.settled = true;
+        self.metrics.record_error("internal");
+    }
+
+    /// The request ended in a way already reported elsewhere (a stream truncated on purpose,
+    /// a model that stopped): no abort is counted when it is dropped.
+    pub fn settle(&mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for RequestAccount {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.metrics.record_finish(&self.model, FinishReason::Abort.as_str());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Phase, ServedModel};
+
+    struct NoModels;
+
+    impl ModelRegistry for NoModels {
+        fn get(&self, _: &str) -> Option<ServedModel> {
+            None
+        }
+        fn list(&self) -> Vec<ServedModel> {
+            Vec::new()
+        }
+        fn phase(&self) -> Phase {
+            Phase::Ready
+        }
+    }
+
+    fn finished(metrics: &Metrics, reason: &str) -> bool {
+        let line = format!("llmd:request_success_total{{model_name=\"m\",finished_reason=\"{reason}\"}} 1");
+        metrics.render(None).lines().any(|l| l == line)
+    }
+
+    #[test]
+    fn a_request_dropped_before_its_outcome_counts_as_aborted() {
+        let metrics = Arc::new(Metrics::new(Arc::new(NoModels)));
+        drop(RequestAccount::new(metrics.clone(), "m", std::time::Instant::now()));
+        assert!(finished(&metrics, "abort"), "{}", metrics.render(None));
+
+        // Settled in any of the three ways: no abort.
+        for settle in [
+            |a: &mut RequestAccount| a.finish(3, None),
+            |a: &mut RequestAccount| a.failed(),
+            |a: &mut RequestAccount| a.settle(),
+        ] {
+            let metrics = Arc::new(Metrics::new(Arc::new(NoModels)));
+            let mut account = RequestAccount::new(metrics.clone(), "m", std::time::Instant::now());
+            account.choice_finished("stop");
+            settle(&mut account);
+            drop(account);
+            assert!(finished(&metrics, "stop"));
+            assert!(!finished(&metrics, "abort"), "{}", metrics.render(None));
+        }
     }
 }
