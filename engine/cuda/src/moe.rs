@@ -18,13 +18,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, PushKernelArg};
 use llmd_models::config::MoeConfig;
 use llmd_models::loader::Checkpoint;
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
-use crate::kernels::{check, i32_of, launch};
+use crate::kernels::{cfg, check, i32_of, launch};
 use crate::runner::Shard;
 
 /// Most routed experts the top-k kernel takes (`MOE_MAX_EXPERTS` in `kernels/moe.cuh`).
@@ -195,10 +195,6 @@ fn u32_of(v: usize, what: &str) -> Result<u32, CudaError> {
     u32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds u32")))
 }
 
-fn grid(x: u32, y: u32, block: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (x, y, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
-}
-
 /// Warps per block of the GEMV kernels (one output value per warp).
 const WARPS: usize = 8;
 
@@ -225,7 +221,7 @@ impl Gpu {
         launch!(
             self,
             &self.kernels.moe.topk_softmax,
-            grid(u32_of(t, "tokens")?, 1, 32),
+            cfg((u32_of(t, "tokens")?, 1, 1), 32),
             &ids.ptr,
             &weights.ptr,
             &logits.ptr,
@@ -271,7 +267,7 @@ impl Gpu {
         launch!(
             self,
             &self.kernels.moe.gate_up_silu,
-            grid(u32_of(pairs, "pairs")?, u32_of(i.div_ceil(WARPS), "blocks")?, 32 * WARPS as u32),
+            cfg((u32_of(pairs, "pairs")?, u32_of(i.div_ceil(WARPS), "blocks")?, 1), 32 * WARPS as u32),
             &act.ptr,
             &x.ptr,
             &ids.ptr,
@@ -321,7 +317,7 @@ impl Gpu {
         launch!(
             self,
             &self.kernels.moe.down_sum,
-            grid(u32_of(t, "tokens")?, u32_of(h.div_ceil(WARPS), "blocks")?, 32 * WARPS as u32),
+            cfg((u32_of(t, "tokens")?, u32_of(h.div_ceil(WARPS), "blocks")?, 1), 32 * WARPS as u32),
             &out.ptr,
             &act.ptr,
             &ids.ptr,

@@ -1075,14 +1075,7 @@ impl ModelRunner for CudaRunner {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, ModelError> {
-        let rows = self.step(batch, &[])?;
-        let rows = rows
-            .into_iter()
-            .map(|r| match r {
-                RowOutput::Logits(l) => Ok(l),
-                RowOutput::Token(_) => Err(ModelError::Backend("token row without a pick request".into())),
-            })
-            .collect::<Result<_, _>>()?;
+        let rows = RowOutput::into_logits(self.step(batch, &[])?)?;
         Ok(StepLogits { vocab_size: self.cfg.vocab_size, rows })
     }
 

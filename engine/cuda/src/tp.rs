@@ -220,14 +220,7 @@ impl ModelRunner for TpRunner {
         let rows = self.forward_sample(batch, &[])?;
         let vocab_size =
             rows.iter().find_map(|r| if let RowOutput::Logits(l) = r { Some(l.len()) } else { None }).unwrap_or(0);
-        let rows = rows
-            .into_iter()
-            .map(|r| match r {
-                RowOutput::Logits(l) => Ok(l),
-                RowOutput::Token(_) => Err(ModelError::Backend("token row without a pick request".into())),
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(StepLogits { vocab_size, rows })
+        Ok(StepLogits { vocab_size, rows: RowOutput::into_logits(rows)? })
     }
 
     fn forward_sample(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, ModelError> {

@@ -102,6 +102,19 @@ pub enum RowOutput {
     Token(u32),
 }
 
+impl RowOutput {
+    /// The logits of a step in which no row was picked (what [`ModelRunner::forward`] returns
+    /// when a backend implements it through [`ModelRunner::forward_sample`]).
+    pub fn into_logits(rows: Vec<RowOutput>) -> Result<Vec<Vec<f32>>, crate::ModelError> {
+        rows.into_iter()
+            .map(|r| match r {
+                RowOutput::Logits(l) => Ok(l),
+                RowOutput::Token(_) => Err(crate::ModelError::Backend("token row without a pick request".into())),
+            })
+            .collect()
+    }
+}
+
 /// A loaded model on one device together with its KV storage.
 pub trait ModelRunner: Send {
     /// The KV cache this runner allocated; the block manager hands out ids below `num_blocks`.
