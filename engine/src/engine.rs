@@ -1023,6 +1023,7 @@ fn load_cuda(
         block_size: opts.block_size,
         max_num_batched_tokens: opts.max_num_batched_tokens,
         max_model_len,
+        peer_all_reduce: true,
     };
     Ok(llmd_cuda::load_cuda(&opts.path, &cfg, progress)?)
 }

@@ -516,3 +516,4 @@ DEFINE_GEMV(gemv_f32, float, 2)
 
 // Routed experts (Qwen3-MoE).
 #include "moe.cuh"
+#include "allreduce.cuh"

@@ -51,6 +51,8 @@ pub struct Kernels {
     pub(crate) moe: crate::moe::MoeKernels,
     /// Tensor-core prefill attention (head_dim 64 and 128).
     pub(crate) prefill: crate::prefill_attention::PrefillKernels,
+    /// Peer-memory all-reduce fused with residual add + RMSNorm ([`crate::allreduce`]).
+    pub(crate) allreduce: CudaFunction,
 }
 
 /// Most rows of `x` the GEMV kernels take; larger batches go to cuBLAS. Measured faster than
@@ -86,6 +88,7 @@ impl Kernels {
                 .collect::<Result<_, cudarc::driver::DriverError>>()?,
             moe: crate::moe::MoeKernels::load(&module)?,
             prefill: crate::prefill_attention::PrefillKernels::load(&module)?,
+            allreduce: f("allreduce_add_rmsnorm_bf16")?,
         })
     }
 

@@ -8,6 +8,7 @@
 //! The entry point is [`runner::load_cuda`], which returns a
 //! [`llmd_models::runner::ModelRunner`] the serving core drives exactly like the CPU one.
 
+pub mod allreduce;
 pub mod device;
 pub mod error;
 pub mod kernels;

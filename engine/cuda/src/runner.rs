@@ -17,6 +17,7 @@ use llmd_models::pick::TokenPick;
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, RowRequest, StepLogits};
 use safetensors::Dtype;
 
+use crate::allreduce::{PeerAllReduce, PeerBuffers, Site};
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
 use crate::kernels::pack_picks;
@@ -33,6 +34,9 @@ pub struct CudaLoadConfig {
     pub max_num_batched_tokens: usize,
     /// Longest context; sizes the RoPE table and block tables.
     pub max_model_len: usize,
+    /// With tp > 1: sum small steps through peer memory ([`crate::allreduce`]) where every pair
+    /// of GPUs has peer access; false sends every all-reduce through NCCL.
+    pub peer_all_reduce: bool,
 }
 
 struct Layer {
@@ -99,6 +103,8 @@ pub struct CudaRunner {
     /// Present when tp > 1: all-reduce after the attention and MLP outputs and the embedding,
     /// all-gather of the vocabulary-parallel logits.
     comm: Option<crate::nccl::Communicator>,
+    /// With tp > 1 and a supported shape: the one-shot peer all-reduce for small steps.
+    peer_ar: Option<PeerAllReduce>,
     num_params: u64,
     embed: DeviceTensor,
     lm_head: Option<DeviceTensor>,
@@ -589,6 +595,8 @@ pub(crate) fn load_rank(
         sampled: z(&[max_seqs], DType::U32)?,
         pick_params: z(&[(max_seqs * crate::kernels::PICK_PARAMS_BYTES).next_power_of_two() / 4], DType::U32)?,
     };
+    let peer_ar =
+        if comm.is_some() && opts.peer_all_reduce { PeerAllReduce::new(&gpu, shard, h, max_tokens)? } else { None };
     gpu.synchronize()?;
 
     // KV cache from what is left: a fraction of free memory, as vLLM's gpu_memory_utilization.
@@ -617,6 +625,7 @@ pub(crate) fn load_rank(
         shard,
         dims,
         comm,
+        peer_ar,
         num_params: ckpt.num_elements(),
         embed,
         lm_head,
@@ -654,6 +663,31 @@ impl CudaRunner {
             "CUDA KV cache allocated"
         );
         Ok(())
+    }
+
+    /// This rank's peer all-reduce addresses, when it has that path.
+    pub(crate) fn peer_buffers(&self) -> Option<PeerBuffers> {
+        self.peer_ar.as_ref().map(|p| p.buffers(&self.gpu))
+    }
+
+    /// Enables peer access to every rank of `peers` (see [`PeerAllReduce::connect`]).
+    pub(crate) fn connect_peers(&mut self, peers: &[PeerBuffers]) -> Result<(), CudaError> {
+        match &mut self.peer_ar {
+            Some(p) => p.connect(&self.gpu, peers),
+            None => Err(CudaError::Unsupported("this rank has no peer all-reduce buffers".into())),
+        }
+    }
+
+    /// Turns the peer all-reduce on (every rank connected) or drops it (NCCL serves every call).
+    /// Must be called before the first decode graph is captured, identically on every rank.
+    pub(crate) fn use_peer_all_reduce(&mut self, on: bool) {
+        if on {
+            if let Some(p) = &mut self.peer_ar {
+                p.set_ready(true);
+            }
+        } else {
+            self.peer_ar = None;
+        }
     }
 
     /// Parameters of the whole checkpoint (not just this rank's slice).
@@ -785,29 +819,49 @@ impl CudaRunner {
         let scale = 1.0 / (d as f32).sqrt();
         let t = v.t;
         let stream = &*self.gpu.stream;
-        // Sums partial results of the ranks (no-op on one GPU).
-        let reduce = |buf: &TensorRef| -> Result<(), CudaError> {
-            match &self.comm {
-                Some(c) => c.all_reduce_sum(buf, stream),
-                None => Ok(()),
-            }
-        };
         let residual = a.residual.rows(0, t);
         let normed = a.normed.rows(0, t);
         let qkv = a.qkv.rows(0, t);
         let q = a.q.rows(0, t);
         let attn = a.attn.rows(0, t);
-        let x = a.x.rows(0, t);
         let gate_up = a.gate_up.rows(0, t);
         let act = a.act.rows(0, t);
+        // Where the partial sums of the ranks go: the peer all-reduce's buffers on a small
+        // tensor-parallel step, else `x` (and the residual itself for the embedding), summed by
+        // NCCL in place (a no-op on one GPU).
+        let peer = self.peer_ar.as_ref().filter(|p| p.input(Site::Attention, t).is_some());
+        let site = |s: Site, fallback: &TensorRef| peer.and_then(|p| p.input(s, t)).unwrap_or_else(|| fallback.clone());
+        let x = a.x.rows(0, t);
+        let (x_attn, x_mlp, x_embed) =
+            (site(Site::Attention, &x), site(Site::Mlp, &x), site(Site::Embedding, &residual));
+        // Sums `x` across ranks, adds it to the residual (unless `x` is the embedding), and
+        // writes rmsnorm(residual) * weight to `normed`: one kernel on the peer path.
+        let reduce_norm = |s: Site, x: &TensorRef, weight: &TensorRef, op: &'static str| -> Result<(), CudaError> {
+            let add = s != Site::Embedding;
+            match peer {
+                // Profiled as one op: the sum and the norm are one kernel here.
+                Some(p) => {
+                    return p
+                        .reduce_add_rmsnorm(gpu, s, &residual, &normed, weight, eps)
+                        .and(self.mark("all_reduce+norm"));
+                }
+                None => {
+                    if let Some(c) = &self.comm {
+                        c.all_reduce_sum(x, stream)?;
+                        self.mark("all_reduce")?;
+                    }
+                    gpu.add_rmsnorm(&normed, &residual, add.then_some(x), weight, eps)?;
+                }
+            }
+            self.mark(op)
+        };
         // Vocabulary-parallel embedding: each rank writes its rows (zeros elsewhere), then a sum.
-        gpu.embedding_shard(&residual, &self.embed.r(), &v.ids, self.shard.rank * self.dims.vocab)?;
-        reduce(&residual)?;
+        gpu.embedding_shard(&x_embed, &self.embed.r(), &v.ids, self.shard.rank * self.dims.vocab)?;
         self.mark("embedding")?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let prev = if li == 0 { None } else { Some(&x) };
-            gpu.add_rmsnorm(&normed, &residual, prev, &layer.input_norm.r(), eps)?;
-            self.mark("input_norm")?;
+        // The sum the next norm consumes: the embedding, then each layer's MLP output.
+        let mut pending = (Site::Embedding, &x_embed);
+        for layer in &self.layers {
+            reduce_norm(pending.0, pending.1, &layer.input_norm.r(), "input_norm")?;
             gpu.linear(&qkv, &normed, &layer.qkv.r())?;
             self.mark("qkv_proj")?;
             gpu.qkv_rope_cache(
@@ -850,33 +904,28 @@ impl CudaRunner {
                 )?,
             }
             self.mark("attention")?;
-            gpu.linear(&x, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
+            gpu.linear(&x_attn, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
             self.mark("o_proj")?;
-            reduce(&x)?;
-            self.mark("all_reduce")?;
-            gpu.add_rmsnorm(&normed, &residual, Some(&x), &layer.post_norm.r(), eps)?;
-            self.mark("post_norm")?;
+            reduce_norm(Site::Attention, &x_attn, &layer.post_norm.r(), "post_norm")?;
             match &layer.mlp {
                 Mlp::Dense { gate_up: w_gate_up, down } => {
                     gpu.linear(&gate_up, &normed, &w_gate_up.r())?;
                     self.mark("gate_up_proj")?;
                     gpu.silu_mul(&act, &gate_up)?;
                     self.mark("silu_mul")?;
-                    gpu.linear(&x, &act, &down.r())?;
+                    gpu.linear(&x_mlp, &act, &down.r())?;
                     self.mark("down_proj")?;
                 }
                 Mlp::Sparse(moe) => {
                     let buffers =
                         a.moe.as_ref().ok_or_else(|| CudaError::Shape("sparse layer without MoE buffers".into()))?;
-                    moe.forward(gpu, &x, &normed, buffers)?;
+                    moe.forward(gpu, &x_mlp, &normed, buffers)?;
                     self.mark("moe")?;
                 }
             }
-            reduce(&x)?;
-            self.mark("all_reduce")?;
+            pending = (Site::Mlp, &x_mlp);
         }
-        gpu.add_rmsnorm(&normed, &residual, Some(&x), &self.final_norm.r(), eps)?;
-        self.mark("final_norm")?;
+        reduce_norm(pending.0, pending.1, &self.final_norm.r(), "final_norm")?;
         if v.n_rows > 0 {
             let selected = a.selected.rows(0, v.n_rows);
             gpu.gather_rows(&selected, &normed, &v.rows)?;

@@ -15,11 +15,18 @@ use llmd_models::ModelError;
 use llmd_models::config::ModelConfig;
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, RowRequest, StepLogits};
 
+use crate::allreduce::PeerBuffers;
 use crate::error::CudaError;
 use crate::runner::{CudaLoadConfig, Shard, load_rank};
 
 enum Job {
     AllocKv(usize),
+    /// Enable peer access to every rank for the peer all-reduce.
+    ConnectPeers(Arc<Vec<PeerBuffers>>),
+    /// Whether every rank connected: turns the peer all-reduce on, or drops it everywhere.
+    UsePeerAllReduce(bool),
+    /// [`CudaRunner::profile_decode`](crate::runner::CudaRunner::profile_decode) on every rank.
+    Profile(Arc<ForwardBatch>, usize),
     Forward(Arc<ForwardBatch>, Arc<Vec<RowRequest>>),
     CopyBlock(u32, u32),
 }
@@ -29,6 +36,7 @@ enum Reply {
     Loaded(Result<Loaded, String>),
     Done(Result<(), String>),
     Rows(Result<Vec<RowOutput>, String>),
+    Profile(Result<crate::runner::StepProfile, String>),
 }
 
 struct Loaded {
@@ -36,6 +44,7 @@ struct Loaded {
     weight_bytes: u64,
     num_params: u64,
     layout: KvCacheLayout,
+    peer: Option<PeerBuffers>,
 }
 
 struct Worker {
@@ -117,6 +126,8 @@ impl TpRunner {
                 _ => return Err(failed(rank, "no answer to the KV allocation").into()),
             }
         }
+        let peer_all_reduce = Self::connect_peers(&workers, &loaded)?;
+        tracing::info!(tp = world, peer_all_reduce, "tensor-parallel ranks ready");
         let mut layout = loaded[0].layout;
         layout.num_blocks = blocks;
         Ok(TpRunner {
@@ -128,8 +139,58 @@ impl TpRunner {
         })
     }
 
+    /// Connects the ranks' peer all-reduce when every rank has one, and tells every rank the
+    /// outcome (all must take the same path). Whether the peer path is on; a rank that cannot
+    /// reach a peer only means NCCL serves every all-reduce.
+    fn connect_peers(workers: &[Worker], loaded: &[Loaded]) -> Result<bool, ModelError> {
+        let peers: Option<Vec<PeerBuffers>> = loaded.iter().map(|l| l.peer).collect();
+        let mut ok = false;
+        if let Some(peers) = peers {
+            let peers = Arc::new(peers);
+            for (rank, w) in workers.iter().enumerate() {
+                w.jobs.send(Job::ConnectPeers(peers.clone())).map_err(|_| failed(rank, "worker thread exited"))?;
+            }
+            ok = true;
+            for (rank, w) in workers.iter().enumerate() {
+                match w.replies.recv() {
+                    Ok(Reply::Done(Ok(()))) => {}
+                    Ok(Reply::Done(Err(e))) => {
+                        tracing::warn!(rank, error = %e, "peer all-reduce unavailable; NCCL serves every all-reduce");
+                        ok = false;
+                    }
+                    _ => return Err(failed(rank, "no answer to the peer connection").into()),
+                }
+            }
+        }
+        for (rank, w) in workers.iter().enumerate() {
+            w.jobs.send(Job::UsePeerAllReduce(ok)).map_err(|_| failed(rank, "worker thread exited"))?;
+        }
+        for (rank, w) in workers.iter().enumerate() {
+            match w.replies.recv() {
+                Ok(Reply::Done(r)) => r.map_err(|e| failed(rank, e))?,
+                _ => return Err(failed(rank, "no answer to the all-reduce choice").into()),
+            }
+        }
+        Ok(ok)
+    }
+
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// Where one decode step of `batch` spends its time on rank 0, op by op, with every rank
+    /// replaying its captured step in lockstep (see `CudaRunner::profile_decode`).
+    pub fn profile_decode(
+        &mut self,
+        batch: &ForwardBatch,
+        iters: usize,
+    ) -> Result<crate::runner::StepProfile, ModelError> {
+        let batch = Arc::new(batch.clone());
+        match self.all(|| Job::Profile(batch.clone(), iters))? {
+            Reply::Profile(Ok(p)) => Ok(p),
+            Reply::Profile(Err(e)) => Err(failed(0, e).into()),
+            _ => Err(ModelError::Backend("tensor-parallel rank 0 gave no profile".into())),
+        }
     }
 
     pub fn num_params(&self) -> u64 {
@@ -146,7 +207,7 @@ impl TpRunner {
         for (rank, w) in self.workers.iter().enumerate() {
             let reply = w.replies.recv().map_err(|_| failed(rank, "worker thread exited"))?;
             let err = match &reply {
-                Reply::Done(Err(e)) | Reply::Rows(Err(e)) => Some(failed(rank, e)),
+                Reply::Done(Err(e)) | Reply::Rows(Err(e)) | Reply::Profile(Err(e)) => Some(failed(rank, e)),
                 _ => None,
             };
             if error.is_none() {
@@ -188,6 +249,7 @@ fn worker(
                 weight_bytes: r.weight_bytes(),
                 num_params: r.num_params(),
                 layout: r.kv_layout(),
+                peer: r.peer_buffers(),
             };
             let _ = replies.send(Reply::Loaded(Ok(info)));
             r
@@ -200,6 +262,14 @@ fn worker(
     while let Ok(job) = jobs.recv() {
         let reply = match job {
             Job::AllocKv(n) => Reply::Done(runner.alloc_kv(n).map_err(|e| e.to_string())),
+            Job::ConnectPeers(peers) => Reply::Done(runner.connect_peers(&peers).map_err(|e| e.to_string())),
+            Job::Profile(batch, iters) => {
+                Reply::Profile(runner.profile_decode(&batch, iters).map_err(|e| e.to_string()))
+            }
+            Job::UsePeerAllReduce(on) => {
+                runner.use_peer_all_reduce(on);
+                Reply::Done(Ok(()))
+            }
             Job::Forward(batch, requests) => {
                 Reply::Rows(runner.forward_sample(&batch, &requests).map_err(|e| e.to_string()))
             }

@@ -8,6 +8,8 @@
 //!
 //! `llmd-cuda-check bench <model_dir> --batch 1,8,64 --prompt 512 --gen_len 256`: runner-level
 //! prefill and decode speed (no HTTP, no sampling beyond argmax on the host).
+//! With several `--gpus`, `check` and `bench` take `--nccl-only` to send every all-reduce
+//! through NCCL instead of the peer-memory path (for comparing the two).
 //!
 //! `llmd-cuda-check attention [--gpu N]`: the tensor-core prefill attention against the paged
 //! kernel and an f64 reference, then both timed on one 512- to 8,192-token prompt.
@@ -105,6 +107,7 @@ fn check(dir: PathBuf, args: &[String]) -> Result<bool, String> {
         block_size: 16,
         max_num_batched_tokens: 2048,
         max_model_len: 1024,
+        peer_all_reduce: !args.iter().any(|a| a == "--nccl-only"),
     };
     let mut gpu = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
     let vocab = cpu.vocab_size;
@@ -302,6 +305,7 @@ fn bench(dir: PathBuf, args: &[String]) -> Result<(), String> {
         block_size: 16,
         max_num_batched_tokens: 8192,
         max_model_len: prompt + gen_len + 16,
+        peer_all_reduce: !args.iter().any(|a| a == "--nccl-only"),
     };
     let mut m = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(e)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -586,21 +590,27 @@ fn gemv_bench() -> Result<(), String> {
 
 /// `llmd-cuda-check profile <model_dir> [--gpus N] [--batch 1,8,64] [--prompt 512]`: where one
 /// decode step spends its time, op by op (summed over layers), at each batch size after
-/// prefilling `--prompt` tokens per sequence. One GPU.
+/// prefilling `--prompt` tokens per sequence. With several GPUs, rank 0's ops while all ranks
+/// replay in lockstep (`--nccl-only` as for `bench`).
 fn profile(dir: PathBuf, args: &[String]) -> Result<(), String> {
-    use llmd_models::runner::ModelRunner;
     let batches: Vec<usize> = arg(args, "--batch", "1,8,64").split(',').filter_map(|s| s.parse().ok()).collect();
     let prompt: usize = arg(args, "--prompt", "512").parse().map_err(|_| "--prompt")?;
-    let gpu = gpus_arg(args).first().copied().unwrap_or(0);
+    let gpus = gpus_arg(args);
     let opts = CudaLoadConfig {
-        gpus: vec![gpu],
+        gpus: gpus.clone(),
         gpu_memory_utilization: 0.5,
         block_size: 16,
         max_num_batched_tokens: 8192,
         max_model_len: arg(args, "--max-model-len", "4096").parse().map_err(|_| "--max-model-len")?,
+        peer_all_reduce: !args.iter().any(|a| a == "--nccl-only"),
     };
-    let mut runner = llmd_cuda::load_cuda_runner(&dir, &opts).map_err(|e| e.to_string())?;
-    let vocab = llmd_models::ModelConfig::from_dir(&dir).map_err(|e| e.to_string())?.vocab_size;
+    let cfg = llmd_models::ModelConfig::from_dir(&dir).map_err(|e| e.to_string())?;
+    let vocab = cfg.vocab_size;
+    let mut runner: Box<dyn Profiled> = if gpus.len() > 1 {
+        Box::new(llmd_cuda::tp::TpRunner::load(&dir, &cfg, &opts, &gpus, &mut |_, _| {}).map_err(|e| e.to_string())?)
+    } else {
+        Box::new(llmd_cuda::load_cuda_runner(&dir, &opts).map_err(|e| e.to_string())?)
+    };
     for &b in &batches {
         let mut s = Seqs::new(16, b);
         for i in 0..b {
@@ -612,7 +622,7 @@ fn profile(dir: PathBuf, args: &[String]) -> Result<(), String> {
         for i in 0..b {
             s.push(&mut fb, i, &[1], true);
         }
-        let (ops, step_ms) = runner.profile_decode(&fb, 20).map_err(|e| e.to_string())?;
+        let (ops, step_ms) = runner.profile(&fb, 20)?;
         println!(
             "decode step at batch {b}, context {prompt}, max_model_len {}: {step_ms:.3} ms on the GPU",
             opts.max_model_len
@@ -624,6 +634,23 @@ fn profile(dir: PathBuf, args: &[String]) -> Result<(), String> {
         drop(s);
     }
     Ok(())
+}
+
+/// A runner whose decode step can be profiled: one GPU or tensor-parallel ranks.
+trait Profiled: llmd_models::runner::ModelRunner {
+    fn profile(&mut self, batch: &ForwardBatch, iters: usize) -> Result<llmd_cuda::runner::StepProfile, String>;
+}
+
+impl Profiled for llmd_cuda::runner::CudaRunner {
+    fn profile(&mut self, batch: &ForwardBatch, iters: usize) -> Result<llmd_cuda::runner::StepProfile, String> {
+        self.profile_decode(batch, iters).map_err(|e| e.to_string())
+    }
+}
+
+impl Profiled for llmd_cuda::tp::TpRunner {
+    fn profile(&mut self, batch: &ForwardBatch, iters: usize) -> Result<llmd_cuda::runner::StepProfile, String> {
+        self.profile_decode(batch, iters).map_err(|e| e.to_string())
+    }
 }
 
 fn main() {

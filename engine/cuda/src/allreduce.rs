@@ -1,0 +1,210 @@
+//! One-shot all-reduce through peer memory for tensor-parallel steps of few tokens, fused with
+//! the residual add and RMSNorm that follow every all-reduce of a decoder layer
+//! (`kernels/allreduce.cuh`).
+//!
+//! NCCL's ring all-reduce costs tens of microseconds per call for the few KiB a decode step
+//! sums, twice per layer (estimated 10–20 µs inside a graph on 4× H200, see
+//! bench/results/2026-11-21-h200x4-tp.md). With peer access between the ranks' contexts one
+//! kernel reads every rank's rows directly, sums them in rank order (the same bits on every
+//! rank), and normalises, replacing two launches. It serves steps of at most
+//! [`PeerAllReduce::max_rows`] tokens on hosts where every pair of GPUs has peer access; NCCL
+//! serves the rest (prefill chunks, large batches) and hosts without P2P.
+
+use cudarc::driver::sys;
+
+use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
+use crate::error::CudaError;
+use cudarc::driver::PushKernelArg;
+
+use crate::kernels::{cfg, check, i32_of, launch};
+use crate::runner::Shard;
+
+/// `AR_MAX_RANKS` in the kernel: the most ranks one call sums.
+pub const MAX_RANKS: usize = 8;
+/// `AR_MAX_BLOCKS` in the kernel: the most token rows one call takes (one block per row).
+pub const MAX_ROWS: usize = 128;
+/// The kernel runs one thread per 8 values of a row.
+const MAX_HIDDEN: usize = 8 * 1024;
+
+/// Which input buffer a call reduces. Three rotate so that a rank rewrites a buffer only two
+/// calls after peers read it (the kernel's header explains why that makes an end barrier
+/// unnecessary): the attention output, the MLP output, the embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    Attention = 0,
+    Mlp = 1,
+    Embedding = 2,
+}
+
+/// What the other ranks need of one rank: its context and the addresses they read and signal.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerBuffers {
+    /// `CUcontext` of the rank, as an integer so the value can cross threads.
+    ctx: usize,
+    device: i32,
+    inputs: [u64; 3],
+    flags: u64,
+}
+
+/// One rank's share of the peer all-reduce: its input buffers (read by every rank), its flag
+/// area (written by every rank), and the table of every rank's addresses.
+pub struct PeerAllReduce {
+    inputs: [DeviceTensor; 3],
+    flags: DeviceTensor,
+    /// u64 [3 × world] input pointers (site-major), then [world] flag-area pointers.
+    table: DeviceTensor,
+    rank: usize,
+    world: usize,
+    hidden: usize,
+    max_rows: usize,
+    /// Set once every rank connected; until then (and when any rank failed) NCCL serves.
+    ready: bool,
+}
+
+impl std::fmt::Debug for PeerAllReduce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerAllReduce")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("max_rows", &self.max_rows)
+            .field("ready", &self.ready)
+            .finish()
+    }
+}
+
+impl PeerAllReduce {
+    /// The buffers of rank `shard` for rows of `hidden` values, or `None` when the shape or the
+    /// world size is outside what the kernel takes (NCCL then serves every call).
+    pub fn new(gpu: &Gpu, shard: Shard, hidden: usize, max_tokens: usize) -> Result<Option<Self>, CudaError> {
+        if shard.world < 2 || shard.world > MAX_RANKS || !hidden.is_multiple_of(8) || hidden > MAX_HIDDEN {
+            return Ok(None);
+        }
+        // Every block spins until its peers arrive, so all blocks of a call must be resident at
+        // once: at most one row per SM (a block has up to 1,024 threads).
+        let sms = gpu.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let max_rows = MAX_ROWS.min(sms.max(1) as usize).min(max_tokens.max(1));
+        let z = |shape: &[usize], dt| DeviceTensor::zeros(gpu, shape, dt);
+        let inputs = [
+            z(&[max_rows, hidden], DType::BF16)?,
+            z(&[max_rows, hidden], DType::BF16)?,
+            z(&[max_rows, hidden], DType::BF16)?,
+        ];
+        let flags = z(&[MAX_ROWS * MAX_RANKS + MAX_ROWS], DType::U32)?;
+        let table = z(&[4 * shard.world * 2], DType::U32)?;
+        Ok(Some(PeerAllReduce {
+            inputs,
+            flags,
+            table,
+            rank: shard.rank,
+            world: shard.world,
+            hidden,
+            max_rows,
+            ready: false,
+        }))
+    }
+
+    /// Most token rows one call takes.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
+    pub fn buffers(&self, gpu: &Gpu) -> PeerBuffers {
+        PeerBuffers {
+            ctx: gpu.ctx.cu_ctx() as usize,
+            device: gpu.ctx.cu_device(),
+            inputs: [self.inputs[0].r().ptr, self.inputs[1].r().ptr, self.inputs[2].r().ptr],
+            flags: self.flags.r().ptr,
+        }
+    }
+
+    /// Enables peer access from this rank's context to every other rank's and uploads their
+    /// addresses. Fails when a pair of GPUs has no peer access. The caller turns the path on
+    /// with [`PeerAllReduce::set_ready`] only after every rank connected.
+    pub fn connect(&mut self, gpu: &Gpu, peers: &[PeerBuffers]) -> Result<(), CudaError> {
+        if peers.len() != self.world {
+            return Err(CudaError::Shape(format!("{} peer entries for {} ranks", peers.len(), self.world)));
+        }
+        gpu.ctx.bind_to_thread()?;
+        for (p, peer) in peers.iter().enumerate().filter(|(p, _)| *p != self.rank) {
+            let mut can = 0;
+            // SAFETY: valid out-pointer and device handles from live contexts.
+            unsafe { sys::cuDeviceCanAccessPeer(&mut can, gpu.ctx.cu_device(), peer.device) }.result()?;
+            if can == 0 {
+                return Err(CudaError::Unsupported(format!(
+                    "GPU {} cannot access the memory of rank {p}'s GPU (no NVLink/PCIe peer access)",
+                    gpu.ordinal
+                )));
+            }
+            // SAFETY: the peer context is alive (its rank holds it until every rank is dropped)
+            // and this thread's current context is this rank's.
+            let r = unsafe { sys::cuCtxEnablePeerAccess(peer.ctx as sys::CUcontext, 0) };
+            if r != sys::CUresult::CUDA_SUCCESS && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+                r.result()?;
+            }
+        }
+        let mut table = Vec::with_capacity(4 * self.world);
+        for site in 0..3 {
+            table.extend(peers.iter().map(|p| p.inputs[site]));
+        }
+        table.extend(peers.iter().map(|p| p.flags));
+        self.table.upload(gpu, &table)?;
+        gpu.synchronize()
+    }
+
+    pub fn set_ready(&mut self, ready: bool) {
+        self.ready = ready;
+    }
+
+    /// The buffer a step of `t` tokens writes its `site` partial sums into, when this path
+    /// serves the step.
+    pub fn input(&self, site: Site, t: usize) -> Option<TensorRef> {
+        (self.ready && t <= self.max_rows).then(|| self.inputs[site as usize].rows(0, t))
+    }
+
+    /// Sums every rank's `site` rows (the first `residual.shape[0]`), then residual += sum (=
+    /// sum for the embedding) and out = rmsnorm(residual) * weight.
+    pub fn reduce_add_rmsnorm(
+        &self,
+        gpu: &Gpu,
+        site: Site,
+        residual: &TensorRef,
+        out: &TensorRef,
+        weight: &TensorRef,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let (t, h) = (residual.shape[0], self.hidden);
+        if !self.ready || t == 0 || t > self.max_rows {
+            return Err(CudaError::Shape(format!(
+                "peer all-reduce of {t} rows (ready: {}, at most {})",
+                self.ready, self.max_rows
+            )));
+        }
+        check(residual, "residual", DType::BF16, &[t, h])?;
+        check(out, "out", DType::BF16, &[t, h])?;
+        check(weight, "weight", DType::BF16, &[h])?;
+        let base = self.table.r().ptr;
+        let peer_in = base + (site as usize * self.world * 8) as u64;
+        let peer_flags = base + (3 * self.world * 8) as u64;
+        let own_flags = self.flags.r().ptr;
+        let (rank, world) = (i32_of(self.rank, "rank")?, i32_of(self.world, "world")?);
+        let hidden = i32_of(h, "hidden")?;
+        let add = i32::from(site != Site::Embedding);
+        let threads = (h / 8).next_multiple_of(32) as u32;
+        launch!(
+            gpu,
+            &gpu.kernels.allreduce,
+            cfg((t as u32, 1, 1), threads),
+            &peer_in,
+            &peer_flags,
+            &own_flags,
+            &rank,
+            &world,
+            &residual.ptr,
+            &out.ptr,
+            &weight.ptr,
+            &hidden,
+            &eps,
+            &add
+        )
+    }
+}
