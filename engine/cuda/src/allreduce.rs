@@ -10,7 +10,9 @@
 //! [`PeerAllReduce::max_rows`] tokens on hosts where every pair of GPUs has peer access; NCCL
 //! serves the rest (prefill chunks, large batches) and hosts without P2P.
 
-use cudarc::driver::sys;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, result, sys};
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
@@ -46,11 +48,49 @@ pub struct PeerBuffers {
     flags: u64,
 }
 
+/// Device memory the other ranks read and write. Allocated with `cuMemAlloc`: memory from the
+/// stream-ordered pool (what cudarc allocates) is not reachable through peer access.
+struct PeerMemory {
+    ptr: u64,
+    ctx: Arc<CudaContext>,
+}
+
+impl PeerMemory {
+    fn zeros(gpu: &Gpu, bytes: usize) -> Result<PeerMemory, CudaError> {
+        gpu.ctx.bind_to_thread()?;
+        // SAFETY: plain allocation and clear of `bytes` bytes in the current (this GPU's) context.
+        let ptr = unsafe { result::malloc_sync(bytes)? };
+        let memory = PeerMemory { ptr, ctx: gpu.ctx.clone() };
+        // SAFETY: `ptr` is the allocation of `bytes` bytes just made.
+        unsafe { result::memset_d8_sync(ptr, 0, bytes)? };
+        Ok(memory)
+    }
+
+    fn tensor(&self, shape: &[usize], dtype: DType) -> TensorRef {
+        TensorRef { ptr: self.ptr, shape: shape.to_vec(), dtype }
+    }
+}
+
+impl Drop for PeerMemory {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemAlloc in `ctx` and freed once; the runner synchronised and
+        // dropped its graphs before its buffers.
+        let freed = self
+            .ctx
+            .bind_to_thread()
+            .map_err(CudaError::from)
+            .and_then(|_| unsafe { result::free_sync(self.ptr).map_err(CudaError::from) });
+        if let Err(e) = freed {
+            tracing::warn!(error = %e, "freeing peer all-reduce memory failed");
+        }
+    }
+}
+
 /// One rank's share of the peer all-reduce: its input buffers (read by every rank), its flag
 /// area (written by every rank), and the table of every rank's addresses.
 pub struct PeerAllReduce {
-    inputs: [DeviceTensor; 3],
-    flags: DeviceTensor,
+    inputs: [PeerMemory; 3],
+    flags: PeerMemory,
     /// u64 [3 × world] input pointers (site-major), then [world] flag-area pointers.
     table: DeviceTensor,
     rank: usize,
@@ -83,14 +123,14 @@ impl PeerAllReduce {
         // once: at most one row per SM (a block has up to 1,024 threads).
         let sms = gpu.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let max_rows = MAX_ROWS.min(sms.max(1) as usize).min(max_tokens.max(1));
-        let z = |shape: &[usize], dt| DeviceTensor::zeros(gpu, shape, dt);
+        let input_bytes = max_rows * hidden * DType::BF16.size();
         let inputs = [
-            z(&[max_rows, hidden], DType::BF16)?,
-            z(&[max_rows, hidden], DType::BF16)?,
-            z(&[max_rows, hidden], DType::BF16)?,
+            PeerMemory::zeros(gpu, input_bytes)?,
+            PeerMemory::zeros(gpu, input_bytes)?,
+            PeerMemory::zeros(gpu, input_bytes)?,
         ];
-        let flags = z(&[MAX_ROWS * MAX_RANKS + MAX_ROWS], DType::U32)?;
-        let table = z(&[4 * shard.world * 2], DType::U32)?;
+        let flags = PeerMemory::zeros(gpu, (MAX_ROWS * MAX_RANKS + MAX_ROWS) * 4)?;
+        let table = DeviceTensor::zeros(gpu, &[4 * shard.world * 2], DType::U32)?;
         Ok(Some(PeerAllReduce {
             inputs,
             flags,
@@ -112,8 +152,8 @@ impl PeerAllReduce {
         PeerBuffers {
             ctx: gpu.ctx.cu_ctx() as usize,
             device: gpu.ctx.cu_device(),
-            inputs: [self.inputs[0].r().ptr, self.inputs[1].r().ptr, self.inputs[2].r().ptr],
-            flags: self.flags.r().ptr,
+            inputs: [self.inputs[0].ptr, self.inputs[1].ptr, self.inputs[2].ptr],
+            flags: self.flags.ptr,
         }
     }
 
@@ -158,7 +198,7 @@ impl PeerAllReduce {
     /// The buffer a step of `t` tokens writes its `site` partial sums into, when this path
     /// serves the step.
     pub fn input(&self, site: Site, t: usize) -> Option<TensorRef> {
-        (self.ready && t <= self.max_rows).then(|| self.inputs[site as usize].rows(0, t))
+        (self.ready && t <= self.max_rows).then(|| self.inputs[site as usize].tensor(&[t, self.hidden], DType::BF16))
     }
 
     /// Sums every rank's `site` rows (the first `residual.shape[0]`), then residual += sum (=
@@ -185,7 +225,7 @@ impl PeerAllReduce {
         let base = self.table.r().ptr;
         let peer_in = base + (site as usize * self.world * 8) as u64;
         let peer_flags = base + (3 * self.world * 8) as u64;
-        let own_flags = self.flags.r().ptr;
+        let own_flags = self.flags.ptr;
         let (rank, world) = (i32_of(self.rank, "rank")?, i32_of(self.world, "world")?);
         let hidden = i32_of(h, "hidden")?;
         let add = i32::from(site != Site::Embedding);
