@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On the GPU machine: builds random checkpoints with transformers/torch, checks the CUDA runner
-# against the CPU runner on every architecture (dense and Qwen3-MoE), the device token picker
+# On the GPU machine: checks every kernel against the CPU path of llmd-models on random inputs
+# (`llmd-cuda-check kernels`), builds random checkpoints with transformers/torch, checks the
+# CUDA runner against the CPU runner on every architecture (dense and Qwen3-MoE), the device token picker
 # against the host rule, the tiled prefill attention against the split kernel, times the decode
 # GEMVs, then times the runner on a Llama-3-8B-shaped checkpoint (greedy and sampled) next to the
 # measured memory bandwidth (the decode roofline).
@@ -12,8 +13,10 @@ mkdir -p "$OUT" /tmp/ck
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.bin/llmd-cuda-check.xz'), open('/tmp/llmd-cuda-check','wb'))"
 chmod +x /tmp/llmd-cuda-check
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 bench/gpu/make_checkpoints.py /tmp/ck ${BENCH_8B:+--bench-8b} 2>&1 | tail -8
 status=0
+# Per-kernel checks first: a kernel bug shows here by name before it blurs a whole-model check.
+/tmp/llmd-cuda-check kernels 2>&1 | tee "$OUT/kernel-checks.txt" || status=1
+python3 bench/gpu/make_checkpoints.py /tmp/ck ${BENCH_8B:+--bench-8b} 2>&1 | tail -8
 # Each group exits non-zero on a failed check; pipefail carries that through tee.
 for m in /tmp/ck/check-*; do
   echo "== $m"

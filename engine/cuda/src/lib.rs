@@ -11,6 +11,7 @@
 pub mod allreduce;
 pub mod device;
 pub mod error;
+pub mod kernel_checks;
 pub mod kernels;
 pub mod moe;
 pub mod nccl;

@@ -13,6 +13,11 @@
 //!
 //! `llmd-cuda-check attention [--gpu N]`: the tensor-core prefill attention against the paged
 //! kernel and an f64 reference, then both timed on one 512- to 8,192-token prompt.
+//!
+//! `llmd-cuda-check kernels [--gpu N]`: every other kernel (embedding, add + RMSNorm, QKV RoPE
+//! and cache write, SiLU·mul, row gather, bf16 conversion, GEMV/cuBLAS linear, the MoE layer)
+//! against the CPU path of llmd-models on random inputs, one line per case
+//! ([`llmd_cuda::kernel_checks`]). Exit 1 on any failure.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -655,7 +660,7 @@ impl Profiled for llmd_cuda::tp::TpRunner {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N]";
+    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N] | kernels [--gpu N]";
     if args.get(1).map(String::as_str) == Some("gemv") {
         if let Err(msg) = gemv_bench() {
             eprintln!("error: {msg}");
@@ -674,6 +679,19 @@ fn main() {
     }
     if args.get(1).map(String::as_str) == Some("attention") {
         std::process::exit(attention_check(&args));
+    }
+    if args.get(1).map(String::as_str) == Some("kernels") {
+        let ordinal = arg(&args, "--gpu", "0").parse().unwrap_or(0);
+        match llmd_cuda::kernel_checks::run(ordinal, &mut |case| println!("{case}")) {
+            Ok(passed) => {
+                println!("{}", if passed { "PASS" } else { "FAIL" });
+                std::process::exit(i32::from(!passed));
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
     }
     let (Some(cmd), Some(dir)) = (args.get(1), args.get(2)) else {
         eprintln!("{usage}");

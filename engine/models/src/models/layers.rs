@@ -242,7 +242,9 @@ pub struct Mlp {
     down_proj: Linear,
 }
 
-pub(crate) fn silu(x: f32) -> f32 {
+/// SiLU (swish), `x · sigmoid(x)`: the MLP activation of every supported architecture. Public so
+/// that the GPU kernel self-check (`llmd-cuda-check kernels`) compares against this very function.
+pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
