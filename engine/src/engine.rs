@@ -6,6 +6,12 @@
 //! Each request's events come back on its own [`GenerationStream`]; dropping the stream
 //! cancels the request and frees its KV blocks before the next step.
 //!
+//! Steps are pipelined one deep: while the runner computes step N+1 ([`Launched::InFlight`]),
+//! the thread detokenizes step N's tokens, scans them for stop strings and sends their events.
+//! What needs only token ids (sampler state, forks, ends by id or length) runs before N+1 is
+//! scheduled; a choice a stop string ends keeps its blocks until N+1 is collected. See
+//! `Engine::iteration` and `docs/architecture.md`.
+//!
 //! A panic inside the engine thread is caught: in-flight requests get
 //! [`GenerationEvent::Error`], the handle is marked dead (new submissions are refused with
 //! [`EngineError::ShuttingDown`]) and the process goes on.
@@ -22,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use llmd_models::ModelError;
-use llmd_models::runner::{ModelRunner, RowOutput, RowRequest};
+use llmd_models::runner::{Launched, ModelRunner, RowOutput, RowRequest};
 use llmd_tokenizer::{IncrementalDecoder, Tokenizer};
 use tokio::sync::mpsc as tokio_mpsc;
 
@@ -372,6 +378,8 @@ impl EngineHandle {
             requests: HashMap::new(),
             shared: Arc::clone(&shared),
             shutdown_deadline: None,
+            in_flight: None,
+            texts: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("llmd-engine-{}", opts.served_name))
@@ -589,6 +597,42 @@ struct Engine {
     requests: HashMap<u64, Request>,
     shared: Arc<Shared>,
     shutdown_deadline: Option<Instant>,
+    /// The step the runner is computing while the host does the text of the previous one.
+    in_flight: Option<Flight>,
+    /// The text half of the last collected step's tokens, not emitted yet (phase 2).
+    texts: Vec<TokenText>,
+}
+
+/// A step launched with [`Launched::InFlight`] and not collected yet.
+struct Flight {
+    out: SchedulerOutput,
+    /// When `launch` was called, and when it returned.
+    launched: Instant,
+    launch_returned: Instant,
+    /// Scheduler releases put off because this step still uses the sequences' blocks; applied
+    /// once it is collected.
+    releases: Vec<Release>,
+}
+
+/// A scheduler mutation that frees KV blocks.
+#[derive(Debug, Clone, Copy)]
+enum Release {
+    /// A choice ended ([`Scheduler::finish`]).
+    Seq(SeqId),
+    /// A request failed ([`Scheduler::abort_group`]).
+    Group(u64),
+}
+
+/// What the text half (phase 2) of one sampled token needs from its id half (phase 1).
+struct TokenText {
+    group: u64,
+    seq: SeqId,
+    choice: usize,
+    sampled: Sampled,
+    /// The token is EOS or one of `stop_token_ids`: the choice ended by id.
+    stop_id: Option<StopMatch>,
+    /// The choice reached `max_tokens` with this token.
+    at_limit: bool,
 }
 
 /// Outcome of looking for stop strings in decoded text.
@@ -652,9 +696,30 @@ impl Engine {
         self.shared.counters.preempted_waiting.store(0, Ordering::Relaxed);
     }
 
-    /// One loop turn: take commands, run one step. False when the thread should end.
+    /// One loop turn: collect the step in flight and take its token ids (phase 1), take
+    /// commands, launch the next step, then emit the text of the collected one (phase 2) while
+    /// the runner computes. False when the thread should end.
+    ///
+    /// Commands are taken only while no step is in flight, so a cancel frees blocks at once.
     fn iteration(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
         self.shared.beat();
+        self.land_in_flight();
+        let go_on = self.commands_and_step(rx);
+        // Overlaps the step just launched when the runner left it in flight.
+        self.emit_texts();
+        if go_on {
+            self.publish_stats();
+        }
+        go_on
+    }
+
+    /// The middle of [`Engine::iteration`], with no step in flight: commands, then the next
+    /// step. False when the thread should end.
+    fn commands_and_step(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
+        if !self.sched.has_work() {
+            // About to wait for commands: the last tokens' text goes out first.
+            self.emit_texts();
+        }
         // Block for commands only when idle; the timeout keeps the heartbeat going.
         if !self.sched.has_work() && self.shutdown_deadline.is_none() {
             match rx.recv_timeout(Duration::from_secs(1)) {
@@ -680,6 +745,7 @@ impl Engine {
                 return false;
             }
             if Instant::now() >= deadline {
+                self.emit_texts();
                 self.abort_all("drain timeout reached at shutdown");
                 return false;
             }
@@ -689,7 +755,6 @@ impl Engine {
         } else if self.shutdown_deadline.is_some() {
             return false;
         }
-        self.publish_stats();
         true
     }
 
@@ -795,13 +860,54 @@ impl Engine {
         // also sees the blocks behind it.
         self.publish_stats();
         let started = Instant::now();
-        let result = self.run_forward(&out);
-        tracing::debug!(
-            tokens = out.batch.num_tokens(),
-            seqs = out.batch.seqs.len(),
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "step"
-        );
+        let launched = self.launch(&out);
+        let returned = Instant::now();
+        match launched {
+            Ok(Launched::InFlight) => {
+                self.in_flight =
+                    Some(Flight { out, launched: started, launch_returned: returned, releases: Vec::new() });
+            }
+            Ok(Launched::Ready(rows)) => {
+                log_step(&out, started, returned, None);
+                self.land(&out, Ok(rows), Vec::new());
+            }
+            Err(e) => {
+                log_step(&out, started, returned, None);
+                self.land(&out, Err(e), Vec::new());
+            }
+        }
+    }
+
+    /// Waits for the step in flight, if any, and takes its result ([`Engine::land`]).
+    fn land_in_flight(&mut self) {
+        let Some(flight) = self.in_flight.take() else { return };
+        let waiting = Instant::now();
+        let result = self.runner.collect();
+        log_step(&flight.out, flight.launched, flight.launch_returned, Some(waiting));
+        self.land(&flight.out, result, flight.releases);
+    }
+
+    /// Takes the result of step `out`, with no step in flight. The text of the step before
+    /// goes out first (it may end choices by a stop string), then `releases` (what waited for
+    /// this step) are applied; then phase 1 of each row ([`Engine::accept_row`]), or, when the
+    /// runner failed, every request of the step fails.
+    fn land(&mut self, out: &SchedulerOutput, result: Result<Vec<RowOutput>, ModelError>, releases: Vec<Release>) {
+        self.emit_texts();
+        let expected = out.scheduled.iter().filter(|s| s.wants_logits).count();
+        let result = result.and_then(|rows| {
+            if rows.len() == expected {
+                Ok(rows)
+            } else {
+                Err(ModelError::Backend(format!("runner returned {} logits rows, expected {expected}", rows.len())))
+            }
+        });
+        if result.is_ok() {
+            self.sched.complete_step(out);
+        }
+        // A released sequence's row (computed after its choice ended) is dropped below.
+        for r in releases {
+            self.release(r);
+        }
         let rows = match result {
             Ok(rows) => rows,
             Err(e) => {
@@ -814,14 +920,14 @@ impl Engine {
                 return;
             }
         };
-        self.sched.complete_step(&out);
         let with_logits = out.scheduled.iter().filter(|s| s.wants_logits).map(|s| s.seq);
         for (id, row) in with_logits.zip(rows) {
-            self.on_logits(id, &row);
+            self.accept_row(id, &row);
         }
     }
 
-    fn run_forward(&mut self, out: &SchedulerOutput) -> Result<Vec<RowOutput>, ModelError> {
+    /// Block copies, then the step on the runner, with a [`RowRequest`] per logits row.
+    fn launch(&mut self, out: &SchedulerOutput) -> Result<Launched, ModelError> {
         for &(src, dst) in &out.copies {
             self.runner.copy_block(src, dst)?;
         }
@@ -844,18 +950,12 @@ impl Engine {
             };
             requests.push(request);
         }
-        let rows = self.runner.forward_sample(&out.batch, &requests)?;
-        if rows.len() != requests.len() {
-            return Err(ModelError::Backend(format!(
-                "runner returned {} logits rows, expected {}",
-                rows.len(),
-                requests.len()
-            )));
-        }
-        Ok(rows)
+        self.runner.launch(&out.batch, &requests)
     }
 
-    fn on_logits(&mut self, id: SeqId, row: &RowOutput) {
+    /// Phase 1 of one logits row: forks the pending choices off a finished prompt, then takes
+    /// the token of each ([`Engine::accept_choice`]). Runs before the next step is scheduled.
+    fn accept_row(&mut self, id: SeqId, row: &RowOutput) {
         let Some(seq) = self.sched.seq(id) else { return };
         let group = seq.group;
         let mut seqs = vec![id];
@@ -864,31 +964,26 @@ impl Engine {
         }
         for s in seqs {
             let Some(choice) = self.sched.seq(s).map(|q| q.choice) else { continue };
-            if let Err(msg) = self.sample_choice(group, s, choice as usize, row) {
-                self.fail_request(group, msg);
-                return;
-            }
+            self.accept_choice(group, s, choice as usize, row);
         }
     }
 
-    fn sample_choice(&mut self, group: u64, seq: SeqId, c: usize, row: &RowOutput) -> Result<(), String> {
-        let width = self.sample_width;
-        let Some(req) = self.requests.get_mut(&group) else { return Ok(()) };
+    /// Phase 1 of one choice's token, what only needs its id: the sampler takes it (penalty
+    /// counts, the seeded generator), the counters count it, and the sequence either grows by
+    /// it or, when it ends the choice by id (EOS, a stop token) or by `max_tokens`, is finished
+    /// (no step is in flight here). The text half is queued for [`Engine::emit_text`].
+    fn accept_choice(&mut self, group: u64, seq: SeqId, c: usize, row: &RowOutput) {
+        let width = self.sample_width as u32;
+        let Some(req) = self.requests.get_mut(&group) else { return };
         let params = &req.params;
-        let choice = &mut req.choices[c];
+        let Some(choice) = req.choices.get_mut(c).filter(|ch| !ch.done) else { return };
         let sampled = match row {
-            RowOutput::Logits(l) => choice.sampler.sample(params, l, width as u32, None),
+            RowOutput::Logits(l) => choice.sampler.sample(params, l, width, None),
             RowOutput::Token(token) => choice.sampler.accept(*token),
         };
         let tok = sampled.token;
         req.completion_tokens += 1;
         self.shared.counters.generation_tokens.fetch_add(1, Ordering::Relaxed);
-        let logprobs = match params.logprobs {
-            Some(_) => vec![position_logprobs(&self.tokenizer, &sampled)],
-            None => Vec::new(),
-        };
-        let n_out = choice.sampler.num_output();
-
         let stop_id = if !params.ignore_eos && self.eos.contains(&tok) {
             Some(StopMatch::Eos(tok))
         } else if params.stop_token_ids.contains(&tok) {
@@ -896,10 +991,44 @@ impl Engine {
         } else {
             None
         };
+        let at_limit = choice.sampler.num_output() >= params.max_tokens;
+        if stop_id.is_some() || at_limit {
+            self.sched.finish(seq);
+        } else {
+            self.sched.append_token(seq, tok);
+        }
+        self.texts.push(TokenText { group, seq, choice: c, sampled, stop_id, at_limit });
+    }
+
+    /// Phase 2 of the queued tokens, in order. A tokenizer error fails the request.
+    fn emit_texts(&mut self) {
+        for t in std::mem::take(&mut self.texts) {
+            let group = t.group;
+            if let Err(msg) = self.emit_text(t) {
+                self.fail_request(group, msg);
+            }
+        }
+    }
+
+    /// Phase 2 of one token: incremental detokenization, the stop-string scan, logprobs, and
+    /// the events. A choice that a stop string ends is over for the client at once; its
+    /// sequence is finished now, or after the step in flight (which computes its next token,
+    /// dropped then) is collected.
+    fn emit_text(&mut self, t: TokenText) -> Result<(), String> {
+        let Some(req) = self.requests.get_mut(&t.group) else { return Ok(()) };
+        let params = &req.params;
+        let (c, tok) = (t.choice, t.sampled.token);
+        // Ended by id or by `max_tokens`: phase 1 finished the sequence already.
+        let finished_by_id = t.stop_id.is_some() || t.at_limit;
+        let choice = &mut req.choices[c];
+        let logprobs = match params.logprobs {
+            Some(_) => vec![position_logprobs(&self.tokenizer, &t.sampled)],
+            None => Vec::new(),
+        };
         let mut finish: Option<(FinishReason, Option<StopMatch>)> = None;
         let mut text = String::new();
         let mut tail = String::new();
-        if let Some(m) = stop_id {
+        if let Some(m) = t.stop_id {
             // The stop token itself is not part of the text; held-back text was not a stop.
             tail = std::mem::take(&mut choice.held);
             tail.push_str(&choice.decoder.finish().map_err(|e| format!("tokenizer: {e}"))?);
@@ -923,7 +1052,7 @@ impl Engine {
                     }
                 }
             }
-            if finish.is_none() && n_out >= params.max_tokens {
+            if finish.is_none() && t.at_limit {
                 tail = std::mem::take(&mut choice.held);
                 tail.push_str(&choice.decoder.finish().map_err(|e| format!("tokenizer: {e}"))?);
                 // The flushed tail may complete a stop string.
@@ -937,23 +1066,41 @@ impl Engine {
         }
         choice.done = finish.is_some();
         req.send(GenerationEvent::Token { index: c as u32, token_ids: vec![tok], text, logprobs });
-        match finish {
-            Some((reason, stop)) => {
-                req.send(GenerationEvent::Finished { index: c as u32, reason, text: tail, stop });
-                req.unfinished -= 1;
-                self.sched.finish(seq);
-                if req.unfinished == 0 {
-                    req.send(GenerationEvent::Usage(req.usage()));
-                    self.requests.remove(&group);
-                }
-            }
-            None => self.sched.append_token(seq, tok),
+        let Some((reason, stop)) = finish else { return Ok(()) };
+        req.send(GenerationEvent::Finished { index: c as u32, reason, text: tail, stop });
+        req.unfinished -= 1;
+        if req.unfinished == 0 {
+            req.send(GenerationEvent::Usage(req.usage()));
+            self.requests.remove(&t.group);
+        }
+        if !finished_by_id {
+            self.release_or_defer(Release::Seq(t.seq));
         }
         Ok(())
     }
 
+    /// Applies `r` now, or once the step in flight is collected when there is one (its
+    /// sequences' blocks must stay allocated until then).
+    fn release_or_defer(&mut self, r: Release) {
+        match &mut self.in_flight {
+            Some(flight) => flight.releases.push(r),
+            None => self.release(r),
+        }
+    }
+
+    fn release(&mut self, r: Release) {
+        match r {
+            Release::Seq(id) => self.sched.finish(id),
+            Release::Group(group) => {
+                self.sched.abort_group(group);
+            }
+        }
+    }
+
+    /// Ends a request with an error event; its sequences go at once, or after the step in
+    /// flight.
     fn fail_request(&mut self, group: u64, msg: String) {
-        self.sched.abort_group(group);
+        self.release_or_defer(Release::Group(group));
         if let Some(req) = self.requests.remove(&group) {
             if !req.started {
                 self.shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
@@ -1034,6 +1181,27 @@ fn load_cuda(
     _progress: &mut dyn FnMut(usize, usize),
 ) -> Result<llmd_models::LoadedModel, EngineError> {
     Err(EngineError::Model(ModelError::Backend("this llmd was built without the `cuda` feature".into())))
+}
+
+/// The per-step debug line. `ms`: from the launch to the rows on the host; `host_ms`: host
+/// work done while the step ran (the text of the step before; 0 when the runner answered at
+/// once); `wait_ms`: time blocked on the runner for the rows (the whole step when it answered
+/// at once). `collecting` is when `collect` was called, None for a step that came back ready.
+fn log_step(out: &SchedulerOutput, launched: Instant, returned: Instant, collecting: Option<Instant>) {
+    let done = Instant::now();
+    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
+    let (host_ms, wait_ms) = match collecting {
+        Some(c) => (ms(returned, c), ms(c, done)),
+        None => (0.0, ms(launched, done)),
+    };
+    tracing::debug!(
+        tokens = out.batch.num_tokens(),
+        seqs = out.batch.seqs.len(),
+        ms = ms(launched, done),
+        host_ms,
+        wait_ms,
+        "step"
+    );
 }
 
 fn token_logprob(tok: &Tokenizer, id: u32, logprob: f32) -> TokenLogprob {

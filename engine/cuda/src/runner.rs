@@ -14,7 +14,7 @@ use llmd_models::cpu::LoadedModel;
 use llmd_models::loader::Checkpoint;
 use llmd_models::models::layers::Rope;
 use llmd_models::pick::TokenPick;
-use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, RowRequest, StepLogits};
+use llmd_models::runner::{ForwardBatch, KvCacheLayout, Launched, ModelRunner, RowOutput, RowRequest, StepLogits};
 use safetensors::Dtype;
 
 use crate::allreduce::{PeerAllReduce, PeerBuffers, Site};
@@ -121,6 +121,8 @@ pub struct CudaRunner {
     graphs: std::collections::HashMap<usize, DecodeGraph>,
     /// While [`CudaRunner::profile_decode`] captures a step: an event after every op.
     profile: std::cell::RefCell<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
+    /// The step `launch` left in flight (see [`StepInFlight`]).
+    in_flight: StepInFlight,
 }
 
 /// A captured decode step. cudarc's graph handle is not `Send`; the runner moves to the engine
@@ -640,6 +642,7 @@ pub(crate) fn load_rank(
         max_model_len: opts.max_model_len,
         graphs: Default::default(),
         profile: Default::default(),
+        in_flight: Default::default(),
     };
     progress(total, total);
     Ok((runner, possible))
@@ -1004,7 +1007,11 @@ impl CudaRunner {
         Ok((totals.into_iter().map(|(op, ms)| (op, ms / n)).collect(), step / n))
     }
 
-    fn step(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, CudaError> {
+    /// Queues one step. When every row is picked on the device (or no row wants logits) it
+    /// returns [`Launched::InFlight`] without waiting: the ids come back asynchronously into
+    /// pinned memory and [`StepInFlight::collect`] waits for them. A step with a full-logits row
+    /// downloads them here and returns [`Launched::Ready`].
+    fn step(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Launched, CudaError> {
         let t = batch.num_tokens();
         let s = batch.seqs.len();
         if t == 0 || t > self.max_tokens || s > self.max_seqs {
@@ -1013,7 +1020,29 @@ impl CudaRunner {
                 self.max_tokens, self.max_seqs
             )));
         }
+        if self.in_flight.rows.is_some() {
+            return Err(CudaError::Shape("a step was launched before the one in flight was collected".into()));
+        }
         let vocab = self.cfg.vocab_size;
+        // Picked rows: the token is chosen on the device and one id per row comes back; the
+        // logits are downloaded only when some row needs them (logprobs, forks). The pick
+        // parameters go up before the forward is queued: an upload from pageable memory may
+        // wait for the stream, and must not wait for this step.
+        let picks: Vec<Option<&TokenPick>> = (0..batch.seqs.iter().filter(|q| q.wants_logits).count())
+            .map(|i| match requests.get(i) {
+                Some(RowRequest::Pick(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        if picks.iter().any(Option::is_some) {
+            let mut packed = pack_picks(&picks, vocab)?;
+            packed.resize(packed.len().next_multiple_of(4), 0);
+            if self.act.pick_params.bytes() < packed.len() {
+                self.act.pick_params =
+                    DeviceTensor::zeros(&self.gpu, &[packed.len().next_power_of_two() / 4], DType::U32)?;
+            }
+            self.act.pick_params.upload_at(&self.gpu, 0, &packed)?;
+        }
         let decode = batch.seqs.iter().all(|q| q.len == 1 && q.wants_logits);
         let bucket = GRAPH_BUCKETS.iter().copied().find(|&b| b >= s && b <= self.max_seqs && b <= self.max_tokens);
         let n_rows;
@@ -1053,18 +1082,12 @@ impl CudaRunner {
                 self.launch_forward(&views)?;
             }
         }
+        debug_assert_eq!(n_rows, picks.len());
         if n_rows == 0 {
-            self.gpu.synchronize()?;
-            return Ok(Vec::new());
+            // A prompt chunk that wants no logits: nothing comes back but the end of the step.
+            self.in_flight.queue_copy(&self.gpu, &self.act.sampled, 0)?;
+            return Ok(Launched::InFlight);
         }
-        // Picked rows: the token is chosen on the device and one id per row comes back; the
-        // logits are downloaded only when some row needs them (logprobs, forks).
-        let picks: Vec<Option<&TokenPick>> = (0..n_rows)
-            .map(|i| match requests.get(i) {
-                Some(RowRequest::Pick(p)) => Some(p),
-                _ => None,
-            })
-            .collect();
         let (world, vl) = (self.shard.world, self.dims.vocab);
         // With tp > 1 the gathered logits are [world, rows, vocab / world].
         let (logits, shards) = if world > 1 {
@@ -1074,15 +1097,13 @@ impl CudaRunner {
         };
         let mut out: Vec<Option<RowOutput>> = (0..n_rows).map(|_| None).collect();
         if picks.iter().any(Option::is_some) {
-            let mut packed = pack_picks(&picks, vocab)?;
-            packed.resize(packed.len().next_multiple_of(4), 0);
-            if self.act.pick_params.bytes() < packed.len() {
-                self.act.pick_params =
-                    DeviceTensor::zeros(&self.gpu, &[packed.len().next_power_of_two() / 4], DType::U32)?;
-            }
-            self.act.pick_params.upload_at(&self.gpu, 0, &packed)?;
             let params = self.act.pick_params.r();
             self.gpu.pick_tokens(&self.act.sampled.rows(0, n_rows), &logits, computed_rows, shards, &params)?;
+            if picks.iter().all(Option::is_some) {
+                // Only ids come back: queue their copy and let the host go on meanwhile.
+                self.in_flight.queue_copy(&self.gpu, &self.act.sampled, n_rows)?;
+                return Ok(Launched::InFlight);
+            }
             let ids = self.act.sampled.download_u32(&self.gpu, n_rows)?;
             for (i, id) in ids.into_iter().enumerate() {
                 if picks[i].is_some() {
@@ -1105,7 +1126,7 @@ impl CudaRunner {
                 *slot = Some(RowOutput::Logits(row));
             }
         }
-        Ok(out.into_iter().flatten().collect())
+        Ok(Launched::Ready(out.into_iter().flatten().collect()))
     }
 }
 
@@ -1118,18 +1139,98 @@ impl Drop for CudaRunner {
     }
 }
 
+/// The host side of a step [`CudaRunner`] left in flight: page-locked memory its picked ids
+/// are copied into (allocated at the first such step), the event recorded after that copy, and
+/// how many ids the step returns (`None`: no step in flight).
+#[derive(Default)]
+struct StepInFlight {
+    ids: Option<cudarc::driver::PinnedHostSlice<u32>>,
+    done: Option<cudarc::driver::CudaEvent>,
+    rows: Option<usize>,
+}
+
+impl StepInFlight {
+    /// Queues, after the work already on `gpu`'s stream, an asynchronous copy of the first
+    /// `rows` ids of `sampled` (u32 on the device) to the host and then the event `collect`
+    /// waits on. Returns at once.
+    fn queue_copy(&mut self, gpu: &Gpu, sampled: &DeviceTensor, rows: usize) -> Result<(), CudaError> {
+        if sampled.dtype != DType::U32 || rows > sampled.numel() {
+            return Err(CudaError::Shape(format!("copy of {rows} ids from {:?} {:?}", sampled.dtype, sampled.shape)));
+        }
+        if rows > 0 {
+            if self.ids.as_ref().is_none_or(|h| h.len() < rows) {
+                // Flags 0: cached page-locked memory (write-combined memory is slow for the host
+                // to read).
+                // SAFETY: the allocation comes uninitialised; it is zeroed through its raw
+                // pointer before any slice of it is made.
+                let mut host = unsafe { gpu.ctx.alloc_pinned_with_flags::<u32>(sampled.numel(), 0) }?;
+                let ptr = host.as_mut_ptr()?;
+                // SAFETY: `ptr` points to `host.len()` u32 of this live allocation.
+                unsafe { std::ptr::write_bytes(ptr, 0, host.len()) };
+                self.ids = Some(host);
+            }
+            let host = match self.ids.as_mut() {
+                Some(h) => h.as_mut_slice()?,
+                None => return Err(CudaError::Shape("no pinned id buffer".into())),
+            };
+            let dst = &mut host[..rows];
+            // SAFETY: `sampled` is a live allocation of this context holding at least `rows` u32;
+            // `dst` is page-locked host memory owned by this runner that nothing touches until
+            // `collect` has waited for the event recorded below; the copy is ordered after the
+            // pick kernel on the GPU's only stream. (cudarc's own event tracking, which would
+            // order it otherwise, is off for this context.)
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, sampled.r().ptr, gpu.stream.cu_stream()) }?;
+        }
+        let done = match self.done.take() {
+            Some(event) => event,
+            None => gpu.ctx.new_event(None)?,
+        };
+        done.record(&gpu.stream)?;
+        self.done = Some(done);
+        self.rows = Some(rows);
+        Ok(())
+    }
+
+    /// Waits for the step in flight (device errors of the step surface here) and returns the
+    /// ids it picked.
+    fn collect(&mut self) -> Result<Vec<u32>, CudaError> {
+        let rows = self.rows.take().ok_or_else(|| CudaError::Shape("collect called with no step in flight".into()))?;
+        if let Some(done) = &self.done {
+            done.synchronize()?;
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let host = self.ids.as_ref().ok_or_else(|| CudaError::Shape("no pinned id buffer".into()))?.as_slice()?;
+        Ok(host[..rows].to_vec())
+    }
+}
+
 impl ModelRunner for CudaRunner {
     fn kv_layout(&self) -> KvCacheLayout {
         self.layout
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<StepLogits, ModelError> {
-        let rows = RowOutput::into_logits(self.step(batch, &[])?)?;
+        let rows = RowOutput::into_logits(self.forward_sample(batch, &[])?)?;
         Ok(StepLogits { vocab_size: self.cfg.vocab_size, rows })
     }
 
     fn forward_sample(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, ModelError> {
+        match self.step(batch, requests)? {
+            Launched::Ready(rows) => Ok(rows),
+            Launched::InFlight => self.collect(),
+        }
+    }
+
+    /// Queues the step and returns while the GPU runs it when every row is picked on the
+    /// device (the usual decode step); steps with a full-logits row come back ready.
+    fn launch(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Launched, ModelError> {
         Ok(self.step(batch, requests)?)
+    }
+
+    fn collect(&mut self) -> Result<Vec<RowOutput>, ModelError> {
+        Ok(self.in_flight.collect()?.into_iter().map(RowOutput::Token).collect())
     }
 
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), ModelError> {

@@ -294,12 +294,51 @@ impl ModelRunner for TpRunner {
     }
 
     fn forward_sample(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Vec<RowOutput>, ModelError> {
+        match self.launch(batch, requests)? {
+            llmd_models::runner::Launched::Ready(rows) => Ok(rows),
+            llmd_models::runner::Launched::InFlight => self.collect(),
+        }
+    }
+
+    /// Hands the step to every rank's thread and returns at once: the engine thread does its
+    /// host work while the ranks compute. Calling `collect` with no step launched blocks (the
+    /// runner keeps no in-flight flag; the engine never does that).
+    fn launch(
+        &mut self,
+        batch: &ForwardBatch,
+        requests: &[RowRequest],
+    ) -> Result<llmd_models::runner::Launched, ModelError> {
         // Every rank runs the same pick on its copy of the gathered logits; rank 0 answers.
         let (batch, requests) = (Arc::new(batch.clone()), Arc::new(requests.to_vec()));
-        match self.all(|| Job::Forward(batch.clone(), requests.clone()))? {
-            Reply::Rows(Ok(rows)) => Ok(rows),
-            _ => Err(ModelError::Backend("tensor-parallel rank 0 gave no rows".into())),
+        for (rank, w) in self.workers.iter().enumerate() {
+            w.jobs
+                .send(Job::Forward(batch.clone(), requests.clone()))
+                .map_err(|_| failed(rank, "worker thread exited"))?;
         }
+        Ok(llmd_models::runner::Launched::InFlight)
+    }
+
+    /// Waits for every rank's reply to the launched step (as `all` does: the first failing
+    /// rank's error once all answered) and returns rank 0's rows.
+    fn collect(&mut self) -> Result<Vec<RowOutput>, ModelError> {
+        let mut rows = None;
+        let mut error = None;
+        for (rank, w) in self.workers.iter().enumerate() {
+            match w.replies.recv().map_err(|_| failed(rank, "worker thread exited"))? {
+                Reply::Rows(Ok(r)) if rank == 0 => rows = Some(r),
+                Reply::Rows(Ok(_)) => {}
+                Reply::Rows(Err(e)) => {
+                    error.get_or_insert(failed(rank, e));
+                }
+                _ => {
+                    error.get_or_insert(failed(rank, "unexpected reply to a forward step"));
+                }
+            }
+        }
+        if let Some(e) = error {
+            return Err(e.into());
+        }
+        rows.ok_or_else(|| ModelError::Backend("tensor-parallel rank 0 gave no rows".into()))
     }
 
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), ModelError> {

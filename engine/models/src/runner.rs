@@ -115,7 +115,23 @@ impl RowOutput {
     }
 }
 
+/// What [`ModelRunner::launch`] did with a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Launched {
+    /// The step ran to the end: its rows, as [`ModelRunner::forward_sample`] returns them.
+    Ready(Vec<RowOutput>),
+    /// The step runs on the device; [`ModelRunner::collect`] waits for it and returns its rows.
+    InFlight,
+}
+
 /// A loaded model on one device together with its KV storage.
+///
+/// Pipelining: [`ModelRunner::launch`] may return before the device finished a step
+/// ([`Launched::InFlight`]), so that the serving core does its host work for the previous
+/// step meanwhile. At most one step is in flight; after `InFlight` the caller must call
+/// [`ModelRunner::collect`] before any other call on the runner (no second `launch`, no
+/// `copy_block`, no `forward`). The serving core also keeps every KV block of the in-flight
+/// step's sequences allocated until the step is collected.
 pub trait ModelRunner: Send {
     /// The KV cache this runner allocated; the block manager hands out ids below `num_blocks`.
     fn kv_layout(&self) -> KvCacheLayout;
@@ -138,6 +154,19 @@ pub trait ModelRunner: Send {
                 _ => RowOutput::Logits(row),
             })
             .collect())
+    }
+
+    /// Starts the step of [`ModelRunner::forward_sample`]; a backend that can return before the
+    /// device is done answers [`Launched::InFlight`] and hands the rows out in
+    /// [`ModelRunner::collect`]. The default runs the step at once (synchronous backends).
+    fn launch(&mut self, batch: &ForwardBatch, requests: &[RowRequest]) -> Result<Launched, crate::ModelError> {
+        Ok(Launched::Ready(self.forward_sample(batch, requests)?))
+    }
+
+    /// Waits for the step [`ModelRunner::launch`] left in flight and returns its rows (one per
+    /// row request, as `forward_sample`). An error when no step is in flight.
+    fn collect(&mut self) -> Result<Vec<RowOutput>, crate::ModelError> {
+        Err(crate::ModelError::Backend("collect called with no step in flight".into()))
     }
 
     /// Copies the contents of block `src` into block `dst` in every layer (copy-on-write
