@@ -237,16 +237,9 @@ __device__ void paged_attention_impl(const bf16* __restrict__ q, const bf16* __r
   const int begin = split * split_len;
   const int end = min(ctx, begin + split_len);
   const int32_t* table = block_tables + (size_t)query_seq[qi] * max_blocks_per_seq;
-  if (begin >= end) {
-    // A split past this query's context (the plan covers the longest one): mark it empty for
-    // the merge, which then never reads its accumulator.
-    for (int g = threadIdx.x; g < group; g += blockDim.x) {
-      const size_t pidx = ((size_t)qi * n_heads + kvh * group + g) * n_splits + split;
-      part_ml[pidx * 2] = -INFINITY;
-      part_ml[pidx * 2 + 1] = 0.f;
-    }
-    return;
-  }
+  // A split past this query's context (the plan covers the longest one): the merge stops
+  // before it, so nothing is written.
+  if (begin >= end) return;
 
   float qv[GROUP_MAX][EPL];
 #pragma unroll
@@ -381,18 +374,22 @@ DEFINE_PAGED_ATTENTION(8, 2)
 DEFINE_PAGED_ATTENTION(8, 4)
 DEFINE_PAGED_ATTENTION(8, 8)
 
-// Merges the splits of paged_attention: out[qi, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M).
+// Merges the splits of paged_attention: out[qi, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M)
+// over the splits that hold part of the query's context (the first ceil((query_pos + 1) / split_len)).
 //   out: [n_queries, n_heads, head_dim] bf16.  grid = (n_queries, n_heads), block = head_dim (<= 256... 1024).
 extern "C" __global__ void attention_merge_bf16(bf16* __restrict__ out, const float* __restrict__ part_acc,
-                                                const float* __restrict__ part_ml, int n_heads, int n_splits,
-                                                int head_dim) {
+                                                const float* __restrict__ part_ml,
+                                                const int32_t* __restrict__ query_pos, int n_heads, int n_splits,
+                                                int split_len, int head_dim) {
   const int qi = blockIdx.x, h = blockIdx.y;
   const size_t pbase = ((size_t)qi * n_heads + h) * n_splits;
+  const int ctx = max(query_pos[qi] + 1, 0);
+  const int active = min(n_splits, (ctx + split_len - 1) / split_len);
   float mm = -INFINITY;
-  for (int s = 0; s < n_splits; s++) mm = fmaxf(mm, part_ml[(pbase + s) * 2]);
+  for (int s = 0; s < active; s++) mm = fmaxf(mm, part_ml[(pbase + s) * 2]);
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float ll = 0.f, a = 0.f;
-    for (int s = 0; s < n_splits; s++) {
+    for (int s = 0; s < active; s++) {
       float ms = part_ml[(pbase + s) * 2];
       if (ms == -INFINITY) continue;
       float c = __expf(ms - mm);
@@ -447,20 +444,24 @@ extern "C" __global__ void f16_to_bf16(bf16* __restrict__ out, const __half* __r
 // Bandwidth-bound on w: each warp streams whole rows of w with 16-byte loads (8 bf16 per lane,
 // 256 values per warp iteration), x is re-read from L1/L2 (it is tiny). K must be a multiple of 8.
 //   x: bf16 [T, K]; w: bf16 [N, K]; y: [T, N] bf16 (OutT = bf16) or f32 (OutT = float).
-// grid = ceil(N / (warps * ROWS)), block = 32 * warps; each warp computes ROWS consecutive rows.
-template <typename OutT, int T, int ROWS>
+// SPLIT warps share ROWS rows, each streaming every SPLIT-th 512-byte piece of them, and add their
+// sums through shared memory: with few rows and long ones (70B's QKV at TP=4: 2,560 rows of 8,192)
+// one warp per row leaves a long serial chain of loads per warp and part of the GPU idle.
+// grid = ceil(N / (warps / SPLIT * ROWS)), block = 32 * warps (8); each warp group computes ROWS rows.
+template <typename OutT, int T, int ROWS, int SPLIT>
 __device__ void gemv_impl(OutT* __restrict__ y, const bf16* __restrict__ x, const bf16* __restrict__ w, int n, int k) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int row0 = (blockIdx.x * warps + warp) * ROWS;
-  if (row0 >= n) return;
+  const int sub = warp % SPLIT;
+  const int row0 = (blockIdx.x * (warps / SPLIT) + warp / SPLIT) * ROWS;
+  if (SPLIT == 1 && row0 >= n) return;
   float acc[ROWS][T];
 #pragma unroll
   for (int r = 0; r < ROWS; r++)
 #pragma unroll
     for (int t = 0; t < T; t++) acc[r][t] = 0.f;
-  const int chunks = k / 8;  // 16-byte chunks per row
+  const int chunks = row0 < n ? k / 8 : 0;  // 16-byte chunks per row
 #pragma unroll 4
-  for (int c = lane; c < chunks; c += 32) {
+  for (int c = lane + 32 * sub; c < chunks; c += 32 * SPLIT) {
     float xv[T][8];
 #pragma unroll
     for (int t = 0; t < T; t++) {
@@ -486,13 +487,32 @@ __device__ void gemv_impl(OutT* __restrict__ y, const bf16* __restrict__ x, cons
       }
     }
   }
+  __shared__ float part[SPLIT > 1 ? 8 : 1][ROWS][T];
 #pragma unroll
   for (int r = 0; r < ROWS; r++) {
 #pragma unroll
     for (int t = 0; t < T; t++) {
       float v = warp_sum(acc[r][t]);
       const int row = row0 + r;
-      if (lane == 0 && row < n) {
+      if constexpr (SPLIT > 1) {
+        if (lane == 0) part[warp][r][t] = v;
+      } else if (lane == 0 && row < n) {
+        if constexpr (sizeof(OutT) == 4) {
+          y[(size_t)t * n + row] = v;
+        } else {
+          y[(size_t)t * n + row] = __float2bfloat16(v);
+        }
+      }
+    }
+  }
+  if constexpr (SPLIT > 1) {
+    __syncthreads();
+    if (sub == 0 && lane < ROWS * T) {
+      const int r = lane / T, t = lane % T, row = row0 + r;
+      if (row < n) {
+        float v = 0.f;
+#pragma unroll
+        for (int s = 0; s < SPLIT; s++) v += part[warp + s][r][t];
         if constexpr (sizeof(OutT) == 4) {
           y[(size_t)t * n + row] = v;
         } else {
@@ -503,16 +523,21 @@ __device__ void gemv_impl(OutT* __restrict__ y, const bf16* __restrict__ x, cons
   }
 }
 
-// One row per warp for T <= 3 (more blocks in flight), two for larger T (x re-reads halve).
-#define DEFINE_GEMV(NAME, OUT, T)                                                                    \
-  extern "C" __global__ void __launch_bounds__(256) NAME##_t##T(OUT* y, const bf16* x, const bf16* w, int n, \
-                                                                int k) {                            \
-    gemv_impl<OUT, T, (T <= 3 ? 1 : 2)>(y, x, w, n, k);                                              \
+// One row per warp group for T <= 3 (more blocks in flight), two for larger T (x re-reads halve).
+// 256 threads: SPLIT is 1, 2 or 4 (see gemv_impl).
+#define DEFINE_GEMV(NAME, OUT, T, SPLIT)                                                                    \
+  extern "C" __global__ void __launch_bounds__(256) NAME##_t##T##_s##SPLIT(OUT* y, const bf16* x, const bf16* w, \
+                                                                          int n, int k) {                  \
+    gemv_impl<OUT, T, (T <= 3 ? 1 : 2), SPLIT>(y, x, w, n, k);                                              \
   }
-DEFINE_GEMV(gemv_bf16, bf16, 1)
-DEFINE_GEMV(gemv_bf16, bf16, 2)
-DEFINE_GEMV(gemv_f32, float, 1)
-DEFINE_GEMV(gemv_f32, float, 2)
+#define DEFINE_GEMV_SPLITS(NAME, OUT, T) \
+  DEFINE_GEMV(NAME, OUT, T, 1)           \
+  DEFINE_GEMV(NAME, OUT, T, 2)           \
+  DEFINE_GEMV(NAME, OUT, T, 4)
+DEFINE_GEMV_SPLITS(gemv_bf16, bf16, 1)
+DEFINE_GEMV_SPLITS(gemv_bf16, bf16, 2)
+DEFINE_GEMV_SPLITS(gemv_f32, float, 1)
+DEFINE_GEMV_SPLITS(gemv_f32, float, 2)
 
 // Routed experts (Qwen3-MoE).
 #include "moe.cuh"

@@ -121,8 +121,7 @@ impl PeerAllReduce {
         }
         // Every block spins until its peers arrive, so all blocks of a call must be resident at
         // once: at most one row per SM (a block has up to 1,024 threads).
-        let sms = gpu.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-        let max_rows = MAX_ROWS.min(sms.max(1) as usize).min(max_tokens.max(1));
+        let max_rows = MAX_ROWS.min(gpu.sm_count).min(max_tokens.max(1));
         let input_bytes = max_rows * hidden * DType::BF16.size();
         let inputs = [
             PeerMemory::zeros(gpu, input_bytes)?,

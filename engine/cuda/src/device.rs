@@ -205,6 +205,8 @@ pub struct Gpu {
     pub kernels: Kernels,
     pub name: String,
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors (sizes grids that must fit the GPU at once).
+    pub sm_count: usize,
     _blas_workspace: CudaSlice<u8>,
 }
 
@@ -238,6 +240,9 @@ impl Gpu {
         let kernels = Kernels::load(&ctx)?;
         let name = ctx.name()?;
         let compute_capability = ctx.compute_capability()?;
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            .max(1) as usize;
         // cuBLAS must not allocate while a graph is being captured: give it a fixed workspace.
         let blas_workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)?;
         {
@@ -252,7 +257,17 @@ impl Gpu {
             };
             status.result()?;
         }
-        Ok(Gpu { ordinal, ctx, stream, blas, kernels, name, compute_capability, _blas_workspace: blas_workspace })
+        Ok(Gpu {
+            ordinal,
+            ctx,
+            stream,
+            blas,
+            kernels,
+            name,
+            compute_capability,
+            sm_count,
+            _blas_workspace: blas_workspace,
+        })
     }
 
     /// (free, total) device memory in bytes.

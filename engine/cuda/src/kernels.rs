@@ -25,8 +25,10 @@ static FATBIN: &[u8] = &[];
 const ATTENTION_VARIANTS: &[(usize, &[usize])] =
     &[(1, &[1, 2, 4, 8, 16]), (2, &[1, 2, 4, 8, 16]), (3, &[1, 2, 4, 8]), (4, &[1, 2, 4, 8, 16]), (8, &[1, 2, 4, 8])];
 
-/// Shortest context piece one block of paged attention takes when it splits (flash-decoding).
-pub const ATTENTION_SPLIT_LEN: usize = 64;
+/// Shortest context piece one block of paged attention takes when it splits (flash-decoding):
+/// one pass of its 4 warps × 4 positions. Small batches with few KV heads per GPU (70B at
+/// TP=4: 2) need the parallelism: at 64, batch 1 ran 16 busy blocks per layer.
+pub const ATTENTION_SPLIT_LEN: usize = 16;
 
 /// Blocks paged attention aims for when choosing its number of splits. Splits past a query's
 /// context exit at once, so the plan (made for the longest context a graph may see) can be
@@ -45,8 +47,9 @@ pub struct Kernels {
     pick: CudaFunction,
     f32_to_bf16: CudaFunction,
     f16_to_bf16: CudaFunction,
-    /// Skinny GEMMs by row count 1..=GEMV_MAX_T: (bf16 output, f32 output).
-    gemv: Vec<(CudaFunction, CudaFunction)>,
+    /// Skinny GEMMs by row count 1..=GEMV_MAX_T, then by warps per output row (1, 2, 4):
+    /// (bf16 output, f32 output).
+    gemv: Vec<[(CudaFunction, CudaFunction); 3]>,
     /// Routed experts (Qwen3-MoE).
     pub(crate) moe: crate::moe::MoeKernels,
     /// Tensor-core prefill attention (head_dim 64 and 128).
@@ -84,7 +87,12 @@ impl Kernels {
             f32_to_bf16: f("f32_to_bf16")?,
             f16_to_bf16: f("f16_to_bf16")?,
             gemv: (1..=GEMV_MAX_T)
-                .map(|t| Ok((f(&format!("gemv_bf16_t{t}"))?, f(&format!("gemv_f32_t{t}"))?)))
+                .map(|t| {
+                    let pair = |s: usize| -> Result<_, cudarc::driver::DriverError> {
+                        Ok((f(&format!("gemv_bf16_t{t}_s{s}"))?, f(&format!("gemv_f32_t{t}_s{s}"))?))
+                    };
+                    Ok([pair(1)?, pair(2)?, pair(4)?])
+                })
                 .collect::<Result<_, cudarc::driver::DriverError>>()?,
             moe: crate::moe::MoeKernels::load(&module)?,
             prefill: crate::prefill_attention::PrefillKernels::load(&module)?,
@@ -359,8 +367,10 @@ impl Gpu {
             &out.ptr,
             &part_acc.ptr,
             &part_ml.ptr,
+            &query_pos.ptr,
             &hq_i,
             &splits_i,
+            &split_i,
             &d_i
         )
     }
@@ -446,10 +456,21 @@ impl Gpu {
         if t <= GEMV_MAX_T && k % 8 == 0 {
             // Decode-sized batches: a bandwidth-bound kernel streams w at close to peak, where
             // cuBLAS's skinny-GEMM kernels reach ~65% of it (bench/results/2026-11-21-h100-cuda-runner.md).
-            let (bf, fp) = &self.kernels.gemv[t - 1];
+            // Warps per output row: split long rows while the GPU still holds every warp at once
+            // (64 resident per SM) and each keeps at least 4 passes of 512 bytes per row.
+            let slots = self.sm_count * 64;
+            let split_index = [2usize, 1, 0]
+                .into_iter()
+                .find(|&i| {
+                    let split = 1 << i;
+                    i == 0 || (n * split <= slots && k / 256 / split >= 4)
+                })
+                .unwrap_or(0);
+            let split = 1usize << split_index;
+            let (bf, fp) = &self.kernels.gemv[t - 1][split_index];
             let f = if y.dtype == DType::F32 { fp } else { bf };
             let rows_per_warp = if t <= 3 { 1 } else { 2 };
-            let blocks = n.div_ceil(8 * rows_per_warp) as u32;
+            let blocks = n.div_ceil(8 / split * rows_per_warp) as u32;
             let (n_i, k_i) = (i32_of(n, "out_features")?, i32_of(k, "in_features")?);
             return launch!(self, f, cfg((blocks, 1, 1), 256), &y.ptr, &x.ptr, &w.ptr, &n_i, &k_i);
         }
