@@ -247,3 +247,109 @@ impl PeerAllReduce {
         )
     }
 }
+
+/// Microseconds per call of one all-reduce of `rows` × `hidden` bf16 values, measured inside a
+/// captured graph of back-to-back calls on every rank at once (as decode steps run them).
+#[derive(Debug, Clone, Copy)]
+pub struct AllReduceTiming {
+    pub rows: usize,
+    pub bytes: usize,
+    /// `ncclAllReduce` alone.
+    pub nccl_us: f64,
+    /// The peer kernel, residual add and RMSNorm included; `None` without peer access.
+    pub peer_us: Option<f64>,
+}
+
+/// Times NCCL and the peer all-reduce on `gpus` for each row count in `rows` (rank 0's view;
+/// all ranks replay together). The all-reduce term of the tensor-parallel roofline.
+pub fn time_all_reduce(gpus: &[usize], hidden: usize, rows: &[usize]) -> Result<Vec<AllReduceTiming>, CudaError> {
+    const CALLS: usize = 100;
+    const REPLAYS: usize = 20;
+    let world = gpus.len();
+    if world < 2 {
+        return Err(CudaError::Shape("timing an all-reduce needs at least 2 GPUs".into()));
+    }
+    let id = crate::nccl::unique_id()?;
+    let max_rows = rows.iter().copied().max().unwrap_or(1).max(1);
+    let exchange = std::sync::Mutex::new(vec![None; world]);
+    let barrier = std::sync::Barrier::new(world);
+    let rank_run = |rank: usize, ordinal: usize| -> Result<Vec<AllReduceTiming>, CudaError> {
+        let gpu = Gpu::open(ordinal)?;
+        gpu.ctx.bind_to_thread()?;
+        let comm = crate::nccl::Communicator::init(id, rank, world)?;
+        let shard = Shard { rank, world };
+        let mut peer = PeerAllReduce::new(&gpu, shard, hidden, max_rows)?;
+        if let Some(p) = &peer {
+            exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()))?[rank] =
+                Some(p.buffers(&gpu));
+        }
+        barrier.wait();
+        let peers: Option<Vec<PeerBuffers>> =
+            exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()))?.iter().copied().collect();
+        let connected = match (&mut peer, peers) {
+            (Some(p), Some(list)) => p.connect(&gpu, &list).is_ok(),
+            _ => false,
+        };
+        // Every rank must take the same path: peer timing only when all connected.
+        exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()))?[rank] =
+            if connected { peer.as_ref().map(|p| p.buffers(&gpu)) } else { None };
+        barrier.wait();
+        let all_connected =
+            exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()))?.iter().all(Option::is_some);
+        barrier.wait();
+        if let Some(p) = &mut peer {
+            p.set_ready(all_connected);
+        }
+        let residual = DeviceTensor::zeros(&gpu, &[max_rows, hidden], DType::BF16)?;
+        let normed = DeviceTensor::zeros(&gpu, &[max_rows, hidden], DType::BF16)?;
+        let weight = DeviceTensor::zeros(&gpu, &[hidden], DType::BF16)?;
+        let x = DeviceTensor::zeros(&gpu, &[max_rows, hidden], DType::BF16)?;
+        let time = |calls: &dyn Fn() -> Result<(), CudaError>| -> Result<f64, CudaError> {
+            calls()?;
+            gpu.synchronize()?;
+            let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+            gpu.stream.begin_capture(mode)?;
+            let captured = (0..CALLS).try_for_each(|_| calls());
+            let graph = gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
+            captured?;
+            let graph = graph.ok_or_else(|| CudaError::Shape("all-reduce capture produced no graph".into()))?;
+            graph.launch()?;
+            gpu.synchronize()?;
+            let t0 = std::time::Instant::now();
+            for _ in 0..REPLAYS {
+                graph.launch()?;
+            }
+            gpu.synchronize()?;
+            Ok(t0.elapsed().as_secs_f64() * 1e6 / (REPLAYS * CALLS) as f64)
+        };
+        let mut out = Vec::new();
+        for &t in rows {
+            let nccl_us = time(&|| comm.all_reduce_sum(&x.rows(0, t), &gpu.stream))?;
+            let peer_us = match peer.as_ref().filter(|p| p.input(Site::Attention, t).is_some()) {
+                Some(p) => Some(time(&|| {
+                    p.reduce_add_rmsnorm(
+                        &gpu,
+                        Site::Attention,
+                        &residual.rows(0, t),
+                        &normed.rows(0, t),
+                        &weight.r(),
+                        1e-5,
+                    )
+                })?),
+                None => None,
+            };
+            out.push(AllReduceTiming { rows: t, bytes: t * hidden * 2, nccl_us, peer_us });
+        }
+        gpu.synchronize()?;
+        Ok(out)
+    };
+    let results: Vec<Result<Vec<AllReduceTiming>, CudaError>> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            gpus.iter().enumerate().map(|(rank, &ordinal)| s.spawn(move || rank_run(rank, ordinal))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(CudaError::Shape("all-reduce timing thread panicked".into()))))
+            .collect()
+    });
+    results.into_iter().next().unwrap_or_else(|| Err(CudaError::Shape("no ranks".into())))
+}

@@ -8,6 +8,8 @@
 //!
 //! `llmd-cuda-check bench <model_dir> --batch 1,8,64 --prompt 512 --gen_len 256`: runner-level
 //! prefill and decode speed (no HTTP, no sampling beyond argmax on the host).
+//! `llmd-cuda-check allreduce --gpus 0,1,2,3`: all-reduce latency, NCCL and peer kernel.
+//!
 //! With several `--gpus`, `check` and `bench` take `--nccl-only` to send every all-reduce
 //! through NCCL instead of the peer-memory path (for comparing the two).
 //!
@@ -540,6 +542,25 @@ fn attention_check(args: &[String]) -> i32 {
     }
 }
 
+/// `llmd-cuda-check allreduce --gpus 0,1,2,3 [--hidden 8192] [--rows 1,8,64,128,256]`: microseconds
+/// per all-reduce of `rows` × `hidden` bf16 inside a graph of back-to-back calls, NCCL next to the
+/// peer kernel (which also adds the residual and normalises). The all-reduce term of the
+/// tensor-parallel roofline.
+fn all_reduce_bench(args: &[String]) -> Result<(), String> {
+    let gpus = gpus_arg(args);
+    let hidden: usize = arg(args, "--hidden", "8192").parse().map_err(|_| "--hidden")?;
+    let rows: Vec<usize> = arg(args, "--rows", "1,8,64,128,256").split(',').filter_map(|s| s.parse().ok()).collect();
+    let timings = llmd_cuda::allreduce::time_all_reduce(&gpus, hidden, &rows).map_err(|e| e.to_string())?;
+    println!("all-reduce on GPUs {gpus:?}, hidden {hidden}, bf16, in a graph of 100 calls:");
+    println!("| rows | KiB | NCCL us | peer (+ add + RMSNorm) us |");
+    println!("|---|---|---|---|");
+    for t in timings {
+        let peer = t.peer_us.map_or("n/a".to_string(), |us| format!("{us:.1}"));
+        println!("| {} | {} | {:.1} | {peer} |", t.rows, t.bytes / 1024, t.nccl_us);
+    }
+    Ok(())
+}
+
 /// `llmd-cuda-check gemv`: achieved bandwidth of the decode GEMVs (1 and 2 rows) on the
 /// Llama-3-8B projection shapes, each over enough weight copies to defeat the L2 cache, next to
 /// cuBLAS on the same shapes. Prints GB/s of weight bytes streamed.
@@ -660,7 +681,14 @@ impl Profiled for llmd_cuda::tp::TpRunner {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N] | kernels [--gpu N]";
+    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N] | kernels [--gpu N] | allreduce --gpus 0,1 [--hidden H] [--rows 1,64]";
+    if args.get(1).map(String::as_str) == Some("allreduce") {
+        if let Err(msg) = all_reduce_bench(&args) {
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
     if args.get(1).map(String::as_str) == Some("gemv") {
         if let Err(msg) = gemv_bench() {
             eprintln!("error: {msg}");
