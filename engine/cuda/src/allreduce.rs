@@ -25,6 +25,10 @@ use crate::runner::Shard;
 pub const MAX_RANKS: usize = 8;
 /// `AR_MAX_BLOCKS` in the kernel: the most token rows one call takes (one block per row).
 pub const MAX_ROWS: usize = 128;
+/// Most rows the peer path takes: above, NCCL plus a separate RMSNorm is as fast or faster
+/// (4× H200, hidden 8,192, in graphs: 64 rows 18.4 µs peer vs 17.4 µs NCCL alone; 128 rows
+/// 33.0 vs 26.2; 1 row 7.2 vs 10.1; bench/results/2026-11-21-h200x4-tp-peer-3/allreduce.txt).
+pub const PEER_MAX_ROWS: usize = 64;
 /// The kernel runs one thread per 8 values of a row.
 const MAX_HIDDEN: usize = 8 * 1024;
 
@@ -121,7 +125,7 @@ impl PeerAllReduce {
         }
         // Every block spins until its peers arrive, so all blocks of a call must be resident at
         // once: at most one row per SM (a block has up to 1,024 threads).
-        let max_rows = MAX_ROWS.min(gpu.sm_count).min(max_tokens.max(1));
+        let max_rows = PEER_MAX_ROWS.min(MAX_ROWS).min(gpu.sm_count).min(max_tokens.max(1));
         let input_bytes = max_rows * hidden * DType::BF16.size();
         let inputs = [
             PeerMemory::zeros(gpu, input_bytes)?,

@@ -407,7 +407,7 @@ fn load_single(
     ordinal: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<CudaRunner, CudaError> {
-    let (mut r, possible) = load_rank(dir, cfg, opts, ordinal, Shard::SINGLE, None, progress)?;
+    let (mut r, possible) = load_rank(dir, cfg, opts, Gpu::open(ordinal)?, Shard::SINGLE, None, progress)?;
     r.alloc_kv(possible)?;
     Ok(r)
 }
@@ -419,19 +419,19 @@ pub fn load_cuda_runner(dir: &Path, opts: &CudaLoadConfig) -> Result<CudaRunner,
     Ok(load_single(dir, &cfg, opts, opts.gpus.first().copied().unwrap_or(0), &mut |_, _| {})?)
 }
 
-/// Loads rank `shard` of the model onto GPU `ordinal` (weights and activation buffers, no KV
-/// cache yet) and returns it with the number of KV blocks its free memory allows; the caller
-/// agrees on one count across ranks and calls [`CudaRunner::alloc_kv`].
+/// Loads rank `shard` of the model onto `gpu` (weights and activation buffers, no KV cache
+/// yet) and returns it with the number of KV blocks its free memory allows; the caller agrees
+/// on one count across ranks and calls [`CudaRunner::alloc_kv`].
 pub(crate) fn load_rank(
     dir: &Path,
     cfg: &ModelConfig,
     opts: &CudaLoadConfig,
-    ordinal: usize,
+    gpu: Gpu,
     shard: Shard,
     nccl_id: Option<crate::nccl::UniqueId>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(CudaRunner, usize), CudaError> {
-    let gpu = Gpu::open(ordinal)?;
+    let ordinal = gpu.ordinal;
     // Join the communicator first: ncclCommInitRank blocks until every rank arrived, so doing it
     // before the long weight load keeps the window in which a failed rank strands the others short.
     let comm = match nccl_id {

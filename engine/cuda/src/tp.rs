@@ -20,6 +20,8 @@ use crate::error::CudaError;
 use crate::runner::{CudaLoadConfig, Shard, load_rank};
 
 enum Job {
+    /// Every rank opened its GPU: join the NCCL communicator and load the weights.
+    Join,
     AllocKv(usize),
     /// Enable peer access to every rank for the peer all-reduce.
     ConnectPeers(Arc<Vec<PeerBuffers>>),
@@ -32,6 +34,8 @@ enum Job {
 }
 
 enum Reply {
+    /// The rank's GPU is open (context, cuBLAS, kernels) or why not.
+    Opened(Result<(), String>),
     Progress(usize, usize),
     Loaded(Result<Loaded, String>),
     Done(Result<(), String>),
@@ -60,6 +64,8 @@ pub struct TpRunner {
     layout: KvCacheLayout,
     weight_bytes: u64,
     num_params: u64,
+    /// A forward was sent to every rank and not collected yet.
+    in_flight: bool,
 }
 
 impl std::fmt::Debug for TpRunner {
@@ -103,6 +109,19 @@ impl TpRunner {
             workers.push(Worker { jobs, replies, thread: Some(thread) });
         }
         // Dropping `workers` on any error below ends every thread and frees its GPU.
+        // Every rank opens its GPU before any joins NCCL: ncclCommInitRank waits for all ranks,
+        // so a rank failing before it (no such GPU, no memory for a context, kernels that do not
+        // load) would leave the others blocked there for good.
+        for (rank, w) in workers.iter().enumerate() {
+            match w.replies.recv() {
+                Ok(Reply::Opened(Ok(()))) => {}
+                Ok(Reply::Opened(Err(e))) => return Err(failed(rank, e).into()),
+                _ => return Err(failed(rank, "worker thread exited before opening its GPU").into()),
+            }
+        }
+        for (rank, w) in workers.iter().enumerate() {
+            w.jobs.send(Job::Join).map_err(|_| failed(rank, "worker thread exited"))?;
+        }
         let mut loaded = Vec::with_capacity(world);
         for (rank, w) in workers.iter().enumerate() {
             loop {
@@ -136,6 +155,7 @@ impl TpRunner {
             layout,
             weight_bytes: loaded.iter().map(|l| l.weight_bytes).sum(),
             num_params: loaded[0].num_params,
+            in_flight: false,
         })
     }
 
@@ -242,7 +262,21 @@ fn worker(
         }
     };
     let shard = Shard { rank, world };
-    let mut runner = match load_rank(dir, cfg, opts, ordinal, shard, Some(id), &mut report) {
+    let gpu = match crate::device::Gpu::open(ordinal) {
+        Ok(gpu) => {
+            let _ = replies.send(Reply::Opened(Ok(())));
+            gpu
+        }
+        Err(e) => {
+            let _ = replies.send(Reply::Opened(Err(format!("GPU {ordinal}: {e}"))));
+            return;
+        }
+    };
+    // Anything but Join (the channel closing: another rank failed to open) ends the thread.
+    if !matches!(jobs.recv(), Ok(Job::Join)) {
+        return;
+    }
+    let mut runner = match load_rank(dir, cfg, opts, gpu, shard, Some(id), &mut report) {
         Ok((r, possible)) => {
             let info = Loaded {
                 possible_blocks: possible,
@@ -261,6 +295,7 @@ fn worker(
     };
     while let Ok(job) = jobs.recv() {
         let reply = match job {
+            Job::Join => Reply::Done(Err("already joined".into())),
             Job::AllocKv(n) => Reply::Done(runner.alloc_kv(n).map_err(|e| e.to_string())),
             Job::ConnectPeers(peers) => Reply::Done(runner.connect_peers(&peers).map_err(|e| e.to_string())),
             Job::Profile(batch, iters) => {
@@ -301,13 +336,16 @@ impl ModelRunner for TpRunner {
     }
 
     /// Hands the step to every rank's thread and returns at once: the engine thread does its
-    /// host work while the ranks compute. Calling `collect` with no step launched blocks (the
-    /// runner keeps no in-flight flag; the engine never does that).
+    /// host work while the ranks compute. A second launch before `collect`, or a `collect`
+    /// with nothing launched, is an error.
     fn launch(
         &mut self,
         batch: &ForwardBatch,
         requests: &[RowRequest],
     ) -> Result<llmd_models::runner::Launched, ModelError> {
+        if self.in_flight {
+            return Err(ModelError::Backend("a step was launched before the one in flight was collected".into()));
+        }
         // Every rank runs the same pick on its copy of the gathered logits; rank 0 answers.
         let (batch, requests) = (Arc::new(batch.clone()), Arc::new(requests.to_vec()));
         for (rank, w) in self.workers.iter().enumerate() {
@@ -315,12 +353,16 @@ impl ModelRunner for TpRunner {
                 .send(Job::Forward(batch.clone(), requests.clone()))
                 .map_err(|_| failed(rank, "worker thread exited"))?;
         }
+        self.in_flight = true;
         Ok(llmd_models::runner::Launched::InFlight)
     }
 
     /// Waits for every rank's reply to the launched step (as `all` does: the first failing
     /// rank's error once all answered) and returns rank 0's rows.
     fn collect(&mut self) -> Result<Vec<RowOutput>, ModelError> {
+        if !std::mem::replace(&mut self.in_flight, false) {
+            return Err(ModelError::Backend("collect called with no step in flight".into()));
+        }
         let mut rows = None;
         let mut error = None;
         for (rank, w) in self.workers.iter().enumerate() {
