@@ -268,7 +268,7 @@ fn worker(
             gpu
         }
         Err(e) => {
-            let _ = replies.send(Reply::Opened(Err(format!("GPU {ordinal}: {e}"))));
+            let _ = replies.send(Reply::Opened(Err(e.to_string())));
             return;
         }
     };
