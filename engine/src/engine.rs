@@ -193,6 +193,21 @@ pub struct ModelFacts {
     pub eos_token_ids: Vec<u32>,
 }
 
+impl ModelFacts {
+    /// The facts of a model a backend loaded (its runner goes to [`EngineHandle::start`]).
+    pub fn of(loaded: &llmd_models::LoadedModel) -> ModelFacts {
+        ModelFacts {
+            architecture: loaded.config.architecture.clone(),
+            num_params: loaded.num_params,
+            dtype: loaded.dtype.clone(),
+            weight_bytes: loaded.weight_bytes,
+            max_position_embeddings: loaded.max_position_embeddings,
+            vocab_size: loaded.vocab_size,
+            eos_token_ids: loaded.eos_token_ids.clone(),
+        }
+    }
+}
+
 enum Command {
     Submit { key: u64, req: GenerateRequest, tx: tokio_mpsc::UnboundedSender<GenerationEvent>, at: Instant },
     Cancel(u64),
@@ -285,15 +300,7 @@ impl EngineHandle {
             let cfg = llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
             llmd_models::load_cpu(&opts.path, &cfg, &mut weights)?
         };
-        let facts = ModelFacts {
-            architecture: loaded.config.architecture.clone(),
-            num_params: loaded.num_params,
-            dtype: loaded.dtype.clone(),
-            weight_bytes: loaded.weight_bytes,
-            max_position_embeddings: loaded.max_position_embeddings,
-            vocab_size: loaded.vocab_size,
-            eos_token_ids: loaded.eos_token_ids.clone(),
-        };
+        let facts = ModelFacts::of(&loaded);
         let layout = loaded.runner.kv_layout();
         progress(LoadProgress { phase: "kv_cache", done: layout.num_blocks as u64, total: layout.num_blocks as u64 });
         Self::start(loaded.runner, Arc::new(tokenizer), facts, &opts)

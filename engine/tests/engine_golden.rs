@@ -2,7 +2,6 @@
 //! transformers checkpoints in `tests/fixtures/models/*`, whose `golden.json` holds greedy
 //! continuations computed by HF transformers.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use llmd_engine::{
@@ -11,11 +10,10 @@ use llmd_engine::{
 };
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
 
-const MODELS: &[&str] = &["llama", "llama_mha", "mistral", "qwen2", "qwen3", "qwen3_moe"];
+mod common;
+use common::{fixture, request, rt, wait_idle};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
-}
+const MODELS: &[&str] = &["llama", "llama_mha", "mistral", "qwen2", "qwen3", "qwen3_moe"];
 
 struct Golden {
     prompts: Vec<(Vec<u32>, Vec<u32>)>,
@@ -56,10 +54,6 @@ fn greedy_params(max_tokens: u32) -> SamplingParams {
     SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
 }
 
-fn request(prompt: &[u32], sampling: SamplingParams, n: u32) -> GenerateRequest {
-    GenerateRequest { request_id: "t".into(), prompt_tokens: prompt.to_vec(), sampling, n }
-}
-
 /// Everything a finished request produced, per choice.
 #[derive(Debug, Default)]
 struct Outcome {
@@ -71,10 +65,6 @@ struct Outcome {
     logprobs: Vec<Vec<llmd_engine::PositionLogprobs>>,
     usage: Option<Usage>,
     error: Option<String>,
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 async fn collect(mut s: llmd_engine::GenerationStream, n: usize) -> Outcome {
@@ -122,18 +112,6 @@ fn run_batch(h: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<Outcome> {
         let tasks: Vec<_> = streams.into_iter().map(|(n, s)| collect(s, n)).collect();
         futures::future::join_all(tasks).await
     })
-}
-
-fn wait_idle(h: &EngineHandle) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) {
-        let s = h.stats();
-        if s.kv_blocks_used == 0 && s.running == 0 && s.waiting == 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("engine not idle: {:?}", h.stats());
 }
 
 #[test]

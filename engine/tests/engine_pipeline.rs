@@ -3,10 +3,9 @@
 //! step in `collect`. Every request must give the same events as with the synchronous runner,
 //! and every KV block must be free once the requests are over.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use llmd_engine::{
     EngineHandle, FinishReason, GenerateRequest, GenerationEvent, LoadOptions, ModelFacts, SamplingParams,
@@ -14,9 +13,8 @@ use llmd_engine::{
 use llmd_models::ModelError;
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, Launched, ModelRunner, RowOutput, RowRequest, StepLogits};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
-}
+mod common;
+use common::{fixture, request, rt, wait_idle};
 
 /// (prompt, greedy continuation from HF transformers) of the fixture's `golden.json`.
 fn golden(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
@@ -124,15 +122,7 @@ fn start(name: &str, mode: Mode) -> Engine {
     opts.cpu_kv_cache_bytes = (2 * layers * 16 * kv_heads * head_dim * 4 * 256) as u64;
     let cfg = llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
     let loaded = llmd_models::load_cpu(&opts.path, &cfg, &mut |_, _| {}).unwrap_or_else(|e| panic!("load {name}: {e}"));
-    let facts = ModelFacts {
-        architecture: loaded.config.architecture.clone(),
-        num_params: loaded.num_params,
-        dtype: loaded.dtype.clone(),
-        weight_bytes: loaded.weight_bytes,
-        max_position_embeddings: loaded.max_position_embeddings,
-        vocab_size: loaded.vocab_size,
-        eos_token_ids: loaded.eos_token_ids.clone(),
-    };
+    let facts = ModelFacts::of(&loaded);
     let tokenizer = Arc::new(llmd_tokenizer::Tokenizer::from_dir(&opts.path).unwrap());
     let rows = Arc::new(AtomicUsize::new(0));
     let runner = Pipelined { inner: loaded.runner, mode, pending: None, launches: 0, rows: rows.clone() };
@@ -161,14 +151,6 @@ fn seeded(seed: u64, max_tokens: u32) -> SamplingParams {
         ignore_eos: true,
         ..Default::default()
     }
-}
-
-fn request(prompt: &[u32], sampling: SamplingParams, n: u32) -> GenerateRequest {
-    GenerateRequest { request_id: "t".into(), prompt_tokens: prompt.to_vec(), sampling, n }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// Every event of one request, checked for order (nothing after a choice's `Finished`, `Usage`
@@ -245,19 +227,6 @@ fn logprob_values(evs: &[GenerationEvent]) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Waits until no sequence runs or waits and every KV block is free.
-fn wait_idle(h: &EngineHandle) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) {
-        let s = h.stats();
-        if s.kv_blocks_used == 0 && s.running == 0 && s.waiting == 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("engine not idle: {:?}", h.stats());
 }
 
 fn tokens(evs: &[GenerationEvent], index: u32) -> Vec<u32> {

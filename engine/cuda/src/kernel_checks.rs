@@ -178,8 +178,9 @@ impl Recorder<'_> {
     }
 }
 
-/// Deterministic test data (splitmix64), no RNG dependency.
-struct Rng(u64);
+/// Deterministic test data (splitmix64), no RNG dependency. Also feeds `llmd-cuda-check
+/// attention` ([`crate::prefill_attention::check`]).
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
@@ -191,7 +192,7 @@ impl Rng {
     }
 
     /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
+    pub(crate) fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 
@@ -200,12 +201,17 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 
+    /// One bf16 value (raw bits) uniform in [−amplitude, amplitude).
+    pub(crate) fn bf16(&mut self, amplitude: f32) -> u16 {
+        half::bf16::from_f32(self.uniform() * amplitude).to_bits()
+    }
+
     /// `n` bf16 values (raw bits) uniform in [offset − amplitude, offset + amplitude).
     fn bf16s(&mut self, n: usize, offset: f32, amplitude: f32) -> Vec<u16> {
         (0..n).map(|_| half::bf16::from_f32(offset + self.uniform() * amplitude).to_bits()).collect()
     }
 
-    fn shuffle<T>(&mut self, v: &mut [T]) {
+    pub(crate) fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             v.swap(i, self.below(i + 1));
         }

@@ -236,6 +236,7 @@ pub mod check {
     use super::{PrefillTile, TileSeq, plan_tiles};
     use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
     use crate::error::CudaError;
+    use crate::kernel_checks::Rng;
 
     /// Largest error tolerated, relative to the largest |output| of the case: bf16 rounding of
     /// the probabilities and the output.
@@ -336,25 +337,6 @@ pub mod check {
         }
     }
 
-    /// Deterministic numbers in [-1, 1) (splitmix64).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self) -> f32 {
-            (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn bf16(&mut self, amplitude: f32) -> u16 {
-            half::bf16::from_f32(self.uniform() * amplitude).to_bits()
-        }
-    }
-
     fn f32_of(bits: u16) -> f32 {
         half::bf16::from_bits(bits).to_f32()
     }
@@ -390,9 +372,7 @@ pub mod check {
             let blocks = per_seq.iter().sum::<usize>() + 2;
             // Shuffled block ids, so the gather through the table is exercised.
             let mut ids: Vec<usize> = (0..blocks).collect();
-            for i in (1..blocks).rev() {
-                ids.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
+            rng.shuffle(&mut ids);
             let stride = per_seq.iter().copied().max().unwrap_or(1).max(1);
             let mut tables = vec![0i32; seqs.len() * stride];
             let mut next = ids.into_iter();

@@ -1,0 +1,33 @@
+//! Helpers shared by the engine's integration tests: fixture paths, requests, a runtime, and
+//! waiting for an engine to go idle with every KV block free.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use llmd_engine::{EngineHandle, GenerateRequest, SamplingParams};
+
+/// A tiny checkpoint saved by transformers, under tests/fixtures/models.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
+}
+
+pub fn request(prompt: &[u32], sampling: SamplingParams, n: u32) -> GenerateRequest {
+    GenerateRequest { request_id: "t".into(), prompt_tokens: prompt.to_vec(), sampling, n }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Waits (up to 20 s) until nothing runs or waits and no KV block is in use.
+pub fn wait_idle(h: &EngineHandle) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        let s = h.stats();
+        if s.kv_blocks_used == 0 && s.running == 0 && s.waiting == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("engine not idle: {:?}", h.stats());
+}
