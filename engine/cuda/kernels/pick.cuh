@@ -105,6 +105,20 @@ __device__ __forceinline__ void pick_hist_sum(uint64_t* hist, uint32_t bin, uint
 
 // Calls f(i, x) for the ids of this thread, coalesced across the block. Every thread makes the
 // same number of calls (ids past width read as -inf), so warp intrinsics inside f are safe.
+// Radix selection step: walks a 256-bin histogram from the top bin down to the bin holding the
+// rem-th largest (by count or by weight); returns that bin and, in *left, how much of rem falls
+// inside it. Bin 0 takes whatever is left.
+template <typename H>
+__device__ __forceinline__ int pick_bin_walk(const H* hist, uint64_t rem, uint64_t* left) {
+  int b = 255;
+  for (; b > 0; --b) {
+    if (hist[b] >= rem) break;
+    rem -= hist[b];
+  }
+  *left = rem;
+  return b;
+}
+
 template <typename F>
 __device__ __forceinline__ void pick_sweep(const PickRow& r, uint32_t width, F&& f) {
   for (uint32_t i0 = 0; i0 < width; i0 += PICK_ILP * PICK_THREADS) {
@@ -267,12 +281,8 @@ extern "C" __global__ void __launch_bounds__(PICK_THREADS)
           s_active = count > P.top_k;
         }
         if (s_active) {
-          uint64_t left = rem;
-          int b = 255;
-          for (; b > 0; --b) {
-            if (hist32[b] >= left) break;
-            left -= hist32[b];
-          }
+          uint64_t left;
+          const int b = pick_bin_walk(hist32, rem, &left);
           s_prefix = prefix | ((uint32_t)b << (8 * d));
           s_rem = left;
         }
@@ -320,12 +330,8 @@ extern "C" __global__ void __launch_bounds__(PICK_THREADS)
       if (threadIdx.x == 0) {
         // The tied ids at the top-k boundary count n_eq times, whatever their position.
         if (thr && (v & mask) == prefix) hist64[(v >> (8 * d)) & 255] += n_eq * pick_weight(__uint_as_float(v));
-        uint64_t left = rem;
-        int b = 255;
-        for (; b > 0; --b) {
-          if (hist64[b] >= left) break;
-          left -= hist64[b];
-        }
+        uint64_t left;
+        const int b = pick_bin_walk(hist64, rem, &left);
         s_prefix = prefix | ((uint32_t)b << (8 * d));
         s_rem = left;
       }

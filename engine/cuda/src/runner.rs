@@ -78,8 +78,8 @@ struct Activations {
     q: DeviceTensor,
     attn: DeviceTensor,
     x: DeviceTensor,
-    gate_up: DeviceTensor,
-    act: DeviceTensor,
+    /// Dense MLP scratch (gate/up output, SiLU·up): absent when every layer is sparse.
+    dense_mlp: Option<(DeviceTensor, DeviceTensor)>,
     /// Scratch of the sparse layers (MoE models only).
     moe: Option<crate::moe::MoeBuffers>,
     part_acc: DeviceTensor,
@@ -586,8 +586,11 @@ pub(crate) fn load_rank(
         q: z(&[max_tokens, hq_l, d], DType::BF16)?,
         attn: z(&[max_tokens, hq_l, d], DType::BF16)?,
         x: z(&[max_tokens, h], DType::BF16)?,
-        gate_up: z(&[max_tokens, 2 * inter_l], DType::BF16)?,
-        act: z(&[max_tokens, inter_l], DType::BF16)?,
+        dense_mlp: if layers.iter().any(|l| matches!(l.mlp, Mlp::Dense { .. })) {
+            Some((z(&[max_tokens, 2 * inter_l], DType::BF16)?, z(&[max_tokens, inter_l], DType::BF16)?))
+        } else {
+            None
+        },
         moe: cfg.moe.as_ref().map(|m| crate::moe::MoeBuffers::new(&gpu, max_tokens, m)).transpose()?,
         part_acc: z(&[attn_ws_elems], DType::F32)?,
         part_ml: z(&[attn_ws_elems / d * 2], DType::F32)?,
@@ -827,8 +830,6 @@ impl CudaRunner {
         let qkv = a.qkv.rows(0, t);
         let q = a.q.rows(0, t);
         let attn = a.attn.rows(0, t);
-        let gate_up = a.gate_up.rows(0, t);
-        let act = a.act.rows(0, t);
         // Where the partial sums of the ranks go: the peer all-reduce's buffers on a small
         // tensor-parallel step, else `x` (and the residual itself for the embedding), summed by
         // NCCL in place (a no-op on one GPU).
@@ -912,6 +913,11 @@ impl CudaRunner {
             reduce_norm(Site::Attention, &x_attn, &layer.post_norm.r(), "post_norm")?;
             match &layer.mlp {
                 Mlp::Dense { gate_up: w_gate_up, down } => {
+                    let (gate_up, act) = a
+                        .dense_mlp
+                        .as_ref()
+                        .map(|(g, x)| (g.rows(0, t), x.rows(0, t)))
+                        .ok_or_else(|| CudaError::Shape("dense layer without MLP buffers".into()))?;
                     gpu.linear(&gate_up, &normed, &w_gate_up.r())?;
                     self.mark("gate_up_proj")?;
                     gpu.silu_mul(&act, &gate_up)?;
