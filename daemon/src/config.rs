@@ -185,6 +185,10 @@ pub struct EngineConfig {
     pub block_size: u32,
     /// Waiting requests per model beyond which new ones get 429.
     pub max_queue: u32,
+    /// Tensor-parallel models sum decode-sized steps through GPU peer memory (one fused kernel)
+    /// instead of NCCL where every pair of GPUs has peer access. False: always NCCL (as vLLM's
+    /// `--disable-custom-all-reduce`, for hosts whose P2P is reported but broken).
+    pub peer_all_reduce: bool,
 }
 
 impl Default for EngineConfig {
@@ -197,6 +201,7 @@ impl Default for EngineConfig {
             cpu_kv_cache_bytes: 512 << 20,
             block_size: 16,
             max_queue: 1024,
+            peer_all_reduce: true,
         }
     }
 }

@@ -79,6 +79,7 @@ fn options(req: &LoadRequest) -> LoadOptions {
     o.max_num_batched_tokens = e.max_num_batched_tokens as usize;
     o.block_size = e.block_size as usize;
     o.max_queue = e.max_queue as usize;
+    o.peer_all_reduce = e.peer_all_reduce;
     o
 }
 
@@ -288,6 +289,16 @@ mod tests {
             }],
             ..GpuReport::default()
         }
+    }
+
+    #[test]
+    fn engine_section_reaches_the_load_options() {
+        let mut r = request(LoadParams::default());
+        assert!(options(&r).peer_all_reduce, "peer all-reduce is on by default");
+        r.engine = toml::from_str("peer_all_reduce = false\nmax_queue = 7\n").unwrap();
+        let o = options(&r);
+        assert!(!o.peer_all_reduce);
+        assert_eq!(o.max_queue, 7);
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct LoadOptions {
     /// GPU indices chosen by placement (CUDA device numbers, PCI bus order); empty means GPU 0.
     /// Several GPUs serve the model tensor-parallel, one rank per GPU.
     pub gpus: Vec<u32>,
+    /// Tensor parallel: sum decode-sized steps through GPU peer memory where every pair of GPUs
+    /// has peer access (false: NCCL for every all-reduce).
+    pub peer_all_reduce: bool,
 }
 
 impl LoadOptions {
@@ -96,6 +99,7 @@ impl LoadOptions {
             max_queue: 1024,
             enable_prefix_caching: true,
             gpus: Vec::new(),
+            peer_all_reduce: true,
         }
     }
 
@@ -1177,7 +1181,7 @@ fn load_cuda(
         block_size: opts.block_size,
         max_num_batched_tokens: opts.max_num_batched_tokens,
         max_model_len,
-        peer_all_reduce: true,
+        peer_all_reduce: opts.peer_all_reduce,
     };
     Ok(llmd_cuda::load_cuda(&opts.path, &cfg, progress)?)
 }
