@@ -11,7 +11,7 @@ use llmd_engine::{
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
 
 mod common;
-use common::{fixture, request, rt, wait_idle};
+use common::{fixture, kv_bytes, request, rt, wait_idle};
 
 const MODELS: &[&str] = &["llama", "llama_mha", "mistral", "qwen2", "qwen3", "qwen3_moe"];
 
@@ -27,17 +27,6 @@ fn golden(name: &str) -> Golden {
     };
     let prompts = v["prompts"].as_array().unwrap().iter().map(|p| (ids(&p["ids"]), ids(&p["greedy"]))).collect();
     Golden { prompts }
-}
-
-/// KV bytes for `blocks` blocks of `block_size` tokens of model `name`.
-fn kv_bytes(name: &str, blocks: usize, block_size: usize) -> u64 {
-    let text = std::fs::read_to_string(fixture(name).join("config.json")).unwrap();
-    let c: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let layers = c["num_hidden_layers"].as_u64().unwrap() as usize;
-    let heads = c["num_attention_heads"].as_u64().unwrap() as usize;
-    let kv_heads = c["num_key_value_heads"].as_u64().map_or(heads, |x| x as usize);
-    let head_dim = c["head_dim"].as_u64().map_or(c["hidden_size"].as_u64().unwrap() as usize / heads, |x| x as usize);
-    (2 * layers * block_size * kv_heads * head_dim * 4 * blocks) as u64
 }
 
 fn load(name: &str, tweak: impl FnOnce(&mut LoadOptions)) -> EngineHandle {

@@ -14,7 +14,7 @@ use llmd_models::ModelError;
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, Launched, ModelRunner, RowOutput, RowRequest, StepLogits};
 
 mod common;
-use common::{fixture, request, rt, wait_idle};
+use common::{fixture, kv_bytes, request, rt, wait_idle};
 
 /// (prompt, greedy continuation from HF transformers) of the fixture's `golden.json`.
 fn golden(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
@@ -113,13 +113,7 @@ struct Engine {
 /// The CPU runner of fixture `name` (256 KV blocks of 16 tokens) behind [`Pipelined`].
 fn start(name: &str, mode: Mode) -> Engine {
     let mut opts = LoadOptions::new(fixture(name), name);
-    let text = std::fs::read_to_string(fixture(name).join("config.json")).unwrap();
-    let c: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let layers = c["num_hidden_layers"].as_u64().unwrap() as usize;
-    let heads = c["num_attention_heads"].as_u64().unwrap() as usize;
-    let kv_heads = c["num_key_value_heads"].as_u64().map_or(heads, |x| x as usize);
-    let head_dim = c["head_dim"].as_u64().map_or(c["hidden_size"].as_u64().unwrap() as usize / heads, |x| x as usize);
-    opts.cpu_kv_cache_bytes = (2 * layers * 16 * kv_heads * head_dim * 4 * 256) as u64;
+    opts.cpu_kv_cache_bytes = kv_bytes(name, 256, 16);
     let cfg = llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
     let loaded = llmd_models::load_cpu(&opts.path, &cfg, &mut |_, _| {}).unwrap_or_else(|e| panic!("load {name}: {e}"));
     let facts = ModelFacts::of(&loaded);

@@ -1,5 +1,5 @@
-//! Helpers shared by the engine's integration tests: fixture paths, requests, a runtime, and
-//! waiting for an engine to go idle with every KV block free.
+//! Helpers shared by the engine's integration tests: fixture paths and KV sizes, requests, a
+//! runtime, and waiting for an engine to go idle with every KV block free.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -9,6 +9,17 @@ use llmd_engine::{EngineHandle, GenerateRequest, SamplingParams};
 /// A tiny checkpoint saved by transformers, under tests/fixtures/models.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
+}
+
+/// KV bytes for `blocks` blocks of `block_size` tokens of model `name` on the CPU (f32).
+pub fn kv_bytes(name: &str, blocks: usize, block_size: usize) -> u64 {
+    let text = std::fs::read_to_string(fixture(name).join("config.json")).unwrap();
+    let c: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let layers = c["num_hidden_layers"].as_u64().unwrap() as usize;
+    let heads = c["num_attention_heads"].as_u64().unwrap() as usize;
+    let kv_heads = c["num_key_value_heads"].as_u64().map_or(heads, |x| x as usize);
+    let head_dim = c["head_dim"].as_u64().map_or(c["hidden_size"].as_u64().unwrap() as usize / heads, |x| x as usize);
+    (2 * layers * block_size * kv_heads * head_dim * 4 * blocks) as u64
 }
 
 pub fn request(prompt: &[u32], sampling: SamplingParams, n: u32) -> GenerateRequest {
