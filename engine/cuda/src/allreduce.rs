@@ -198,10 +198,15 @@ impl PeerAllReduce {
         self.ready = ready;
     }
 
-    /// The buffer a step of `t` tokens writes its `site` partial sums into, when this path
-    /// serves the step.
-    pub fn input(&self, site: Site, t: usize) -> Option<TensorRef> {
-        (self.ready && t <= self.max_rows).then(|| self.inputs[site as usize].tensor(&[t, self.hidden], DType::BF16))
+    /// Whether this path takes a step of `t` tokens: every rank connected, at most `max_rows`.
+    pub fn serves(&self, t: usize) -> bool {
+        self.ready && t <= self.max_rows
+    }
+
+    /// The buffer a step of `t` tokens (one [`PeerAllReduce::serves`]) writes its `site`
+    /// partial sums into.
+    pub fn input(&self, site: Site, t: usize) -> TensorRef {
+        self.inputs[site as usize].tensor(&[t, self.hidden], DType::BF16)
     }
 
     /// Sums every rank's `site` rows (the first `residual.shape[0]`), then residual += sum (=
@@ -216,7 +221,7 @@ impl PeerAllReduce {
         eps: f32,
     ) -> Result<(), CudaError> {
         let (t, h) = (residual.shape[0], self.hidden);
-        if !self.ready || t == 0 || t > self.max_rows {
+        if t == 0 || !self.serves(t) {
             return Err(CudaError::Shape(format!(
                 "peer all-reduce of {t} rows (ready: {}, at most {})",
                 self.ready, self.max_rows
@@ -283,23 +288,20 @@ pub fn time_all_reduce(gpus: &[usize], hidden: usize, rows: &[usize]) -> Result<
         let comm = crate::nccl::Communicator::init(id, rank, world)?;
         let shard = Shard { rank, world };
         let mut peer = PeerAllReduce::new(&gpu, shard, hidden, max_rows)?;
+        let lock = || exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()));
         if let Some(p) = &peer {
-            exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()))?[rank] =
-                Some(p.buffers(&gpu));
+            lock()?[rank] = Some(p.buffers(&gpu));
         }
         barrier.wait();
-        let peers: Option<Vec<PeerBuffers>> =
-            exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()))?.iter().copied().collect();
+        let peers: Option<Vec<PeerBuffers>> = lock()?.iter().copied().collect();
         let connected = match (&mut peer, peers) {
             (Some(p), Some(list)) => p.connect(&gpu, &list).is_ok(),
             _ => false,
         };
         // Every rank must take the same path: peer timing only when all connected.
-        exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()))?[rank] =
-            if connected { peer.as_ref().map(|p| p.buffers(&gpu)) } else { None };
+        lock()?[rank] = if connected { peer.as_ref().map(|p| p.buffers(&gpu)) } else { None };
         barrier.wait();
-        let all_connected =
-            exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()))?.iter().all(Option::is_some);
+        let all_connected = lock()?.iter().all(Option::is_some);
         barrier.wait();
         if let Some(p) = &mut peer {
             p.set_ready(all_connected);
@@ -329,7 +331,7 @@ pub fn time_all_reduce(gpus: &[usize], hidden: usize, rows: &[usize]) -> Result<
         let mut out = Vec::new();
         for &t in rows {
             let nccl_us = time(&|| comm.all_reduce_sum(&x.rows(0, t), &gpu.stream))?;
-            let peer_us = match peer.as_ref().filter(|p| p.input(Site::Attention, t).is_some()) {
+            let peer_us = match peer.as_ref().filter(|p| p.serves(t)) {
                 Some(p) => Some(time(&|| {
                     p.reduce_add_rmsnorm(
                         &gpu,

@@ -471,13 +471,7 @@ impl Gpu {
             // Warps per output row: split long rows while the GPU still holds every warp at once
             // (64 resident per SM) and each keeps at least 4 passes of 512 bytes per row.
             let slots = self.sm_count * 64;
-            let split_index = [2usize, 1, 0]
-                .into_iter()
-                .find(|&i| {
-                    let split = 1 << i;
-                    i == 0 || (n * split <= slots && k / 256 / split >= 4)
-                })
-                .unwrap_or(0);
+            let split_index = [2usize, 1].into_iter().find(|&i| n << i <= slots && (k / 256) >> i >= 4).unwrap_or(0);
             let split = 1usize << split_index;
             let (bf, fp) = &self.kernels.gemv[t - 1][split_index];
             let f = if y.dtype == DType::F32 { fp } else { bf };

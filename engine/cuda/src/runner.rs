@@ -833,8 +833,8 @@ impl CudaRunner {
         // Where the partial sums of the ranks go: the peer all-reduce's buffers on a small
         // tensor-parallel step, else `x` (and the residual itself for the embedding), summed by
         // NCCL in place (a no-op on one GPU).
-        let peer = self.peer_ar.as_ref().filter(|p| p.input(Site::Attention, t).is_some());
-        let site = |s: Site, fallback: &TensorRef| peer.and_then(|p| p.input(s, t)).unwrap_or_else(|| fallback.clone());
+        let peer = self.peer_ar.as_ref().filter(|p| p.serves(t));
+        let site = |s: Site, fallback: &TensorRef| peer.map_or_else(|| fallback.clone(), |p| p.input(s, t));
         let x = a.x.rows(0, t);
         let (x_attn, x_mlp, x_embed) =
             (site(Site::Attention, &x), site(Site::Mlp, &x), site(Site::Embedding, &residual));

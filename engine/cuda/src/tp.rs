@@ -136,15 +136,7 @@ impl TpRunner {
             }
         }
         let blocks = loaded.iter().map(|l| l.possible_blocks).min().unwrap_or(0);
-        for w in &workers {
-            w.jobs.send(Job::AllocKv(blocks)).map_err(|_| failed(0, "worker thread exited"))?;
-        }
-        for (rank, w) in workers.iter().enumerate() {
-            match w.replies.recv() {
-                Ok(Reply::Done(r)) => r.map_err(|e| failed(rank, e))?,
-                _ => return Err(failed(rank, "no answer to the KV allocation").into()),
-            }
-        }
+        all(&workers, || Job::AllocKv(blocks))?;
         let peer_all_reduce = Self::connect_peers(&workers, &loaded)?;
         tracing::info!(tp = world, peer_all_reduce, "tensor-parallel ranks ready");
         let mut layout = loaded[0].layout;
@@ -182,15 +174,7 @@ impl TpRunner {
                 }
             }
         }
-        for (rank, w) in workers.iter().enumerate() {
-            w.jobs.send(Job::UsePeerAllReduce(ok)).map_err(|_| failed(rank, "worker thread exited"))?;
-        }
-        for (rank, w) in workers.iter().enumerate() {
-            match w.replies.recv() {
-                Ok(Reply::Done(r)) => r.map_err(|e| failed(rank, e))?,
-                _ => return Err(failed(rank, "no answer to the all-reduce choice").into()),
-            }
-        }
+        all(workers, || Job::UsePeerAllReduce(ok))?;
         Ok(ok)
     }
 
@@ -206,9 +190,8 @@ impl TpRunner {
         iters: usize,
     ) -> Result<crate::runner::StepProfile, ModelError> {
         let batch = Arc::new(batch.clone());
-        match self.all(|| Job::Profile(batch.clone(), iters))? {
+        match all(&self.workers, || Job::Profile(batch.clone(), iters))? {
             Reply::Profile(Ok(p)) => Ok(p),
-            Reply::Profile(Err(e)) => Err(failed(0, e).into()),
             _ => Err(ModelError::Backend("tensor-parallel rank 0 gave no profile".into())),
         }
     }
@@ -216,32 +199,38 @@ impl TpRunner {
     pub fn num_params(&self) -> u64 {
         self.num_params
     }
+}
 
-    /// Sends `job` to every rank and returns rank 0's reply after all answered.
-    fn all(&mut self, job: impl Fn() -> Job) -> Result<Reply, ModelError> {
-        for (rank, w) in self.workers.iter().enumerate() {
-            w.jobs.send(job()).map_err(|_| failed(rank, "worker thread exited"))?;
-        }
-        let mut first = None;
-        let mut error = None;
-        for (rank, w) in self.workers.iter().enumerate() {
-            let reply = w.replies.recv().map_err(|_| failed(rank, "worker thread exited"))?;
-            let err = match &reply {
-                Reply::Done(Err(e)) | Reply::Rows(Err(e)) | Reply::Profile(Err(e)) => Some(failed(rank, e)),
-                _ => None,
-            };
-            if error.is_none() {
-                error = err;
-            }
-            if rank == 0 {
-                first = Some(reply);
-            }
-        }
-        if let Some(e) = error {
-            return Err(e.into());
-        }
-        first.ok_or_else(|| ModelError::Backend("no tensor-parallel ranks".into()))
+/// Sends `job` to every rank and returns rank 0's reply after all answered (see [`gather`]).
+fn all(workers: &[Worker], job: impl Fn() -> Job) -> Result<Reply, ModelError> {
+    for (rank, w) in workers.iter().enumerate() {
+        w.jobs.send(job()).map_err(|_| failed(rank, "worker thread exited"))?;
     }
+    gather(workers)
+}
+
+/// Takes one reply from every rank, and returns rank 0's, or the first failing rank's error once
+/// all answered (so no reply is left behind for the next job).
+fn gather(workers: &[Worker]) -> Result<Reply, ModelError> {
+    let mut first = None;
+    let mut error = None;
+    for (rank, w) in workers.iter().enumerate() {
+        let reply = w.replies.recv().map_err(|_| failed(rank, "worker thread exited"))?;
+        let err = match &reply {
+            Reply::Done(Err(e)) | Reply::Rows(Err(e)) | Reply::Profile(Err(e)) => Some(failed(rank, e)),
+            _ => None,
+        };
+        if error.is_none() {
+            error = err;
+        }
+        if rank == 0 {
+            first = Some(reply);
+        }
+    }
+    if let Some(e) = error {
+        return Err(e.into());
+    }
+    first.ok_or_else(|| ModelError::Backend("no tensor-parallel ranks".into()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -363,28 +352,14 @@ impl ModelRunner for TpRunner {
         if !std::mem::replace(&mut self.in_flight, false) {
             return Err(ModelError::Backend("collect called with no step in flight".into()));
         }
-        let mut rows = None;
-        let mut error = None;
-        for (rank, w) in self.workers.iter().enumerate() {
-            match w.replies.recv().map_err(|_| failed(rank, "worker thread exited"))? {
-                Reply::Rows(Ok(r)) if rank == 0 => rows = Some(r),
-                Reply::Rows(Ok(_)) => {}
-                Reply::Rows(Err(e)) => {
-                    error.get_or_insert(failed(rank, e));
-                }
-                _ => {
-                    error.get_or_insert(failed(rank, "unexpected reply to a forward step"));
-                }
-            }
+        match gather(&self.workers)? {
+            Reply::Rows(Ok(rows)) => Ok(rows),
+            _ => Err(ModelError::Backend("tensor-parallel rank 0 gave no rows".into())),
         }
-        if let Some(e) = error {
-            return Err(e.into());
-        }
-        rows.ok_or_else(|| ModelError::Backend("tensor-parallel rank 0 gave no rows".into()))
     }
 
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), ModelError> {
-        self.all(|| Job::CopyBlock(src, dst)).map(|_| ())
+        all(&self.workers, || Job::CopyBlock(src, dst)).map(|_| ())
     }
 
     fn device_name(&self) -> String {
