@@ -12,7 +12,6 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::Authorizer;
 use crate::config::{ConfigSource, DbusBus, Settings};
 use crate::control::{Dispatcher, Shared};
-use crate::engine::EngineRegistry;
 use crate::env::Env;
 use crate::logging::LogHandle;
 use crate::models::{ModelLoader, ModelManager, NoEngine};
@@ -57,8 +56,6 @@ pub struct Options {
     pub log: LogHandle,
     /// The engine; [`NoEngine`] refuses every load (for tests of the daemon without models).
     pub loader: Arc<dyn ModelLoader>,
-    /// The models the HTTP API routes to (filled by the loader: `EngineLoader::registry()`).
-    pub served: EngineRegistry,
     /// GPU telemetry, started once per process before any other thread.
     pub telemetry: Arc<Telemetry>,
 }
@@ -71,7 +68,6 @@ impl Options {
             env,
             log,
             loader: Arc::new(NoEngine),
-            served: EngineRegistry::default(),
             telemetry: Arc::new(Telemetry::unavailable("GPU telemetry is not started")),
         }
     }
@@ -108,7 +104,7 @@ impl Signals {
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns after a clean shutdown.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
-    let Options { settings, source, env, log, loader, served, telemetry } = opts;
+    let Options { settings, source, env, log, loader, telemetry } = opts;
     for note in &settings.notes {
         tracing::info!("{note}");
     }
@@ -148,8 +144,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Dispatcher { shared: shared.clone(), models: models.clone(), authz, store, telemetry: telemetry.clone() };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let http_task =
-        tokio::spawn(http::serve(listener, http::router(shared.clone(), served, telemetry), stop_rx.clone()));
+    // The HTTP API routes by the table the model manager publishes.
+    let app = http::router(shared.clone(), models.served(), telemetry.clone());
+    let http_task = tokio::spawn(http::serve(listener, app, stop_rx.clone()));
     tracing::info!(listen = %http_addr, "HTTP listener bound");
 
     notify::status("binding the control socket");

@@ -1,15 +1,14 @@
 //! The inference engine behind the model manager: [`EngineLoader`] loads models with
-//! `llmd_engine::EngineHandle::load` and keeps a registry of the served models, which the
-//! HTTP API reads to route requests by model name.
+//! `llmd_engine::EngineHandle::load` and hands each back as a [`LoadedModel`] that carries the
+//! [`ServedModel`] the HTTP API routes to (the model manager publishes the table of them).
 //!
 //! Before a load that will run on a GPU, the loader estimates what the model needs
 //! (`llmd_telemetry::estimate_memory`: weights + KV cache of one `max_model_len` sequence +
 //! activation margin) and refuses with the numbers when the GPU cannot hold it.
 
-use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use llmd_engine::{EngineError, EngineHandle, LoadOptions, LoadProgress};
@@ -20,13 +19,9 @@ use llmd_telemetry::Telemetry;
 use crate::config::{Device, ReasoningParser};
 use crate::models::{LoadRequest, LoadedModel, ModelLoader};
 
-/// Served models by name, shared with the HTTP API.
-pub type EngineRegistry = Arc<RwLock<HashMap<String, ServedModel>>>;
-
 /// Loads models into `llmd_engine` engines.
 #[derive(Debug, Clone)]
 pub struct EngineLoader {
-    registry: EngineRegistry,
     telemetry: Arc<Telemetry>,
 }
 
@@ -48,12 +43,7 @@ fn api_parser(p: ReasoningParser) -> llmd_openai::ReasoningParser {
 impl EngineLoader {
     /// A loader that checks GPU loads against `telemetry`'s memory figures.
     pub fn new(telemetry: Arc<Telemetry>) -> EngineLoader {
-        EngineLoader { registry: EngineRegistry::default(), telemetry }
-    }
-
-    /// The handles of every loaded model (for the HTTP API).
-    pub fn registry(&self) -> EngineRegistry {
-        self.registry.clone()
+        EngineLoader { telemetry }
     }
 }
 
@@ -91,6 +81,9 @@ impl ModelLoader for EngineLoader {
         cancelled: &AtomicBool,
     ) -> Result<Arc<dyn LoadedModel>, ControlError> {
         let name = request.served_name.clone();
+        if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ControlError::new(ErrorCode::Cancelled, format!("loading `{name}` was cancelled")));
+        }
         let tp = request.params.tp.unwrap_or(1);
         if tp == 0 {
             return Err(ControlError::new(
@@ -127,15 +120,13 @@ impl ModelLoader for EngineLoader {
         let mut opts = options(request);
         opts.gpus = gpus.clone();
         let handle = EngineHandle::load(opts, &mut on_progress).map_err(|e| engine_error(&name, e))?;
-        // A cancelled load is stopped by the manager; do not publish it meanwhile.
-        if !cancelled.load(std::sync::atomic::Ordering::SeqCst) {
-            let served = ServedModel::from_engine(handle.clone(), request.reasoning_parser.map(api_parser));
-            tracing::info!(model = %name, reasoning_parser = served.reasoning_parser.name(), "serving model");
-            self.registry.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), served);
-        }
+        // Whether it is served (or stopped, when the load was cancelled meanwhile) is the
+        // model manager's decision.
+        let served = ServedModel::from_engine(handle.clone(), request.reasoning_parser.map(api_parser));
+        tracing::info!(model = %name, reasoning_parser = served.reasoning_parser.name(), "model ready to serve");
         // The engine says where it really runs; GPUs are reported only for a GPU engine.
         let gpus = if handle.info().device.starts_with("cuda") { gpus } else { Vec::new() };
-        Ok(Arc::new(EngineModel { handle, registry: self.registry.clone(), tp: request.params.tp.unwrap_or(1), gpus }))
+        Ok(Arc::new(EngineModel { handle, served, tp: request.params.tp.unwrap_or(1), gpus }))
     }
 }
 
@@ -221,7 +212,7 @@ fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result
 /// One engine as the model manager sees it.
 struct EngineModel {
     handle: EngineHandle,
-    registry: EngineRegistry,
+    served: ServedModel,
     tp: u32,
     gpus: Vec<u32>,
 }
@@ -251,13 +242,16 @@ impl LoadedModel for EngineModel {
         }
     }
 
+    fn served(&self) -> ServedModel {
+        self.served.clone()
+    }
+
     fn last_heartbeat(&self) -> Instant {
         self.handle.last_heartbeat()
     }
 
     fn shutdown(&self, drain: Duration) {
-        // Unpublish first so the HTTP API stops routing new requests here.
-        self.registry.write().unwrap_or_else(|e| e.into_inner()).remove(&self.handle.info().served_name);
+        // The model manager has taken it out of the served table before calling this.
         self.handle.shutdown(drain);
     }
 }

@@ -9,25 +9,26 @@ use axum::Router;
 use llmd_openai::{ApiOptions, ApiState, ExtraMetrics, ModelRegistry, Phase, ServedModel};
 use llmd_proto::DaemonState;
 use llmd_telemetry::Telemetry;
+use tokio::sync::watch;
 
 use crate::control::Shared;
-use crate::engine::EngineRegistry;
+use crate::models::ServedTable;
 
-/// The served models and the daemon's phase, as the HTTP layer reads them.
+/// The served models and the daemon's phase, as the HTTP layer reads them: `models` is the
+/// model manager's published table (`ModelManager::served`), only read here.
 #[derive(Debug)]
 pub struct DaemonRegistry {
-    pub models: EngineRegistry,
+    pub models: watch::Receiver<ServedTable>,
     pub shared: Arc<Shared>,
 }
 
 impl ModelRegistry for DaemonRegistry {
     fn get(&self, name: &str) -> Option<ServedModel> {
-        self.models.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.models.borrow().get(name).cloned()
     }
 
     fn list(&self) -> Vec<ServedModel> {
-        let mut all: Vec<ServedModel> =
-            self.models.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut all: Vec<ServedModel> = self.models.borrow().values().cloned().collect();
         all.sort_by(|a, b| a.name().cmp(b.name()));
         all
     }
@@ -51,9 +52,10 @@ fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }
 
-/// The whole HTTP app: the OpenAI API over `models`, keys from `shared.api_keys` (swapped on
-/// SIGHUP), options from `[server]`, GPU gauges from `telemetry` on `/metrics`.
-pub fn router(shared: Arc<Shared>, models: EngineRegistry, telemetry: Arc<Telemetry>) -> Router {
+/// The whole HTTP app: the OpenAI API over `models` (the model manager's published table), keys
+/// from `shared.api_keys` (swapped on SIGHUP), options from `[server]`, GPU gauges from
+/// `telemetry` on `/metrics`.
+pub fn router(shared: Arc<Shared>, models: watch::Receiver<ServedTable>, telemetry: Arc<Telemetry>) -> Router {
     let options = {
         let settings = shared.settings.read().unwrap_or_else(|e| e.into_inner());
         let server = &settings.config.server;

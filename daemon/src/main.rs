@@ -51,7 +51,6 @@ fn run(settings: Settings, source: ConfigSource, env: Env) -> anyhow::Result<()>
     let telemetry = Arc::new(Telemetry::start());
     let loader = EngineLoader::new(telemetry.clone());
     let mut opts = daemon::Options::new(settings, source, env, log);
-    opts.served = loader.registry();
     opts.loader = Arc::new(loader);
     opts.telemetry = telemetry;
     runtime.block_on(daemon::run(opts))?;

@@ -1,6 +1,12 @@
 //! The model manager: one actor task owns the table of loaded models; everything else holds a
 //! cheap [`ModelManager`] handle and talks to it through a channel.
 //!
+//! The actor is also the only writer of the served-model table the HTTP API routes by. After
+//! every command it publishes a snapshot ([`ServedTable`], through a `watch` channel) that holds
+//! exactly the models whose load finished and whose unload has not begun: a model being
+//! unloaded leaves the table before its engine starts draining, so it takes no new requests
+//! while the ones in flight finish; a load that failed or was cancelled is never in it.
+//!
 //! Loading and unloading run on blocking threads so the actor keeps answering (`ps`, the
 //! watchdog's liveness question) while a model of many gigabytes is read. The engine is
 //! reached only through [`ModelLoader`] and [`LoadedModel`], so the manager is tested here
@@ -13,8 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use llmd_openai::ServedModel;
 use llmd_proto::{ControlError, ErrorCode, LoadParams, Progress, RunningModel};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::{EngineConfig, ReasoningParser};
 
@@ -22,6 +29,8 @@ use crate::config::{EngineConfig, ReasoningParser};
 pub trait LoadedModel: Send + Sync + 'static {
     /// What `llmctl ps` shows (static facts plus live queue and KV numbers).
     fn describe(&self) -> RunningModel;
+    /// The model as the HTTP API serves it. Built once at load: clones share one backend.
+    fn served(&self) -> ServedModel;
     /// When the engine loop last went round; a stale value stops the systemd watchdog pings.
     fn last_heartbeat(&self) -> Instant;
     /// Drains in-flight requests for up to `drain`, then stops the engine thread. Blocking.
@@ -117,6 +126,9 @@ impl LocalOnly {
     }
 }
 
+/// The served models by name, as the model manager last published them (see the module doc).
+pub type ServedTable = Arc<HashMap<String, ServedModel>>;
+
 /// What the manager announces (D-Bus signals follow these).
 #[derive(Debug, Clone)]
 pub enum ModelEvent {
@@ -175,6 +187,7 @@ enum Command {
 pub struct ModelManager {
     tx: mpsc::Sender<Command>,
     events: broadcast::Sender<ModelEvent>,
+    served: watch::Receiver<ServedTable>,
 }
 
 impl std::fmt::Debug for ModelManager {
@@ -191,6 +204,8 @@ struct Actor {
     drain: Duration,
     tx: mpsc::Sender<Command>,
     events: broadcast::Sender<ModelEvent>,
+    /// The served-model table; written here only, by [`Actor::publish`].
+    published: watch::Sender<ServedTable>,
     next_op: AtomicU64,
 }
 
@@ -208,6 +223,7 @@ impl ModelManager {
     ) -> ModelManager {
         let (tx, rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(256);
+        let (published, served) = watch::channel(ServedTable::default());
         let actor = Actor {
             slots: HashMap::new(),
             loader,
@@ -216,10 +232,17 @@ impl ModelManager {
             drain,
             tx: tx.clone(),
             events: events.clone(),
+            published,
             next_op: AtomicU64::new(1),
         };
         tokio::spawn(actor.run(rx));
-        ModelManager { tx, events }
+        ModelManager { tx, events, served }
+    }
+
+    /// The served-model table the HTTP API routes by: read it with `borrow()`; it changes when
+    /// a load finishes, an unload starts or the daemon shuts down.
+    pub fn served(&self) -> watch::Receiver<ServedTable> {
+        self.served.clone()
     }
 
     /// Events for D-Bus signals.
@@ -298,87 +321,111 @@ async fn resolve_unless_cancelled(
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(cmd) = rx.recv().await {
-            match cmd {
-                Command::Load { params, reasoning_parser, progress, reply } => {
-                    self.start_load(params, reasoning_parser, progress, reply)
-                }
-                Command::LoadDone { name, result, cancelled, reply } => {
-                    self.finish_load(name, result, cancelled, reply)
-                }
-                Command::Unload { name, reply } => self.start_unload(name, reply),
-                Command::UnloadDone { name, reply } => {
-                    self.slots.remove(&name);
-                    tracing::info!(model = %name, "model unloaded");
-                    let _ = self.events.send(ModelEvent::Unloaded(name));
-                    let _ = reply.send(Ok(()));
-                }
-                Command::Ps { reply } => {
-                    let mut list: Vec<RunningModel> = self
-                        .slots
-                        .values()
-                        .filter_map(|s| match s {
-                            Slot::Loaded(m) => Some(m.describe()),
-                            _ => None,
-                        })
-                        .collect();
-                    list.sort_by(|a, b| a.name.cmp(&b.name));
-                    let _ = reply.send(list);
-                }
-                Command::Heartbeats { reply } => {
-                    let beats = self
-                        .slots
-                        .iter()
-                        .filter_map(|(n, s)| match s {
-                            Slot::Loaded(m) => Some((n.clone(), m.last_heartbeat())),
-                            _ => None,
-                        })
-                        .collect();
-                    let _ = reply.send(beats);
-                }
-                Command::Cancel { operation, reply } => {
-                    let found = self.slots.values().find_map(|s| match s {
-                        Slot::Loading { operation: op, cancelled } if *op == operation => Some(cancelled.clone()),
+            self.handle(cmd);
+            self.publish();
+        }
+    }
+
+    /// Publishes the served-model table if it changed: the models in [`Slot::Loaded`], nothing
+    /// else. Called after every command, so no change of a slot can be missed, and before an
+    /// engine is told to drain, so that the HTTP API has stopped routing to it by then.
+    fn publish(&self) {
+        let loaded = || {
+            self.slots.iter().filter_map(|(name, slot)| match slot {
+                Slot::Loaded(m) => Some((name, m)),
+                _ => None,
+            })
+        };
+        self.published.send_if_modified(|table| {
+            let same = table.len() == loaded().count()
+                && loaded()
+                    .all(|(name, m)| table.get(name).is_some_and(|t| Arc::ptr_eq(&t.backend, &m.served().backend)));
+            if !same {
+                *table = Arc::new(loaded().map(|(name, m)| (name.clone(), m.served())).collect());
+            }
+            !same
+        });
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Load { params, reasoning_parser, progress, reply } => {
+                self.start_load(params, reasoning_parser, progress, reply)
+            }
+            Command::LoadDone { name, result, cancelled, reply } => self.finish_load(name, result, cancelled, reply),
+            Command::Unload { name, reply } => self.start_unload(name, reply),
+            Command::UnloadDone { name, reply } => {
+                self.slots.remove(&name);
+                tracing::info!(model = %name, "model unloaded");
+                let _ = self.events.send(ModelEvent::Unloaded(name));
+                let _ = reply.send(Ok(()));
+            }
+            Command::Ps { reply } => {
+                let mut list: Vec<RunningModel> = self
+                    .slots
+                    .values()
+                    .filter_map(|s| match s {
+                        Slot::Loaded(m) => Some(m.describe()),
                         _ => None,
-                    });
-                    let _ = reply.send(match found {
-                        Some(flag) => {
-                            flag.store(true, Ordering::SeqCst);
-                            Ok(())
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+                let _ = reply.send(list);
+            }
+            Command::Heartbeats { reply } => {
+                let beats = self
+                    .slots
+                    .iter()
+                    .filter_map(|(n, s)| match s {
+                        Slot::Loaded(m) => Some((n.clone(), m.last_heartbeat())),
+                        _ => None,
+                    })
+                    .collect();
+                let _ = reply.send(beats);
+            }
+            Command::Cancel { operation, reply } => {
+                let found = self.slots.values().find_map(|s| match s {
+                    Slot::Loading { operation: op, cancelled } if *op == operation => Some(cancelled.clone()),
+                    _ => None,
+                });
+                let _ = reply.send(match found {
+                    Some(flag) => {
+                        flag.store(true, Ordering::SeqCst);
+                        Ok(())
+                    }
+                    None => Err(ControlError::new(ErrorCode::NotFound, format!("no running operation `{operation}`"))),
+                });
+            }
+            Command::ShutdownAll { drain, reply } => {
+                let loaded: Vec<(String, Arc<dyn LoadedModel>)> = self
+                    .slots
+                    .drain()
+                    .filter_map(|(n, s)| match s {
+                        Slot::Loaded(m) => Some((n, m)),
+                        Slot::Loading { cancelled, .. } => {
+                            cancelled.store(true, Ordering::SeqCst);
+                            None
                         }
-                        None => {
-                            Err(ControlError::new(ErrorCode::NotFound, format!("no running operation `{operation}`")))
-                        }
-                    });
-                }
-                Command::ShutdownAll { drain, reply } => {
-                    let loaded: Vec<(String, Arc<dyn LoadedModel>)> = self
-                        .slots
-                        .drain()
-                        .filter_map(|(n, s)| match s {
-                            Slot::Loaded(m) => Some((n, m)),
-                            Slot::Loading { cancelled, .. } => {
-                                cancelled.store(true, Ordering::SeqCst);
-                                None
-                            }
-                            Slot::Unloading => None,
+                        Slot::Unloading => None,
+                    })
+                    .collect();
+                // Out of the HTTP API's table before any engine starts draining.
+                self.publish();
+                let tasks: Vec<_> = loaded
+                    .into_iter()
+                    .map(|(name, m)| {
+                        tokio::task::spawn_blocking(move || {
+                            m.shutdown(drain);
+                            tracing::info!(model = %name, "model stopped");
                         })
-                        .collect();
-                    let tasks: Vec<_> = loaded
-                        .into_iter()
-                        .map(|(name, m)| {
-                            tokio::task::spawn_blocking(move || {
-                                m.shutdown(drain);
-                                tracing::info!(model = %name, "model stopped");
-                            })
-                        })
-                        .collect();
-                    tokio::spawn(async move {
-                        for t in tasks {
-                            let _ = t.await;
-                        }
-                        let _ = reply.send(());
-                    });
-                }
+                    })
+                    .collect();
+                tokio::spawn(async move {
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                    let _ = reply.send(());
+                });
             }
         }
     }
@@ -520,6 +567,8 @@ impl Actor {
         let Some(Slot::Loaded(model)) = self.slots.insert(name.clone(), Slot::Unloading) else {
             return;
         };
+        // Unpublished before the drain starts: no new requests reach it, in-flight ones finish.
+        self.publish();
         let drain = self.drain;
         let tx = self.tx.clone();
         tracing::info!(model = %name, "unloading model (draining in-flight requests)");
@@ -533,12 +582,96 @@ impl Actor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Condvar, Mutex};
+
+    use llmd_engine::{EngineError, EngineStats, GenerateRequest, ModelInfo};
+    use llmd_openai::{EventStream, ModelBackend, TemplateError};
+
+    /// What the HTTP layer would reach: only `info` is asked for by the manager's table.
+    struct FakeBackend(ModelInfo);
+
+    impl ModelBackend for FakeBackend {
+        fn info(&self) -> &ModelInfo {
+            &self.0
+        }
+        fn stats(&self) -> EngineStats {
+            EngineStats::default()
+        }
+        fn encode(&self, text: &str, _: bool) -> Result<Vec<u32>, EngineError> {
+            Ok(text.bytes().map(u32::from).collect())
+        }
+        fn decode(&self, ids: &[u32], _: bool) -> Result<String, EngineError> {
+            Ok(ids.iter().filter_map(|&i| char::from_u32(i)).collect())
+        }
+        fn chat_template_source(&self) -> Option<String> {
+            None
+        }
+        fn render_chat(
+            &self,
+            _: &serde_json::Value,
+            _: Option<&serde_json::Value>,
+            _: bool,
+            _: &serde_json::Value,
+        ) -> Result<String, TemplateError> {
+            Err(TemplateError::NoTemplate(self.0.served_name.clone()))
+        }
+        fn submit(&self, _: GenerateRequest) -> Result<EventStream, EngineError> {
+            Err(EngineError::ShuttingDown(self.0.served_name.clone()))
+        }
+    }
+
+    fn served(name: &str) -> ServedModel {
+        let info = ModelInfo {
+            served_name: name.into(),
+            source: "/fake".into(),
+            architecture: "FakeForCausalLM".into(),
+            num_params: 1,
+            dtype: "float32".into(),
+            device: "cpu".into(),
+            max_model_len: 16,
+            vocab_size: 256,
+            weight_bytes: 4,
+            kv_cache_bytes: 0,
+            kv_block_size: 16,
+            kv_blocks_total: 1,
+            loaded_at: 0,
+        };
+        ServedModel::new(Arc::new(FakeBackend(info)), Some(llmd_openai::ReasoningParser::None))
+    }
+
+    /// A door a blocking fake waits at until the test opens it.
+    #[derive(Default)]
+    struct Gate {
+        open: Mutex<bool>,
+        opened: Condvar,
+        reached: AtomicBool,
+    }
+
+    impl Gate {
+        fn wait(&self) {
+            self.reached.store(true, Ordering::SeqCst);
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+        async fn reached(&self) {
+            while !self.reached.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 
     struct FakeModel {
         name: String,
+        served: ServedModel,
         beat: Mutex<Instant>,
         stopped: Arc<AtomicBool>,
+        drain_gate: Option<Arc<Gate>>,
     }
 
     impl LoadedModel for FakeModel {
@@ -563,16 +696,27 @@ mod tests {
                 loaded_at: 0,
             }
         }
+        fn served(&self) -> ServedModel {
+            self.served.clone()
+        }
         fn last_heartbeat(&self) -> Instant {
             *self.beat.lock().unwrap()
         }
         fn shutdown(&self, _: Duration) {
+            if let Some(gate) = &self.drain_gate {
+                gate.wait();
+            }
             self.stopped.store(true, Ordering::SeqCst);
         }
     }
 
+    #[derive(Default)]
     struct FakeLoader {
         stopped: Arc<AtomicBool>,
+        /// Loads wait here before they finish.
+        load_gate: Option<Arc<Gate>>,
+        /// Unloads of the models it made wait here before they finish draining.
+        drain_gate: Option<Arc<Gate>>,
     }
 
     impl ModelLoader for FakeLoader {
@@ -593,21 +737,28 @@ mod tests {
                 eta_secs: None,
                 files: vec![],
             });
+            if let Some(gate) = &self.load_gate {
+                gate.wait();
+            }
+            if r.served_name.starts_with("broken") {
+                return Err(ControlError::new(ErrorCode::Failed, format!("cannot load `{}`: broken", r.served_name)));
+            }
             Ok(Arc::new(FakeModel {
                 name: r.served_name.clone(),
+                served: served(&r.served_name),
                 beat: Mutex::new(Instant::now()),
                 stopped: self.stopped.clone(),
+                drain_gate: self.drain_gate.clone(),
             }))
         }
     }
 
     fn manager(stopped: Arc<AtomicBool>) -> ModelManager {
-        ModelManager::spawn(
-            Arc::new(FakeLoader { stopped }),
-            Arc::new(LocalOnly),
-            EngineConfig::default(),
-            Duration::from_secs(1),
-        )
+        manager_with(FakeLoader { stopped, ..FakeLoader::default() })
+    }
+
+    fn manager_with(loader: FakeLoader) -> ModelManager {
+        ModelManager::spawn(Arc::new(loader), Arc::new(LocalOnly), EngineConfig::default(), Duration::from_secs(1))
     }
 
     #[tokio::test]
@@ -678,5 +829,123 @@ mod tests {
         assert_eq!(e.code, ErrorCode::Unavailable);
         assert!(e.message.contains("llmd-engine"));
         assert!(m.ps().await.unwrap().is_empty());
+    }
+
+    fn names(table: &ServedTable) -> Vec<String> {
+        let mut v: Vec<String> = table.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn local(dir: &tempfile::TempDir, name: &str) -> LoadParams {
+        LoadParams { source: dir.path().display().to_string(), name: Some(name.into()), ..Default::default() }
+    }
+
+    /// The published table holds the loaded models and nothing else: a loading model is not in
+    /// it, a failed load never gets in, an unloading model is out before its drain starts.
+    #[tokio::test]
+    async fn the_served_table_follows_the_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (load_gate, drain_gate) = (Arc::new(Gate::default()), Arc::new(Gate::default()));
+        let m = manager_with(FakeLoader {
+            load_gate: Some(load_gate.clone()),
+            drain_gate: Some(drain_gate.clone()),
+            ..FakeLoader::default()
+        });
+        let mut served = m.served();
+        assert!(served.borrow_and_update().is_empty());
+
+        // Loading: not served until the load is done.
+        let loading = tokio::spawn({
+            let m = m.clone();
+            let p = local(&dir, "tiny");
+            async move { m.load(p, None, None).await }
+        });
+        load_gate.reached().await;
+        assert!(m.ps().await.unwrap().is_empty());
+        assert!(!served.has_changed().unwrap(), "published while loading: {:?}", names(&served.borrow()));
+        load_gate.open();
+        loading.await.unwrap().unwrap();
+        assert!(served.has_changed().unwrap());
+        let table = served.borrow_and_update().clone();
+        assert_eq!(names(&table), ["tiny"]);
+        assert_eq!(table["tiny"].name(), "tiny");
+
+        // A failed load changes nothing.
+        let e = m.load(local(&dir, "broken"), None, None).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Failed);
+        assert!(!served.has_changed().unwrap());
+        // Nor does a command that changes no slot.
+        assert_eq!(m.ps().await.unwrap().len(), 1);
+        assert!(!served.has_changed().unwrap());
+
+        // Unloading: out of the table while the engine still drains.
+        let unloading = tokio::spawn({
+            let m = m.clone();
+            async move { m.unload("tiny".into()).await }
+        });
+        drain_gate.reached().await;
+        assert!(served.borrow_and_update().is_empty(), "still served while draining");
+        assert!(!unloading.is_finished());
+        drain_gate.open();
+        unloading.await.unwrap().unwrap();
+        assert!(served.borrow().is_empty());
+    }
+
+    /// A load cancelled while the engine loads is stopped, never published.
+    #[tokio::test]
+    async fn a_cancelled_load_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let stopped = Arc::new(AtomicBool::new(false));
+        let m = manager_with(FakeLoader {
+            stopped: stopped.clone(),
+            load_gate: Some(gate.clone()),
+            ..FakeLoader::default()
+        });
+        let mut served = m.served();
+        let (ptx, mut prx) = mpsc::unbounded_channel();
+        let loading = tokio::spawn({
+            let m = m.clone();
+            let p = local(&dir, "tiny");
+            async move { m.load(p, None, Some(ptx)).await }
+        });
+        // The fake reports progress (with the load's operation id), then waits at the gate.
+        let operation = prx.recv().await.unwrap().operation;
+        gate.reached().await;
+        m.cancel(operation).await.unwrap();
+        gate.open();
+        let e = loading.await.unwrap().unwrap_err();
+        assert_eq!(e.code, ErrorCode::Cancelled, "{e:?}");
+        // The cancelled model is stopped on a blocking thread.
+        for _ in 0..200 {
+            if stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(stopped.load(Ordering::SeqCst));
+        assert!(!served.has_changed().unwrap());
+        assert!(served.borrow_and_update().is_empty());
+    }
+
+    /// Shutting down empties the table before the engines drain.
+    #[tokio::test]
+    async fn shutdown_unpublishes_everything_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let m = manager_with(FakeLoader { drain_gate: Some(gate.clone()), ..FakeLoader::default() });
+        m.load(local(&dir, "a"), None, None).await.unwrap();
+        m.load(local(&dir, "b"), None, None).await.unwrap();
+        let mut served = m.served();
+        assert_eq!(names(&served.borrow_and_update()), ["a", "b"]);
+        let stopping = tokio::spawn({
+            let m = m.clone();
+            async move { m.shutdown_all(Duration::from_secs(1)).await }
+        });
+        gate.reached().await;
+        assert!(served.borrow_and_update().is_empty());
+        gate.open();
+        stopping.await.unwrap();
     }
 }
