@@ -5,10 +5,11 @@
 //! `rope_theta` inside), `dtype` and `num_local_experts`. Both are read into one resolved
 //! [`ModelConfig`]; every error names the file and the key.
 //!
-//! `sliding_window` is read but not applied: the architectures served here use full attention
-//! in their released checkpoints (Qwen2/3 set `use_sliding_window: false`, Mistral v0.2+ sets
-//! `sliding_window: null`). A checkpoint that does enable it gets a warning at load, since
-//! prompts longer than the window would attend further back than the model was trained to.
+//! `sliding_window` is resolved by [`ModelConfig::sliding_window_active`]: the architectures
+//! served here use full attention in their released checkpoints (Qwen2/3 set
+//! `use_sliding_window: false`, Mistral v0.2+ sets `sliding_window: null`), and no backend
+//! applies a window, so a checkpoint that enables one is served only with contexts that fit
+//! inside it (`spec::DecoderSpec::check_context`), where full attention is the same math.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -90,7 +91,7 @@ pub struct ModelConfig {
     /// Checkpoint dtype as written (`torch_dtype` or `dtype`), e.g. `bfloat16`.
     pub dtype: Option<String>,
     pub moe: Option<MoeConfig>,
-    /// Read for information only; see the module doc.
+    /// As written; [`ModelConfig::sliding_window_active`] says whether it applies.
     pub sliding_window: Option<usize>,
     pub use_sliding_window: bool,
     pub bos_token_id: Option<u32>,
@@ -306,9 +307,9 @@ impl ModelConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 
-    /// Whether the checkpoint asks for sliding-window attention that this engine does not
-    /// apply (see the module doc).
-    pub fn sliding_window_ignored(&self) -> Option<usize> {
+    /// The sliding window when the checkpoint enables one shorter than its context (see the
+    /// module doc).
+    pub fn sliding_window_active(&self) -> Option<usize> {
         let sw = self.sliding_window?;
         let active = match self.model_type.as_deref() {
             // Qwen2/Qwen3 only use the window when `use_sliding_window` is true.
@@ -514,7 +515,7 @@ mod tests {
         assert!(moe.norm_topk_prob);
         assert!(moe.is_sparse_layer(0) && moe.is_sparse_layer(1) && !moe.is_sparse_layer(2));
         assert_eq!(c.eos_token_ids, vec![7]);
-        assert_eq!(c.sliding_window_ignored(), None);
+        assert_eq!(c.sliding_window_active(), None);
     }
 
     #[test]

@@ -16,11 +16,13 @@ pub enum ModelError {
     /// A config file (or the load options) is malformed; the message names the key.
     #[error("invalid {file}: {message}")]
     Config { file: String, message: String },
-    /// `architectures[0]` is not in the registry.
-    #[error(
-        "unsupported architecture `{0}` (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)"
-    )]
-    UnknownArchitecture(String),
+    /// `architectures[0]` is not in the registry ([`crate::spec::Architecture`]), which
+    /// also supplies the list of supported names.
+    #[error("unsupported architecture `{name}` (supported: {supported})")]
+    UnknownArchitecture { name: String, supported: String },
+    /// The model uses a feature the chosen backend cannot serve.
+    #[error("{model} uses {feature}, which {backend} does not serve")]
+    UnsupportedFeature { model: String, feature: String, backend: String },
     /// The model needs a tensor the checkpoint does not have.
     #[error("checkpoint is missing tensor `{0}`")]
     MissingTensor(String),

@@ -13,9 +13,11 @@ pub mod loader;
 pub mod models;
 pub mod pick;
 pub mod runner;
+pub mod spec;
 
 pub use config::{GenerationConfig, ModelConfig};
 pub use cpu::{CpuRunner, LoadConfig, LoadedModel, load_cpu};
 pub use error::ModelError;
 pub use pick::{LogitAdjust, TokenPick};
+pub use spec::{Architecture, DecoderSpec, WeightStorage};
 pub use runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, RowRequest, SeqSlice, StepLogits};

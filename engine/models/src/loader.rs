@@ -17,6 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::ModelError;
+use crate::spec::{WeightSpec, WeightStorage};
 
 /// Upper bound on a safetensors JSON header. Real headers are a few hundred KiB even for
 /// thousands of tensors; anything larger is corrupt or hostile.
@@ -222,6 +223,18 @@ impl Checkpoint {
 
     /// Reads tensor `name`, checks its shape against `expected` and converts it to an f32
     /// tensor on the CPU.
+    /// How tensor `name` is stored: [`ModelError::MissingTensor`] when absent,
+    /// [`ModelError::UnsupportedDtype`] for a dtype no [`WeightStorage`] describes.
+    pub fn storage(&self, name: &str) -> Result<WeightStorage, ModelError> {
+        let entry = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        match entry.dtype {
+            Dtype::F32 => Ok(WeightStorage::Float(llmd_options::Dtype::Float32)),
+            Dtype::F16 => Ok(WeightStorage::Float(llmd_options::Dtype::Float16)),
+            Dtype::BF16 => Ok(WeightStorage::Float(llmd_options::Dtype::BFloat16)),
+            other => Err(ModelError::UnsupportedDtype { name: name.to_string(), dtype: dtype_name(other) }),
+        }
+    }
+
     /// The stored bytes of tensor `name` after checking its shape against `expected`, its dtype
     /// (f32, f16 or bf16) and its byte length. Backends that keep the checkpoint's precision
     /// (the GPU) upload these bytes directly.
@@ -344,9 +357,27 @@ impl<'a> Weights<'a> {
         if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
     }
 
+    /// The checkpoint this view reads.
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.ckpt
+    }
+
+    /// This view's name prefix (empty at the root).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Whether `name` exists under this prefix.
     pub fn contains(&self, name: &str) -> bool {
         self.ckpt.contains(&self.full(name))
+    }
+
+    /// Loads the tensor `spec` names (a full checkpoint name, whatever this view's prefix) as
+    /// f32, checking the spec's shape.
+    pub fn load(&self, spec: &WeightSpec) -> Result<Tensor, ModelError> {
+        let t = self.ckpt.load_f32(&spec.name, &spec.shape)?;
+        self.progress.borrow_mut().step();
+        Ok(t)
     }
 
     /// Loads `name` under this prefix as f32 with the expected shape.

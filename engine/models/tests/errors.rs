@@ -55,7 +55,7 @@ fn unknown_architecture_is_named() {
     let cfg = std::fs::read_to_string(d.path().join("config.json")).unwrap();
     std::fs::write(d.path().join("config.json"), cfg.replace("LlamaForCausalLM", "GPTNeoXForCausalLM")).unwrap();
     let e = load_err(d.path());
-    assert!(matches!(&e, ModelError::UnknownArchitecture(a) if a == "GPTNeoXForCausalLM"), "{e}");
+    assert!(matches!(&e, ModelError::UnknownArchitecture { name, .. } if name == "GPTNeoXForCausalLM"), "{e}");
     assert!(e.to_string().contains("Qwen3MoeForCausalLM"), "message lists the supported ones: {e}");
 }
 

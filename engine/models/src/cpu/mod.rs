@@ -10,7 +10,8 @@ use std::path::Path;
 use crate::ModelError;
 use crate::config::{GenerationConfig, ModelConfig, eos_token_ids};
 use crate::loader::{Checkpoint, Progress, Weights};
-use crate::models::{self, CausalLm};
+use crate::models::CausalLm;
+use crate::spec::{Architecture, DecoderSpec, SpecFeature};
 use crate::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
 use kv::{BatchPlan, PagedKvCache};
 
@@ -116,18 +117,15 @@ pub fn load_cpu(
     let config = ModelConfig::from_dir(dir)?;
     let generation = GenerationConfig::from_dir(dir)?;
     // Fail on the architecture before touching gigabytes of weights.
-    let construct = models::constructor(&config.architecture)?;
-    if let Some(sw) = config.sliding_window_ignored() {
-        tracing::warn!(
-            sliding_window = sw,
-            "checkpoint enables sliding-window attention; llmd applies full attention, so contexts longer than the window differ from the reference"
-        );
-    }
+    Architecture::from_hf_name(&config.architecture)?;
     let ckpt = Checkpoint::open_dir(dir)?;
+    let spec = DecoderSpec::new(&config, &ckpt)?;
+    // The CPU path serves every feature the spec can state today except shared experts.
+    spec.refuse_unsupported("the CPU backend", &[SpecFeature::SharedExperts])?;
     let counter = RefCell::new(Progress::new(ckpt.len(), progress));
     let model = {
         let weights = Weights::new(&ckpt, &counter);
-        construct(&config, &weights)?
+        CausalLm::from_spec(&spec, &weights)?
     };
     counter.borrow_mut().finish();
 

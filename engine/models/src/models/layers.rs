@@ -10,11 +10,12 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::ModelError;
-use crate::config::{ModelConfig, RopeConfig, RopeScaling};
+use crate::config::{RopeConfig, RopeScaling};
 use crate::cpu::attention::paged_attention;
 use crate::cpu::kv::{BatchPlan, PagedKvCache};
 use crate::loader::Weights;
 use crate::models::qwen3_moe::SparseMoe;
+use crate::spec::{AttentionWeights, DecoderSpec, GatedMlpWeights, LayerSpec, LinearSpec, MlpSpec, WeightSpec};
 
 /// `y = x W^T (+ b)` with `W` of shape `[out, in]` as stored by PyTorch.
 #[derive(Debug)]
@@ -30,6 +31,14 @@ impl Linear {
     pub fn new(w: &Weights, in_features: usize, out_features: usize, bias: bool) -> Result<Self, ModelError> {
         let weight = w.get("weight", &[out_features, in_features])?;
         let bias = if bias { Some(w.get("bias", &[out_features])?.to_vec1::<f32>()?) } else { None };
+        Ok(Linear { weight, bias, in_features, out_features })
+    }
+
+    /// Loads the layer `spec` describes (weight and optional bias, full checkpoint names).
+    pub fn from_spec(w: &Weights, spec: &LinearSpec) -> Result<Self, ModelError> {
+        let (out_features, in_features) = spec.dims();
+        let weight = w.load(&spec.weight)?;
+        let bias = spec.bias.as_ref().map(|b| w.load(b)?.to_vec1::<f32>().map_err(ModelError::from)).transpose()?;
         Ok(Linear { weight, bias, in_features, out_features })
     }
 
@@ -73,6 +82,11 @@ impl RmsNorm {
     /// Loads `weight` of `[dim]` under `w`.
     pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self, ModelError> {
         Ok(RmsNorm { weight: w.get("weight", &[dim])?.to_vec1::<f32>()?, eps: eps as f32 })
+    }
+
+    /// Loads the `[dim]` weight `spec` names.
+    pub fn from_spec(w: &Weights, spec: &WeightSpec, eps: f64) -> Result<Self, ModelError> {
+        Ok(RmsNorm { weight: w.load(spec)?.to_vec1::<f32>()?, eps: eps as f32 })
     }
 
     /// Normalises every `dim`-sized row of `x` in place.
@@ -163,17 +177,6 @@ pub struct StepCtx<'a> {
     pub positions: &'a [u32],
 }
 
-/// Which optional parts an architecture's attention has.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionOptions {
-    /// Bias on q/k/v projections.
-    pub qkv_bias: bool,
-    /// Bias on the output projection.
-    pub o_bias: bool,
-    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
-    pub qk_norm: bool,
-}
-
 /// Multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code).
 #[derive(Debug)]
 pub struct Attention {
@@ -190,25 +193,18 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `w`.
-    pub fn new(cfg: &ModelConfig, w: &Weights, opts: AttentionOptions) -> Result<Self, ModelError> {
-        let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let (q_norm, k_norm) = if opts.qk_norm {
-            (
-                Some(RmsNorm::new(&w.pp("q_norm"), hd, cfg.rms_norm_eps)?),
-                Some(RmsNorm::new(&w.pp("k_norm"), hd, cfg.rms_norm_eps)?),
-            )
-        } else {
-            (None, None)
-        };
+    /// Loads the projections (and q/k norms) of one layer as `model` and `a` describe them.
+    pub fn from_spec(model: &DecoderSpec, a: &AttentionWeights, w: &Weights) -> Result<Self, ModelError> {
+        let (nh, nkv, hd) = model.heads();
+        let norm = |n: &Option<WeightSpec>| n.as_ref().map(|n| RmsNorm::from_spec(w, n, model.rms_norm_eps)).transpose();
         Ok(Attention {
-            q_proj: Linear::new(&w.pp("q_proj"), h, nh * hd, opts.qkv_bias)?,
-            k_proj: Linear::new(&w.pp("k_proj"), h, nkv * hd, opts.qkv_bias)?,
-            v_proj: Linear::new(&w.pp("v_proj"), h, nkv * hd, opts.qkv_bias)?,
-            o_proj: Linear::new(&w.pp("o_proj"), nh * hd, h, opts.o_bias)?,
-            q_norm,
-            k_norm,
-            rope: Rope::new(&cfg.rope, hd),
+            q_proj: Linear::from_spec(w, &a.q_proj)?,
+            k_proj: Linear::from_spec(w, &a.k_proj)?,
+            v_proj: Linear::from_spec(w, &a.v_proj)?,
+            o_proj: Linear::from_spec(w, &a.o_proj)?,
+            q_norm: norm(&a.q_norm)?,
+            k_norm: norm(&a.k_norm)?,
+            rope: Rope::new(&model.rope, hd),
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
@@ -249,12 +245,12 @@ pub fn silu(x: f32) -> f32 {
 }
 
 impl Mlp {
-    /// Loads `gate_proj`, `up_proj`, `down_proj` under `w`.
-    pub fn new(w: &Weights, hidden: usize, intermediate: usize, bias: bool) -> Result<Self, ModelError> {
+    /// Loads the three projections `spec` names.
+    pub fn from_spec(w: &Weights, spec: &GatedMlpWeights) -> Result<Self, ModelError> {
         Ok(Mlp {
-            gate_proj: Linear::new(&w.pp("gate_proj"), hidden, intermediate, bias)?,
-            up_proj: Linear::new(&w.pp("up_proj"), hidden, intermediate, bias)?,
-            down_proj: Linear::new(&w.pp("down_proj"), intermediate, hidden, bias)?,
+            gate_proj: Linear::from_spec(w, &spec.gate_proj)?,
+            up_proj: Linear::from_spec(w, &spec.up_proj)?,
+            down_proj: Linear::from_spec(w, &spec.down_proj)?,
         })
     }
 
@@ -300,17 +296,17 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Loads the layer under `w` (`model.layers.{i}`); the architecture supplies its MLP.
-    pub fn new(cfg: &ModelConfig, w: &Weights, attn: AttentionOptions, mlp: FeedForward) -> Result<Self, ModelError> {
+    /// Loads layer `l` of `model`.
+    pub fn from_spec(model: &DecoderSpec, l: &LayerSpec, w: &Weights) -> Result<Self, ModelError> {
+        let eps = model.rms_norm_eps;
         Ok(DecoderLayer {
-            input_layernorm: RmsNorm::new(&w.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
-            self_attn: Attention::new(cfg, &w.pp("self_attn"), attn)?,
-            post_attention_layernorm: RmsNorm::new(
-                &w.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
-            mlp,
+            input_layernorm: RmsNorm::from_spec(w, &l.input_norm, eps)?,
+            self_attn: Attention::from_spec(model, &l.attention, w)?,
+            post_attention_layernorm: RmsNorm::from_spec(w, &l.post_attention_norm, eps)?,
+            mlp: match &l.mlp {
+                MlpSpec::Dense(m) => FeedForward::Dense(Mlp::from_spec(w, m)?),
+                MlpSpec::Routed(r) => FeedForward::Sparse(SparseMoe::from_spec(w, r)?),
+            },
         })
     }
 
@@ -343,31 +339,17 @@ pub struct CausalLm {
 }
 
 impl CausalLm {
-    /// Loads `model.embed_tokens`, `model.layers.{i}` (via `make_mlp` for each layer's MLP),
-    /// `model.norm` and `lm_head` (or the tied embedding when `lm_head.weight` is absent and
-    /// `tie_word_embeddings` is set).
-    pub fn build(
-        cfg: &ModelConfig,
-        w: &Weights,
-        attn: AttentionOptions,
-        mut make_mlp: impl FnMut(usize, &Weights) -> Result<FeedForward, ModelError>,
-    ) -> Result<Self, ModelError> {
-        let m = w.pp("model");
-        let embed_tokens = m.pp("embed_tokens").get("weight", &[cfg.vocab_size, cfg.hidden_size])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let lw = m.pp("layers").pp(i);
-            let mlp = make_mlp(i, &lw.pp("mlp"))?;
-            layers.push(DecoderLayer::new(cfg, &lw, attn, mlp)?);
-        }
-        let norm = RmsNorm::new(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = if w.contains("lm_head.weight") || !cfg.tie_word_embeddings {
-            Linear::new(&w.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
-        } else {
+    /// Loads every tensor `spec` names; a tied head shares the embedding matrix.
+    pub fn from_spec(spec: &DecoderSpec, w: &Weights) -> Result<Self, ModelError> {
+        let embed_tokens = w.load(&spec.embed_tokens)?;
+        let layers = spec.layers.iter().map(|l| DecoderLayer::from_spec(spec, l, w)).collect::<Result<_, _>>()?;
+        let norm = RmsNorm::from_spec(w, &spec.final_norm, spec.rms_norm_eps)?;
+        let lm_head = match &spec.lm_head {
+            Some(head) => Linear::from_weight(w.load(head)?)?,
             // Tied: the head shares the embedding matrix (a cheap handle, no copy).
-            Linear::from_weight(embed_tokens.clone())?
+            None => Linear::from_weight(embed_tokens.clone())?,
         };
-        Ok(CausalLm { embed_tokens, layers, norm, lm_head, hidden_size: cfg.hidden_size, vocab_size: cfg.vocab_size })
+        Ok(CausalLm { embed_tokens, layers, norm, lm_head, hidden_size: spec.hidden_size, vocab_size: spec.vocab_size })
     }
 
     /// Rows of the vocabulary (the logits width).

@@ -1,18 +1,16 @@
-//! `Qwen3MoeForCausalLM`: Qwen3 attention (q/k norm) with routed experts.
-//!
-//! Sparse layers hold a router `mlp.gate.weight` `[num_experts, hidden]` and experts
-//! `mlp.experts.{e}.{gate,up,down}_proj.weight` (hub layout). Checkpoints saved by
-//! transformers 5 with `save_original_format=False` fuse them into
-//! `mlp.experts.gate_up_proj` `[E, 2I, H]` and `mlp.experts.down_proj` `[E, H, I]`; both are read.
+//! The routed-expert block on the CPU (Qwen3-MoE's `Qwen3MoeSparseMoeBlock`), built from a
+//! [`RoutedMoeSpec`] in either expert layout the spec resolves (per-expert tensors of the hub
+//! layout, or transformers 5's fused `gate_up_proj` `[E, 2I, H]` and `down_proj` `[E, H, I]`).
 //! Routing follows transformers: softmax over all experts in f32, top-k, optional
 //! renormalisation of the k weights (`norm_topk_prob`), weighted sum of the expert outputs.
 
 use rayon::prelude::*;
 
 use crate::ModelError;
-use crate::config::{ModelConfig, MoeConfig};
+use crate::config::MoeConfig;
 use crate::loader::Weights;
-use crate::models::layers::{AttentionOptions, CausalLm, FeedForward, Linear, Mlp};
+use crate::models::layers::{Linear, Mlp};
+use crate::spec::{ExpertWeights, RoutedMoeSpec, RouterScoring};
 
 /// One expert's tokens `(row, routing weight)` and its output rows.
 type ExpertOutput = (Vec<(usize, f32)>, Vec<f32>);
@@ -27,28 +25,47 @@ pub struct SparseMoe {
 }
 
 impl SparseMoe {
-    /// Loads the router and experts under `w` (`model.layers.{i}.mlp`).
-    pub fn new(cfg: &ModelConfig, moe: &MoeConfig, w: &Weights) -> Result<Self, ModelError> {
-        let (h, e, i) = (cfg.hidden_size, moe.num_experts, moe.moe_intermediate_size);
-        let router = Linear::new(&w.pp("gate"), h, e, false)?;
-        let ew = w.pp("experts");
-        let experts = if ew.contains("gate_up_proj") && !ew.contains("0.gate_proj.weight") {
-            let gate_up = ew.get("gate_up_proj", &[e, 2 * i, h])?;
-            let down = ew.get("down_proj", &[e, h, i])?;
-            (0..e)
-                .map(|x| {
-                    let gu = gate_up.get(x)?;
-                    Ok(Mlp::from_parts(
-                        Linear::from_weight(gu.narrow(0, 0, i)?.contiguous()?)?,
-                        Linear::from_weight(gu.narrow(0, i, i)?.contiguous()?)?,
-                        Linear::from_weight(down.get(x)?.contiguous()?)?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, ModelError>>()?
-        } else {
-            (0..e).map(|x| Mlp::new(&ew.pp(x), h, i, false)).collect::<Result<Vec<_>, _>>()?
+    /// Loads the router and experts `spec` names.
+    pub fn from_spec(w: &Weights, spec: &RoutedMoeSpec) -> Result<Self, ModelError> {
+        if spec.shared.is_some() {
+            return Err(ModelError::UnsupportedFeature {
+                model: format!("the expert block of `{}`", spec.router.name),
+                feature: "shared experts".into(),
+                backend: "the CPU backend".into(),
+            });
+        }
+        let RouterScoring::Softmax { renormalize } = spec.scoring;
+        let i = spec.intermediate;
+        let experts = match &spec.experts {
+            ExpertWeights::Fused { gate_up, down } => {
+                let gate_up = w.load(gate_up)?;
+                let down = w.load(down)?;
+                (0..spec.num_experts)
+                    .map(|x| {
+                        let gu = gate_up.get(x)?;
+                        Ok(Mlp::from_parts(
+                            Linear::from_weight(gu.narrow(0, 0, i)?.contiguous()?)?,
+                            Linear::from_weight(gu.narrow(0, i, i)?.contiguous()?)?,
+                            Linear::from_weight(down.get(x)?.contiguous()?)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, ModelError>>()?
+            }
+            ExpertWeights::PerExpert(e) => e.iter().map(|m| Mlp::from_spec(w, m)).collect::<Result<Vec<_>, _>>()?,
         };
-        Ok(SparseMoe { router, experts, top_k: moe.num_experts_per_tok, norm_topk_prob: moe.norm_topk_prob })
+        Ok(SparseMoe {
+            router: Linear::from_weight(w.load(&spec.router)?)?,
+            experts,
+            top_k: spec.top_k,
+            norm_topk_prob: renormalize,
+        })
+    }
+
+    /// Loads the block under the view `w` (`model.layers.{i}.mlp` or any prefix holding
+    /// `gate.weight` and `experts.*`) for `moe`'s shapes; the GPU self-check builds its
+    /// reference this way.
+    pub fn new(hidden: usize, moe: &MoeConfig, w: &Weights) -> Result<Self, ModelError> {
+        Self::from_spec(w, &crate::spec::routed_moe(w.checkpoint(), w.prefix(), hidden, moe)?)
     }
 
     /// `x` is `[rows, hidden]`.
@@ -100,21 +117,4 @@ impl SparseMoe {
         }
         Ok(out)
     }
-}
-
-/// Builds a Qwen3-MoE model; layers outside the sparse rule use a dense MLP of
-/// `intermediate_size`.
-pub fn load(cfg: &ModelConfig, w: &Weights) -> Result<CausalLm, ModelError> {
-    let moe = cfg.moe.as_ref().ok_or_else(|| ModelError::Config {
-        file: "config.json".into(),
-        message: "Qwen3MoeForCausalLM needs `num_experts` > 0".into(),
-    })?;
-    let attn = AttentionOptions { qkv_bias: cfg.attention_bias, o_bias: cfg.attention_bias, qk_norm: true };
-    CausalLm::build(cfg, w, attn, |i, mw| {
-        if moe.is_sparse_layer(i) {
-            Ok(FeedForward::Sparse(SparseMoe::new(cfg, moe, mw)?))
-        } else {
-            Ok(FeedForward::Dense(Mlp::new(mw, cfg.hidden_size, cfg.intermediate_size, false)?))
-        }
-    })
 }
