@@ -63,6 +63,10 @@ pub enum StoreError {
     /// The operation was cancelled.
     #[error("operation {0} was cancelled")]
     Cancelled(String),
+    /// The caller's check refused the model after its metadata files were fetched, before any
+    /// weight file was (see `Store::pull_checked`); `code` is the check's own.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
 }
 
 impl StoreError {
@@ -76,6 +80,7 @@ impl StoreError {
             StoreError::Gated(_) => ErrorCode::PermissionDenied,
             StoreError::InsufficientDisk { .. } => ErrorCode::InsufficientResources,
             StoreError::Cancelled(_) => ErrorCode::Cancelled,
+            StoreError::Refused { code, .. } => *code,
             StoreError::Busy(_) => ErrorCode::Conflict,
             StoreError::Http { .. }
             | StoreError::Network { .. }

@@ -8,6 +8,13 @@
 //! rename, and run several files at once. A model is listed as complete only once every file is
 //! verified. Concurrent pulls of the same model and revision share one download.
 //!
+//! [`Store::pull_checked`] (and [`Store::resolve_for_load_checked`]) fetch a repository's
+//! metadata files first (config.json, tokenizer files, chat templates: see
+//! [`is_metadata_file`]) and hand a [`Manifest`] (those files plus the repository's listing
+//! with sizes) to the caller's check before any weight file is requested, so a model the
+//! daemon cannot serve costs a few kilobytes, not its weights. Until the whole model is there,
+//! the snapshot is marked incomplete and is neither listed nor loaded.
+//!
 //! The daemon builds one [`Store`] from a [`StoreConfig`] (it reads `HF_ENDPOINT`, `HF_TOKEN`,
 //! `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `MODELSCOPE_DOMAIN`…; this crate reads no environment) and
 //! maps [`StoreError::code`] onto control-protocol errors.
@@ -40,7 +47,7 @@ pub use error::StoreError;
 pub use http::RetryPolicy;
 pub use model_ref::{Hub, ModelRef, RepoRef, validate_repo_file_path, validate_repo_id, validate_revision};
 pub use ms::{DEFAULT_MODELSCOPE_ENDPOINT, modelscope_endpoint_from_domain};
-pub use select::FileFilter;
+pub use select::{FileFilter, is_metadata_file, is_weight_file};
 
 use crate::download::{FetchJob, blocking, hash_file};
 use crate::error::IoContext;
@@ -122,8 +129,56 @@ pub struct PulledModel {
     pub size_bytes: u64,
 }
 
+/// One file of a repository as the hub lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoFile {
+    /// Path inside the repository.
+    pub path: String,
+    /// Bytes, when the hub says.
+    pub size: Option<u64>,
+}
+
+/// What a checked pull knows before it fetches any weight file: see [`Store::pull_checked`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// `hf:org/name` or `ms:org/name`.
+    pub id: String,
+    /// The commit (or the revision name when ModelScope does not say).
+    pub revision: String,
+    /// The folder holding the selected metadata files (config.json, tokenizer files...): the
+    /// snapshot folder for Hugging Face. The weights will land here too.
+    pub dir: PathBuf,
+    /// Every file of the repository at that revision.
+    pub files: Vec<RepoFile>,
+    /// The selected files that are weights ([`is_weight_file`]): what the pull would fetch next.
+    pub weights: Vec<RepoFile>,
+}
+
+impl Manifest {
+    /// Bytes of the selected weight files; `None` when the hub did not give every size.
+    pub fn weight_bytes(&self) -> Option<u64> {
+        self.weights.iter().map(|f| f.size).sum()
+    }
+}
+
 type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
-type PullResult = Option<Result<PulledModel, StoreError>>;
+type PullResult = Option<Result<Fetched, StoreError>>;
+
+/// How much of the selection a pull fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Scope {
+    /// Only the selected metadata files; the snapshot stays marked incomplete.
+    Metadata,
+    /// Every selected file; the snapshot is marked complete at the end.
+    All,
+}
+
+/// What one run of [`run_pull`] produced.
+#[derive(Debug, Clone)]
+struct Fetched {
+    model: PulledModel,
+    manifest: Manifest,
+}
 
 /// Identifies pulls that can share one download.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -133,6 +188,7 @@ struct PullKey {
     revision: String,
     include: Vec<String>,
     exclude: Vec<String>,
+    scope: Scope,
 }
 
 /// A running pull, shared by every caller that joined it.
@@ -265,18 +321,55 @@ impl Store {
         progress: impl Fn(Progress) + Send + Sync + 'static,
     ) -> Result<PulledModel, StoreError> {
         let r = self.hub_ref(&params.source, params.revision.as_deref())?;
-        let filter = FileFilter::new(&params.include, &params.exclude)?;
         if self.inner.cfg.offline {
             return self.cached(&r).ok_or_else(|| StoreError::Offline { model: r.to_string() });
         }
+        Ok(self.shared_pull(r, params, Scope::All, Arc::new(progress)).await?.model)
+    }
+
+    /// A pull that stops for `check` before the weights: it fetches the selected metadata files
+    /// (into the cache, where the rest of the pull finds them), then calls `check` with the
+    /// [`Manifest`]; only if that returns `Ok` does it fetch the remaining files, as
+    /// [`Store::pull`] does. A refusal (by convention [`StoreError::Refused`]) is returned as
+    /// is; the snapshot then holds only metadata files and stays marked incomplete. The two
+    /// steps report progress under their own operation ids. Offline, only the cache is used
+    /// and `check` is not called.
+    pub async fn pull_checked(
+        &self,
+        params: &PullParams,
+        check: impl FnOnce(&Manifest) -> Result<(), StoreError> + Send,
+        progress: impl Fn(Progress) + Send + Sync + 'static,
+    ) -> Result<PulledModel, StoreError> {
+        let r = self.hub_ref(&params.source, params.revision.as_deref())?;
+        if self.inner.cfg.offline {
+            return self.cached(&r).ok_or_else(|| StoreError::Offline { model: r.to_string() });
+        }
+        let progress: ProgressFn = Arc::new(progress);
+        let manifest = self.shared_pull(r.clone(), params, Scope::Metadata, progress.clone()).await?.manifest;
+        if let Err(e) = check(&manifest) {
+            tracing::warn!(model = %r, error = %e, "refused before downloading the weights");
+            return Err(e);
+        }
+        Ok(self.shared_pull(r, params, Scope::All, progress).await?.model)
+    }
+
+    /// Runs (or joins) the pull of `r` with `params`' file selection.
+    async fn shared_pull(
+        &self,
+        r: RepoRef,
+        params: &PullParams,
+        scope: Scope,
+        progress: ProgressFn,
+    ) -> Result<Fetched, StoreError> {
+        let filter = FileFilter::new(&params.include, &params.exclude)?;
         let key = PullKey {
             hub: r.hub,
             repo: r.repo.clone(),
             revision: r.revision_or_default().to_string(),
             include: params.include.clone(),
             exclude: params.exclude.clone(),
+            scope,
         };
-        let progress: ProgressFn = Arc::new(progress);
         // The table lock is never held across an await (the future must stay `Send`).
         let (rx, op) = {
             let mut pulls = self.inner.pulls.lock();
@@ -307,7 +400,7 @@ impl Store {
                     let _guard = guard;
                     let shared = task_shared;
                     let tracker = Arc::new(Tracker::new(shared.operation.clone(), r.to_string()));
-                    let result = run_pull(&inner, &r, &filter, &tracker, &shared).await;
+                    let result = run_pull(&inner, &r, &filter, scope, &tracker, &shared).await;
                     if let Err(e) = &result {
                         tracing::warn!(model = %r, error = %e, "pull failed");
                     }
@@ -328,6 +421,18 @@ impl Store {
         revision: Option<&str>,
         progress: impl Fn(Progress) + Send + Sync + 'static,
     ) -> Result<PathBuf, StoreError> {
+        self.resolve_for_load_checked(source, revision, |_| Ok(()), progress).await
+    }
+
+    /// [`Store::resolve_for_load`], with `check` run as in [`Store::pull_checked`] when the
+    /// model has to be pulled (local folders and complete cached snapshots are not checked).
+    pub async fn resolve_for_load_checked(
+        &self,
+        source: &str,
+        revision: Option<&str>,
+        check: impl FnOnce(&Manifest) -> Result<(), StoreError> + Send,
+        progress: impl Fn(Progress) + Send + Sync + 'static,
+    ) -> Result<PathBuf, StoreError> {
         if let ModelRef::Local(p) = self.parse_ref(source)? {
             return if p.is_dir() {
                 Ok(p)
@@ -343,7 +448,7 @@ impl Store {
             return Err(StoreError::Offline { model: r.to_string() });
         }
         let params = PullParams { source: r.to_string(), revision: None, include: vec![], exclude: vec![] };
-        Ok(self.pull(&params, progress).await?.path)
+        Ok(self.pull_checked(&params, check, progress).await?.path)
     }
 
     /// A complete copy of the model in the cache, if there is one.
@@ -484,7 +589,7 @@ impl Store {
     }
 }
 
-async fn wait(mut rx: watch::Receiver<PullResult>, op: &str) -> Result<PulledModel, StoreError> {
+async fn wait(mut rx: watch::Receiver<PullResult>, op: &str) -> Result<Fetched, StoreError> {
     match rx.wait_for(Option::is_some).await.map(|v| v.clone()) {
         Ok(Some(r)) => r,
         _ => Err(StoreError::Cancelled(op.to_string())),
@@ -581,9 +686,10 @@ async fn run_pull(
     inner: &Arc<Inner>,
     r: &RepoRef,
     filter: &FileFilter,
+    scope: Scope,
     tracker: &Arc<Tracker>,
     shared: &Arc<PullShared>,
-) -> Result<PulledModel, StoreError> {
+) -> Result<Fetched, StoreError> {
     shared.emit(tracker.snapshot());
     let cfg = &inner.cfg;
     let revision = r.revision_or_default().to_string();
@@ -615,7 +721,16 @@ async fn run_pull(
             files.len()
         )));
     }
+    let listing: Vec<RepoFile> = files.iter().map(|f| RepoFile { path: f.path.clone(), size: f.size }).collect();
     let mut chosen: Vec<RemoteFile> = files.into_iter().filter(|f| selected.contains(&f.path)).collect();
+    let weights: Vec<RepoFile> = chosen
+        .iter()
+        .filter(|f| select::is_weight_file(&f.path))
+        .map(|f| RepoFile { path: f.path.clone(), size: f.size })
+        .collect();
+    if scope == Scope::Metadata {
+        chosen.retain(|f| select::is_metadata_file(&f.path));
+    }
 
     // 2. Plan: where each file goes and what is already there.
     let hf_dir = HfRepoDir::new(&cfg.hf_cache_dir, &r.repo);
@@ -675,7 +790,9 @@ async fn run_pull(
     check_disk_space(target, missing, free, cfg.disk_reserve_bytes)?;
 
     // 4. Mark the snapshot as in progress (unless it is already complete: adding files to a
-    // complete snapshot never makes its existing files partial).
+    // complete snapshot never makes its existing files partial). Before fetching only the
+    // metadata, always: a snapshot folder without a record and all of whose links resolve
+    // counts as complete (a huggingface-cli download), which metadata links alone would be.
     let record_path = match r.hub {
         Hub::HuggingFace => hf_dir.record_path(commit.as_deref().unwrap_or_default()),
         Hub::ModelScope => ms_dir.record_path(),
@@ -689,7 +806,15 @@ async fn run_pull(
     record.commit = commit.clone();
     let all_present = plan.iter().all(|p| p.present);
     let hf_complete = r.hub == Hub::HuggingFace && hf_dir.snapshot_complete(commit.as_deref().unwrap_or_default());
-    if !all_present && !hf_complete {
+    let already_complete = match r.hub {
+        Hub::HuggingFace => hf_complete,
+        Hub::ModelScope => all_present && ms_record.as_ref().is_some_and(|rec| rec.complete),
+    };
+    let mark_incomplete = match scope {
+        Scope::All => !all_present && !hf_complete,
+        Scope::Metadata => !already_complete,
+    };
+    if mark_incomplete {
         record.complete = false;
         let (path, rec) = (record_path.clone(), record.clone());
         blocking(move || write_record(&path, &rec)).await?;
@@ -711,10 +836,29 @@ async fn run_pull(
         }
     }
 
-    // 6. Record completion, then move the ref (so a ref never names an incomplete snapshot).
+    let path = match r.hub {
+        Hub::HuggingFace => hf_dir.snapshot(&commit_dir),
+        Hub::ModelScope => ms_dir.root.clone(),
+    };
+    let revision_done = commit.clone().unwrap_or_else(|| revision.clone());
+    let manifest = Manifest { id: r.id(), revision: revision_done.clone(), dir: path.clone(), files: listing, weights };
+    let model = PulledModel { id: r.id(), path, revision: revision_done, size_bytes: total };
     for p in &plan {
         record.files.insert(p.file.path.clone(), record_file(&p.file));
     }
+    if scope == Scope::Metadata {
+        // The files are recorded (ModelScope finds them by the record); the snapshot stays as
+        // marked in step 4 and no ref moves.
+        if mark_incomplete {
+            let (path, rec) = (record_path.clone(), record.clone());
+            blocking(move || write_record(&path, &rec)).await?;
+        }
+        tracker.set_phase("checking");
+        shared.emit(tracker.snapshot());
+        return Ok(Fetched { model, manifest });
+    }
+
+    // 6. Record completion, then move the ref (so a ref never names an incomplete snapshot).
     record.complete = true;
     let (path, rec) = (record_path.clone(), record.clone());
     blocking(move || write_record(&path, &rec)).await?;
@@ -726,11 +870,7 @@ async fn run_pull(
     }
     tracker.set_phase("complete");
     shared.emit(tracker.snapshot());
-    let path = match r.hub {
-        Hub::HuggingFace => hf_dir.snapshot(&commit_dir),
-        Hub::ModelScope => ms_dir.root.clone(),
-    };
-    Ok(PulledModel { id: r.id(), path, revision: commit.unwrap_or(revision), size_bytes: total })
+    Ok(Fetched { model, manifest })
 }
 
 fn size_matches(path: &Path, size: Option<u64>) -> bool {

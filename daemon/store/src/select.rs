@@ -6,6 +6,9 @@
 //! Repositories without safetensors get their `.bin`/`.pth`/`.pt` weights. `--include` replaces
 //! the default selection; `--exclude` is applied last. Globs follow `fnmatch` as
 //! huggingface_hub uses it: `*` also matches `/`.
+//!
+//! A checked pull fetches the selected [metadata](is_metadata_file) files first and the rest
+//! only once the caller's check has seen them.
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
@@ -25,6 +28,8 @@ const DEFAULT_NAMES: &[&str] =
 const DEFAULT_EXTENSIONS: &[&str] = &["json", "jinja", "tiktoken", "model", "txt"];
 /// Pickled or alternative weight formats skipped when safetensors exist.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "pth", "pt"];
+/// Extensions of weight files: safetensors, the pickles and GGUF.
+const WEIGHT_EXTENSIONS: &[&str] = &["safetensors", "bin", "pth", "pt", "gguf"];
 
 fn build(globs: &[String]) -> Result<Option<GlobSet>, StoreError> {
     if globs.is_empty() {
@@ -63,6 +68,17 @@ impl FileFilter {
             .filter(|p| self.exclude.as_ref().is_none_or(|set| !set.is_match(p)))
             .collect()
     }
+}
+
+/// Whether `path` is a weight file (`*.safetensors`, a PyTorch pickle or GGUF).
+pub fn is_weight_file(path: &str) -> bool {
+    WEIGHT_EXTENSIONS.contains(&extension(path))
+}
+
+/// Whether `path` is a small file that describes the model: configs, tokenizer files, chat
+/// templates (what the default selection takes besides weights, outside `original/`).
+pub fn is_metadata_file(path: &str) -> bool {
+    !is_weight_file(path) && default_selected(path, true)
 }
 
 fn default_selected(path: &str, has_safetensors: bool) -> bool {
@@ -148,6 +164,36 @@ mod tests {
         // `*` crosses `/` like fnmatch.
         let f = FileFilter::new(&["original/*".into()], &[]).unwrap();
         assert_eq!(f.select(REPO), vec!["original/params.json", "original/consolidated.00.pth"]);
+    }
+
+    #[test]
+    fn metadata_and_weights_are_told_apart() {
+        let meta: Vec<&str> = REPO.iter().copied().filter(|p| is_metadata_file(p)).collect();
+        assert_eq!(
+            meta,
+            [
+                "config.json",
+                "generation_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "tokenizer.model",
+                "merges.txt",
+                "chat_template.jinja",
+                "model.safetensors.index.json",
+            ]
+        );
+        let weights: Vec<&str> = REPO.iter().copied().filter(|p| is_weight_file(p)).collect();
+        assert_eq!(
+            weights,
+            [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "pytorch_model.bin",
+                "consolidated.pth",
+                "model.gguf",
+                "original/consolidated.00.pth",
+            ]
+        );
     }
 
     #[test]

@@ -469,3 +469,120 @@ async fn files_without_oids_are_identified_by_head() {
         PathBuf::from(format!("../../blobs/{}", repo.files[4].sha256()))
     );
 }
+
+/// Every file whose body the hub (or its CDN) was asked for.
+fn fetched_files(hub: &FakeHub) -> Vec<String> {
+    let mut v: Vec<String> = hub.log().into_iter().filter(|l| l.method == "GET").filter_map(|l| l.file).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn refuse(message: &str) -> StoreError {
+    StoreError::Refused { code: ErrorCode::InvalidArgument, message: message.into() }
+}
+
+#[tokio::test]
+async fn a_checked_pull_shows_the_metadata_first_and_a_refusal_fetches_no_weights() {
+    let hub = FakeHub::start().await;
+    let repo = tiny_repo(16);
+    hub.add_hf("org/tiny", repo.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path(), &hub);
+
+    let seen = Arc::new(Mutex::new(None));
+    let err = s
+        .pull_checked(
+            &params("hf:org/tiny"),
+            |m| {
+                *seen.lock() = Some(m.clone());
+                // The metadata is on disk when the check runs.
+                assert_eq!(std::fs::read_to_string(m.dir.join("config.json")).unwrap(), CONFIG);
+                Err(refuse("architectures[0] = Qwen2ForCausalLM is not wanted here"))
+            },
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    assert!(err.to_string().contains("architectures[0] = Qwen2ForCausalLM"), "{err}");
+
+    let m = seen.lock().clone().expect("the check was not called");
+    assert_eq!(m.id, "hf:org/tiny");
+    assert_eq!(m.revision, repo.commit);
+    assert_eq!(m.dir, dir.path().join("models--org--tiny/snapshots").join(&repo.commit));
+    assert_eq!(m.files.len(), repo.files.len());
+    assert_eq!(m.weights, [llmd_store::RepoFile { path: "model.safetensors".into(), size: Some(2 << 20) }]);
+    assert_eq!(m.weight_bytes(), Some(2 << 20));
+    // Only the metadata was asked for; no weight file, not even partly, is on disk.
+    assert_eq!(fetched_files(&hub), ["config.json", "tokenizer.json", "tokenizer_config.json"]);
+    let mut on_disk: Vec<String> =
+        std::fs::read_dir(&m.dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    on_disk.sort();
+    assert_eq!(on_disk, ["config.json", "tokenizer.json", "tokenizer_config.json"]);
+    let blobs = dir.path().join("models--org--tiny/blobs");
+    let blob_bytes: u64 = std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(blob_bytes < 1024, "{blob_bytes} bytes of blobs");
+    // The partial snapshot is neither listed nor taken for a load, and no ref names it.
+    assert!(s.list().unwrap().is_empty());
+    assert!(!dir.path().join("models--org--tiny/refs/main").exists());
+
+    // Accepted: the weights follow, the metadata is not fetched again.
+    hub.clear_log();
+    let path = s.resolve_for_load_checked("hf:org/tiny", None, |_| Ok(()), |_| {}).await.unwrap();
+    assert_eq!(path, m.dir);
+    assert_eq!(fetched_files(&hub), ["model.safetensors"]);
+    assert_eq!(s.list().unwrap().len(), 1);
+    // Complete in the cache: a load takes it without asking the hub or the check.
+    hub.clear_log();
+    let again = s
+        .resolve_for_load_checked("hf:org/tiny", None, |_| Err(refuse("must not be called for a cached model")), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(again, path);
+    assert!(hub.log().is_empty(), "{:?}", hub.log());
+}
+
+/// A new commit whose metadata blobs are already in the cache (only the weights changed) is
+/// still marked incomplete when the check refuses it: its snapshot holds nothing but links
+/// that resolve, which without a record would read as a complete huggingface-cli download.
+#[tokio::test]
+async fn a_refused_commit_that_shares_metadata_blobs_stays_unlisted() {
+    let hub = FakeHub::start().await;
+    let old = tiny_repo(17);
+    hub.add_hf("org/tiny", old.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path(), &hub);
+    s.pull(&params("hf:org/tiny"), |_| {}).await.unwrap();
+    let mut new = tiny_repo(18);
+    new.files[4] = FakeFile::mem("model.safetensors", pseudo_random(1 << 20, 99), true);
+    hub.add_hf("org/tiny", new.clone());
+    hub.clear_log();
+    let err = s.pull_checked(&params("hf:org/tiny"), |_| Err(refuse("no")), |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    assert!(fetched_files(&hub).is_empty(), "{:?}", fetched_files(&hub));
+    assert!(dir.path().join("models--org--tiny/snapshots").join(&new.commit).join("config.json").exists());
+    let listed: Vec<_> = s.list().unwrap().into_iter().map(|m| m.path).collect();
+    assert_eq!(listed, [dir.path().join("models--org--tiny/snapshots").join(&old.commit).display().to_string()]);
+}
+
+#[tokio::test]
+async fn a_checked_modelscope_pull_keeps_a_refused_folder_unlisted() {
+    let hub = FakeHub::start().await;
+    hub.add_ms("qwen/Tiny", tiny_repo(19));
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path(), &hub);
+    let err = s.pull_checked(&params("ms:qwen/Tiny"), |_| Err(refuse("no")), |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    let folder = dir.path().join("models/qwen/Tiny");
+    assert!(folder.join("config.json").is_file());
+    assert!(!folder.join("model.safetensors").exists());
+    assert_eq!(fetched_files(&hub), ["config.json", "tokenizer.json", "tokenizer_config.json"]);
+    // config.json alone would make a record-less folder look complete; the record says not.
+    assert!(s.list().unwrap().is_empty());
+    hub.clear_log();
+    let m = s.pull_checked(&params("ms:qwen/Tiny"), |_| Ok(()), |_| {}).await.unwrap();
+    assert_eq!(m.path, folder);
+    assert_eq!(fetched_files(&hub), ["model.safetensors"]);
+    assert_eq!(s.list().unwrap().len(), 1);
+}
