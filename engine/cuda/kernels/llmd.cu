@@ -415,6 +415,15 @@ extern "C" __global__ void silu_mul_bf16(bf16* __restrict__ out, const bf16* __r
   out[t * inter + i] = __float2bfloat16(s * u);
 }
 
+// y[t, i] += b[i] (o_proj and MLP biases), y = [n_tokens, n], rounded once to bf16 as
+// transformers' bias add after the bf16 matmul.  grid = (ceil(n / 256), n_tokens), block = 256.
+extern "C" __global__ void add_bias_bf16(bf16* __restrict__ y, const bf16* __restrict__ b, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const size_t t = blockIdx.y;
+  y[t * n + i] = __float2bfloat16(__bfloat162float(y[t * n + i]) + __bfloat162float(b[i]));
+}
+
 // Gathers rows: out[r, :] = x[rows[r], :].  grid = n_rows, block = 256.
 extern "C" __global__ void gather_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ x,
                                             const int32_t* __restrict__ rows, int width) {

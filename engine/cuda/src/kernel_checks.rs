@@ -978,7 +978,7 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
         tensors.push(named(format!("experts.{ei}.down_proj.weight"), &[h, i], down));
     }
     let (sparse, router_cpu) =
-        cpu_module(&tensors, |w| Ok((SparseMoe::new(&cfg, &moe_cfg, w)?, Linear::new(&w.pp("gate"), h, e, false)?)))?;
+        cpu_module(&tensors, |w| Ok((SparseMoe::new(cfg.hidden_size, &moe_cfg, w)?, Linear::new(&w.pp("gate"), h, e, false)?)))?;
     let xf = widen(&x);
     let want = sparse.forward(&xf, t)?;
     let logits = router_cpu.forward(&xf, t)?;

@@ -51,6 +51,7 @@ pub struct Kernels {
     attention: HashMap<(usize, usize), CudaFunction>,
     attention_merge: CudaFunction,
     silu_mul: CudaFunction,
+    add_bias: CudaFunction,
     gather_rows: CudaFunction,
     pick: CudaFunction,
     f32_to_bf16: CudaFunction,
@@ -90,6 +91,7 @@ impl Kernels {
             attention,
             attention_merge: f("attention_merge_bf16")?,
             silu_mul: f("silu_mul_bf16")?,
+            add_bias: f("add_bias_bf16")?,
             gather_rows: f("gather_rows_bf16")?,
             pick: f("pick_tokens_f32")?,
             f32_to_bf16: f("f32_to_bf16")?,
@@ -401,6 +403,15 @@ impl Gpu {
             &gate_up.ptr,
             &inter
         )
+    }
+
+    /// y[T, N] += bias[N] on every row. bf16.
+    pub fn add_bias(&self, y: &TensorRef, bias: &TensorRef) -> Result<(), CudaError> {
+        let (t, n) = (y.shape[0], y.shape[1]);
+        check(y, "y", DType::BF16, &[t, n])?;
+        check(bias, "bias", DType::BF16, &[n])?;
+        let width = i32_of(n, "bias width")?;
+        launch!(self, &self.kernels.add_bias, cfg((n.div_ceil(256) as u32, t as u32, 1), 256), &y.ptr, &bias.ptr, &width)
     }
 
     /// out[R, W] = x[rows[R], :]. bf16; rows: i32 [R].

@@ -22,5 +22,5 @@ pub mod tp;
 pub use device::{Gpu, device_count, driver_present};
 pub use error::CudaError;
 pub use runner::{
-    CudaLoadConfig, CudaRunner, SUPPORTED_ARCHITECTURES, Shard, load_cuda, load_cuda_runner, supports_architecture,
+    CudaLoadConfig, CudaRunner, Shard, check_model, load_cuda, load_cuda_runner,
 };

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaModule, PushKernelArg};
 use llmd_models::config::MoeConfig;
-use llmd_models::loader::Checkpoint;
+use llmd_models::spec::{ExpertWeights, RoutedMoeSpec, WeightSpec};
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
@@ -87,42 +87,27 @@ pub(crate) struct ExpertSources {
     pub down: Vec<TensorRows>,
 }
 
-/// The checkpoint tensors of `experts` in layer `prefix` (`model.layers.{i}`), in the layouts
-/// the CPU loader reads: one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`,
-/// hub layout) or transformers 5's fused `mlp.experts.gate_up_proj` [E, 2I, H] and
-/// `mlp.experts.down_proj` [E, H, I] (only when the hub layout is absent, as on the CPU).
-pub(crate) fn expert_sources(
-    ckpt: &Checkpoint,
-    prefix: &str,
-    moe: &MoeConfig,
-    hidden: usize,
-    experts: Range<usize>,
-) -> ExpertSources {
-    let (e, i, h) = (moe.num_experts, moe.moe_intermediate_size, hidden);
-    let ew = format!("{prefix}.mlp.experts");
-    let fused = ckpt.contains(&format!("{ew}.gate_up_proj")) && !ckpt.contains(&format!("{ew}.0.gate_proj.weight"));
-    if fused {
-        return ExpertSources {
-            gate_up: vec![TensorRows {
-                name: format!("{ew}.gate_up_proj"),
-                shape: vec![e, 2 * i, h],
-                rows: experts.start * 2 * i..experts.end * 2 * i,
-            }],
-            down: vec![TensorRows {
-                name: format!("{ew}.down_proj"),
-                shape: vec![e, h, i],
-                rows: experts.start * h..experts.end * h,
-            }],
-        };
-    }
-    let whole = |x: usize, proj: &str, shape: [usize; 2]| TensorRows {
-        name: format!("{ew}.{x}.{proj}_proj.weight"),
-        shape: shape.to_vec(),
-        rows: 0..shape[0],
-    };
-    ExpertSources {
-        gate_up: experts.clone().flat_map(|x| [whole(x, "gate", [i, h]), whole(x, "up", [i, h])]).collect(),
-        down: experts.map(|x| whole(x, "down", [h, i])).collect(),
+/// The checkpoint tensors of `experts` of the routed block `r`, in stacking order, from
+/// whichever expert layout the spec resolved: one tensor per expert and projection (hub
+/// layout), or rows of transformers 5's fused `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I].
+pub(crate) fn expert_sources(r: &RoutedMoeSpec, hidden: usize, experts: Range<usize>) -> ExpertSources {
+    let (i, h) = (r.intermediate, hidden);
+    let rows = |w: &WeightSpec, rows: Range<usize>| TensorRows { name: w.name.clone(), shape: w.shape.clone(), rows };
+    match &r.experts {
+        ExpertWeights::Fused { gate_up, down } => ExpertSources {
+            gate_up: vec![rows(gate_up, experts.start * 2 * i..experts.end * 2 * i)],
+            down: vec![rows(down, experts.start * h..experts.end * h)],
+        },
+        ExpertWeights::PerExpert(e) => {
+            let whole = |w: &WeightSpec| rows(w, 0..w.shape[0]);
+            ExpertSources {
+                gate_up: experts
+                    .clone()
+                    .flat_map(|x| [whole(&e[x].gate_proj.weight), whole(&e[x].up_proj.weight)])
+                    .collect(),
+                down: experts.map(|x| whole(&e[x].down_proj.weight)).collect(),
+            }
+        }
     }
 }
 
@@ -335,6 +320,8 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmd_models::loader::Checkpoint;
+    use llmd_models::spec::routed_moe;
 
     fn moe(num_experts: usize) -> MoeConfig {
         MoeConfig {
@@ -379,14 +366,14 @@ mod tests {
     #[test]
     fn hub_layout_reads_one_tensor_per_expert() {
         let (e, i, h) = (4, 32, 64);
-        let mut tensors = Vec::new();
+        let mut tensors = vec![("model.layers.0.mlp.gate.weight".to_string(), vec![e, h])];
         for x in 0..e {
             for (proj, shape) in [("gate", vec![i, h]), ("up", vec![i, h]), ("down", vec![h, i])] {
                 tensors.push((format!("model.layers.0.mlp.experts.{x}.{proj}_proj.weight"), shape));
             }
         }
         let (dir, ckpt) = checkpoint("hub", &tensors);
-        let src = expert_sources(&ckpt, "model.layers.0", &moe(e), h, 2..4);
+        let src = expert_sources(&routed_moe(&ckpt, "model.layers.0.mlp", h, &moe(e)).unwrap(), h, 2..4);
         let names: Vec<&str> = src.gate_up.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             names,
@@ -410,9 +397,10 @@ mod tests {
         let tensors = vec![
             ("model.layers.1.mlp.experts.gate_up_proj".to_string(), vec![e, 2 * i, h]),
             ("model.layers.1.mlp.experts.down_proj".to_string(), vec![e, h, i]),
+            ("model.layers.1.mlp.gate.weight".to_string(), vec![e, h]),
         ];
         let (dir, ckpt) = checkpoint("fused", &tensors);
-        let src = expert_sources(&ckpt, "model.layers.1", &moe(e), h, 2..4);
+        let src = expert_sources(&routed_moe(&ckpt, "model.layers.1.mlp", h, &moe(e)).unwrap(), h, 2..4);
         assert_eq!(
             src.gate_up,
             [TensorRows { name: tensors[0].0.clone(), shape: vec![e, 2 * i, h], rows: 4 * i..8 * i }]

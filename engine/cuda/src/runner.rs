@@ -15,6 +15,7 @@ use llmd_models::loader::Checkpoint;
 use llmd_models::models::layers::Rope;
 use llmd_models::pick::TokenPick;
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, Launched, ModelRunner, RowOutput, RowRequest, StepLogits};
+use llmd_models::spec::{DecoderSpec, MlpSpec, RouterScoring, SpecFeature, WeightSpec, WeightStorage};
 use safetensors::Dtype;
 
 use crate::allreduce::{PeerAllReduce, PeerBuffers, Site};
@@ -46,22 +47,33 @@ struct Layer {
     q_norm: Option<DeviceTensor>,
     k_norm: Option<DeviceTensor>,
     o: DeviceTensor,
+    /// o_proj bias, on rank 0 only (added before the cross-rank sum).
+    o_bias: Option<DeviceTensor>,
     post_norm: DeviceTensor,
     mlp: Mlp,
     k_cache: DeviceTensor,
     v_cache: DeviceTensor,
 }
 
-/// A layer's MLP: dense (gate/up fused), or routed experts (sparse layers of Qwen3-MoE).
+/// A layer's MLP: dense (gate/up fused, with optional biases: `gate_up_bias` is this rank's
+/// gate|up slice, `down_bias` is on rank 0 only), or routed experts (sparse layers of Qwen3-MoE).
 enum Mlp {
-    Dense { gate_up: DeviceTensor, down: DeviceTensor },
+    Dense {
+        gate_up: DeviceTensor,
+        down: DeviceTensor,
+        gate_up_bias: Option<DeviceTensor>,
+        down_bias: Option<DeviceTensor>,
+    },
     Sparse(crate::moe::MoeLayer),
 }
 
 impl Mlp {
     fn bytes(&self) -> usize {
+        let opt = |t: &Option<DeviceTensor>| t.as_ref().map_or(0, DeviceTensor::bytes);
         match self {
-            Mlp::Dense { gate_up, down } => gate_up.bytes() + down.bytes(),
+            Mlp::Dense { gate_up, down, gate_up_bias, down_bias } => {
+                gate_up.bytes() + down.bytes() + opt(gate_up_bias) + opt(down_bias)
+            }
             Mlp::Sparse(moe) => moe.bytes(),
         }
     }
@@ -302,8 +314,28 @@ fn load_parts(gpu: &Gpu, ckpt: &Checkpoint, parts: &[Part], out_shape: &[usize])
     Ok(out)
 }
 
-fn load_one(gpu: &Gpu, ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<DeviceTensor, CudaError> {
-    load_parts(gpu, ckpt, &[Part::whole(name, shape)], shape)
+/// The rectangle of `w` this rank loads. Every [`WeightStorage`] kind the spec can state is
+/// matched here, so a new storage kind is a compile error until the loader handles it.
+fn part(w: &WeightSpec, rows: Option<std::ops::Range<usize>>, cols: Option<std::ops::Range<usize>>) -> Part {
+    match w.storage {
+        WeightStorage::Float(_) => match (rows, cols) {
+            (Some(r), _) => Part::rows(w.name.clone(), &w.shape, r),
+            (None, Some(c)) => Part::cols(w.name.clone(), &w.shape, c),
+            (None, None) => Part::whole(w.name.clone(), &w.shape),
+        },
+    }
+}
+
+fn part_whole(w: &WeightSpec) -> Part {
+    part(w, None, None)
+}
+
+fn part_rows(w: &WeightSpec, rows: std::ops::Range<usize>) -> Part {
+    part(w, Some(rows), None)
+}
+
+fn part_cols(w: &WeightSpec, cols: std::ops::Range<usize>) -> Part {
+    part(w, None, Some(cols))
 }
 
 /// Which slice of the model one GPU holds (Megatron-style): heads, MLP columns and vocabulary
@@ -350,13 +382,20 @@ fn shard_dims(cfg: &ModelConfig, shard: Shard) -> Result<ShardDims, CudaError> {
     Ok(ShardDims { heads: hq / tp, kv_heads, kv_head0, inter: inter / tp, vocab: vocab / tp })
 }
 
-/// Architectures the CUDA backend serves (dense decoders and Qwen3-MoE).
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"];
+/// How this backend names itself in refusals.
+const BACKEND: &str = "the CUDA backend";
 
-/// Whether [`load_cuda`] serves HF `architectures[0]` = `arch`.
-pub fn supports_architecture(arch: &str) -> bool {
-    SUPPORTED_ARCHITECTURES.contains(&arch)
+/// Spec features this backend does not serve; every other feature a [`DecoderSpec`] states is
+/// loaded and applied.
+const UNSUPPORTED: &[SpecFeature] = &[SpecFeature::SharedExperts];
+
+/// Checks, from `config.json` and the checkpoint index alone (no GPU), that this backend
+/// serves the model in `dir`: the architecture is in the registry, every tensor the spec
+/// names exists in a supported storage, and no feature in [`UNSUPPORTED`] is used.
+pub fn check_model(dir: &Path) -> Result<(), ModelError> {
+    let cfg = ModelConfig::from_dir(dir)?;
+    let ckpt = Checkpoint::open_dir(dir)?;
+    DecoderSpec::new(&cfg, &ckpt)?.refuse_unsupported(BACKEND, UNSUPPORTED)
 }
 
 /// Loads an HF dense decoder onto the GPUs in `opts.gpus` (one: plain; several: tensor
@@ -368,14 +407,8 @@ pub fn load_cuda(
 ) -> Result<LoadedModel, ModelError> {
     let cfg = ModelConfig::from_dir(dir)?;
     let generation = GenerationConfig::from_dir(dir)?;
-    if !supports_architecture(&cfg.architecture) {
-        return Err(CudaError::Unsupported(format!(
-            "{} (the CUDA backend serves {})",
-            cfg.architecture,
-            SUPPORTED_ARCHITECTURES.join(", ")
-        ))
-        .into());
-    }
+    // Refuse before any GPU work; every rank builds the same spec again from its own mapping.
+    check_model(dir)?;
     let gpus = if opts.gpus.is_empty() { vec![0] } else { opts.gpus.clone() };
     let (runner, weight_bytes, num_params): (Box<dyn ModelRunner>, u64, u64) = if gpus.len() == 1 {
         let r = load_single(dir, &cfg, opts, gpus[0], progress)?;
@@ -441,8 +474,7 @@ pub(crate) fn load_rank(
         }
         None => None,
     };
-    let (h, d, hq, hkv, inter) =
-        (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
+    let (h, d, hq, hkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
     if hq % hkv != 0 {
         return Err(CudaError::Unsupported(format!("{hq} heads with {hkv} KV heads")));
     }
@@ -456,21 +488,17 @@ pub(crate) fn load_rank(
         )));
     }
     let ckpt = Checkpoint::open_dir(dir)?;
-    let total = cfg.num_hidden_layers + 3;
+    let spec = DecoderSpec::new(cfg, &ckpt)?;
+    spec.refuse_unsupported(BACKEND, UNSUPPORTED)?;
+    let total = spec.layers.len() + 3;
     let mut done = 0;
     let (v0, vl) = (shard.rank * dims.vocab, dims.vocab);
-    let embed = load_parts(
-        &gpu,
-        &ckpt,
-        &[Part::rows("model.embed_tokens.weight", &[cfg.vocab_size, h], v0..v0 + vl)],
-        &[vl, h],
-    )?;
-    let lm_head = if ckpt.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-        Some(load_parts(&gpu, &ckpt, &[Part::rows("lm_head.weight", &[cfg.vocab_size, h], v0..v0 + vl)], &[vl, h])?)
-    } else {
-        None
+    let embed = load_parts(&gpu, &ckpt, &[part_rows(&spec.embed_tokens, v0..v0 + vl)], &[vl, h])?;
+    let lm_head = match &spec.lm_head {
+        Some(w) => Some(load_parts(&gpu, &ckpt, &[part_rows(w, v0..v0 + vl)], &[vl, h])?),
+        None => None,
     };
-    let final_norm = load_one(&gpu, &ckpt, "model.norm.weight", &[h])?;
+    let final_norm = load_parts(&gpu, &ckpt, &[part_whole(&spec.final_norm)], &[h])?;
     done += 3;
     progress(done, total);
     let max_tokens = opts.max_num_batched_tokens.max(1);
@@ -483,78 +511,94 @@ pub(crate) fn load_rank(
     let q_rows = shard.rank * hq_l * d..(shard.rank + 1) * hq_l * d;
     let kv_rows = dims.kv_head0 * d..(dims.kv_head0 + hkv_l) * d;
     let inter_rows = shard.rank * inter_l..(shard.rank + 1) * inter_l;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let proj = |n: &str| format!("{p}.self_attn.{n}_proj.weight");
-        let qkv_parts = [
-            Part::rows(proj("q"), &[hq * d, h], q_rows.clone()),
-            Part::rows(proj("k"), &[hkv * d, h], kv_rows.clone()),
-            Part::rows(proj("v"), &[hkv * d, h], kv_rows.clone()),
-        ];
+    // Row-parallel outputs (o_proj, down_proj) are summed across ranks: their bias is added once,
+    // by rank 0, before the sum.
+    let row_parallel_bias = |b: &Option<WeightSpec>, n: usize| -> Result<Option<DeviceTensor>, CudaError> {
+        match b {
+            Some(b) if shard.rank == 0 => Ok(Some(load_parts(&gpu, &ckpt, &[part_whole(b)], &[n])?)),
+            _ => Ok(None),
+        }
+    };
+    let mut layers = Vec::with_capacity(spec.layers.len());
+    for l in &spec.layers {
+        let a = &l.attention;
         let qkv_width = (hq_l + 2 * hkv_l) * d;
-        let qkv = load_parts(&gpu, &ckpt, &qkv_parts, &[qkv_width, h])?;
-        let qkv_bias = if ckpt.contains(&format!("{p}.self_attn.q_proj.bias")) {
-            let b = |n: &str| format!("{p}.self_attn.{n}_proj.bias");
-            let parts = [
-                Part::rows(b("q"), &[hq * d], q_rows.clone()),
-                Part::rows(b("k"), &[hkv * d], kv_rows.clone()),
-                Part::rows(b("v"), &[hkv * d], kv_rows.clone()),
-            ];
-            Some(load_parts(&gpu, &ckpt, &parts, &[qkv_width])?)
-        } else {
-            None
+        let qkv = load_parts(
+            &gpu,
+            &ckpt,
+            &[
+                part_rows(&a.q_proj.weight, q_rows.clone()),
+                part_rows(&a.k_proj.weight, kv_rows.clone()),
+                part_rows(&a.v_proj.weight, kv_rows.clone()),
+            ],
+            &[qkv_width, h],
+        )?;
+        let qkv_bias = match (&a.q_proj.bias, &a.k_proj.bias, &a.v_proj.bias) {
+            (Some(q), Some(k), Some(v)) => Some(load_parts(
+                &gpu,
+                &ckpt,
+                &[part_rows(q, q_rows.clone()), part_rows(k, kv_rows.clone()), part_rows(v, kv_rows.clone())],
+                &[qkv_width],
+            )?),
+            (None, None, None) => None,
+            _ => return Err(CudaError::Unsupported(format!("{}: a bias on only some of q/k/v", a.q_proj.weight.name))),
         };
-        let norm = |n: &str| -> Result<Option<DeviceTensor>, CudaError> {
-            let name = format!("{p}.self_attn.{n}.weight");
-            if ckpt.contains(&name) { Ok(Some(load_one(&gpu, &ckpt, &name, &[d])?)) } else { Ok(None) }
+        let norm = |w: &Option<WeightSpec>| -> Result<Option<DeviceTensor>, CudaError> {
+            w.as_ref().map(|w| load_parts(&gpu, &ckpt, &[part_whole(w)], &[d])).transpose()
         };
-        let (q_norm, k_norm) = (norm("q_norm")?, norm("k_norm")?);
-        let mlp = match cfg.moe.as_ref().filter(|m| m.is_sparse_layer(i)) {
-            Some(moe) => {
-                let (el, mi) = (experts.len(), moe.moe_intermediate_size);
-                let src = crate::moe::expert_sources(&ckpt, &p, moe, h, experts.clone());
+        let mlp = match &l.mlp {
+            MlpSpec::Routed(r) => {
+                let el = experts.len();
+                let mi = r.intermediate;
+                let src = crate::moe::expert_sources(r, h, experts.clone());
                 let parts = |v: Vec<crate::moe::TensorRows>| -> Vec<Part> {
                     v.into_iter().map(|s| Part::rows(s.name, &s.shape, s.rows)).collect()
                 };
+                let RouterScoring::Softmax { renormalize } = r.scoring;
                 Mlp::Sparse(crate::moe::MoeLayer {
-                    router: load_one(&gpu, &ckpt, &format!("{p}.mlp.gate.weight"), &[moe.num_experts, h])?,
+                    router: load_parts(&gpu, &ckpt, &[part_whole(&r.router)], &[r.num_experts, h])?,
                     gate_up: load_parts(&gpu, &ckpt, &parts(src.gate_up), &[el, 2 * mi, h])?,
                     down: load_parts(&gpu, &ckpt, &parts(src.down), &[el, h, mi])?,
                     expert0: experts.start,
-                    top_k: moe.num_experts_per_tok,
-                    renormalize: moe.norm_topk_prob,
+                    top_k: r.top_k,
+                    renormalize,
                 })
             }
-            None => {
-                let mlp = |n: &str| format!("{p}.mlp.{n}_proj.weight");
-                Mlp::Dense {
-                    gate_up: load_parts(
+            MlpSpec::Dense(m) => Mlp::Dense {
+                gate_up: load_parts(
+                    &gpu,
+                    &ckpt,
+                    &[part_rows(&m.gate_proj.weight, inter_rows.clone()), part_rows(&m.up_proj.weight, inter_rows.clone())],
+                    &[2 * inter_l, h],
+                )?,
+                down: load_parts(&gpu, &ckpt, &[part_cols(&m.down_proj.weight, inter_rows.clone())], &[h, inter_l])?,
+                gate_up_bias: match (&m.gate_proj.bias, &m.up_proj.bias) {
+                    (Some(g), Some(u)) => Some(load_parts(
                         &gpu,
                         &ckpt,
-                        &[
-                            Part::rows(mlp("gate"), &[inter, h], inter_rows.clone()),
-                            Part::rows(mlp("up"), &[inter, h], inter_rows.clone()),
-                        ],
-                        &[2 * inter_l, h],
-                    )?,
-                    down: load_parts(
-                        &gpu,
-                        &ckpt,
-                        &[Part::cols(mlp("down"), &[h, inter], inter_rows.clone())],
-                        &[h, inter_l],
-                    )?,
-                }
-            }
+                        &[part_rows(g, inter_rows.clone()), part_rows(u, inter_rows.clone())],
+                        &[2 * inter_l],
+                    )?),
+                    (None, None) => None,
+                    _ => {
+                        return Err(CudaError::Unsupported(format!(
+                            "{}: a bias on only one of gate/up",
+                            m.gate_proj.weight.name
+                        )));
+                    }
+                },
+                down_bias: row_parallel_bias(&m.down_proj.bias, h)?,
+            },
         };
         let layer = Layer {
-            input_norm: load_one(&gpu, &ckpt, &format!("{p}.input_layernorm.weight"), &[h])?,
+            input_norm: load_parts(&gpu, &ckpt, &[part_whole(&l.input_norm)], &[h])?,
             qkv,
             qkv_bias,
-            q_norm,
-            k_norm,
-            o: load_parts(&gpu, &ckpt, &[Part::cols(proj("o"), &[h, hq * d], q_rows.clone())], &[h, hq_l * d])?,
-            post_norm: load_one(&gpu, &ckpt, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            q_norm: norm(&a.q_norm)?,
+            k_norm: norm(&a.k_norm)?,
+            o: load_parts(&gpu, &ckpt, &[part_cols(&a.o_proj.weight, q_rows.clone())], &[h, hq_l * d])?,
+            o_bias: row_parallel_bias(&a.o_proj.bias, h)?,
+            post_norm: load_parts(&gpu, &ckpt, &[part_whole(&l.post_attention_norm)], &[h])?,
             mlp,
             k_cache: DeviceTensor::zeros(&gpu, &[1], DType::BF16)?,
             v_cache: DeviceTensor::zeros(&gpu, &[1], DType::BF16)?,
@@ -707,7 +751,7 @@ impl CudaRunner {
         let mut b = self.embed.bytes() + self.final_norm.bytes() + opt(&self.lm_head);
         for l in &self.layers {
             b += l.input_norm.bytes() + l.qkv.bytes() + l.o.bytes() + l.post_norm.bytes() + l.mlp.bytes();
-            b += opt(&l.qkv_bias) + opt(&l.q_norm) + opt(&l.k_norm);
+            b += opt(&l.qkv_bias) + opt(&l.q_norm) + opt(&l.k_norm) + opt(&l.o_bias);
         }
         b as u64
     }
@@ -909,20 +953,29 @@ impl CudaRunner {
             }
             self.mark("attention")?;
             gpu.linear(&x_attn, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
+            if let Some(b) = &layer.o_bias {
+                gpu.add_bias(&x_attn, &b.r())?;
+            }
             self.mark("o_proj")?;
             reduce_norm(Site::Attention, &x_attn, &layer.post_norm.r(), "post_norm")?;
             match &layer.mlp {
-                Mlp::Dense { gate_up: w_gate_up, down } => {
+                Mlp::Dense { gate_up: w_gate_up, down, gate_up_bias, down_bias } => {
                     let (gate_up, act) = a
                         .dense_mlp
                         .as_ref()
                         .map(|(g, x)| (g.rows(0, t), x.rows(0, t)))
                         .ok_or_else(|| CudaError::Shape("dense layer without MLP buffers".into()))?;
                     gpu.linear(&gate_up, &normed, &w_gate_up.r())?;
+                    if let Some(b) = gate_up_bias {
+                        gpu.add_bias(&gate_up, &b.r())?;
+                    }
                     self.mark("gate_up_proj")?;
                     gpu.silu_mul(&act, &gate_up)?;
                     self.mark("silu_mul")?;
                     gpu.linear(&x_mlp, &act, &down.r())?;
+                    if let Some(b) = down_bias {
+                        gpu.add_bias(&x_mlp, &b.r())?;
+                    }
                     self.mark("down_proj")?;
                 }
                 Mlp::Sparse(moe) => {

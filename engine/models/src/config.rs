@@ -9,7 +9,7 @@
 //! served here use full attention in their released checkpoints (Qwen2/3 set
 //! `use_sliding_window: false`, Mistral v0.2+ sets `sliding_window: null`), and no backend
 //! applies a window, so a checkpoint that enables one is served only with contexts that fit
-//! inside it (`spec::DecoderSpec::check_context`), where full attention is the same math.
+//! inside it ([`ModelConfig::context_limit`]), where full attention is the same math.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -302,6 +302,25 @@ impl ModelConfig {
         })
     }
 
+    /// The context length to serve: `requested` (`max_model_len`) capped at
+    /// `max_position_embeddings`, or that limit when `requested` is None. An active sliding
+    /// window caps the default too, and a `requested` length beyond it is refused: no backend
+    /// applies the window, and full attention is the same math only while a sequence fits in it.
+    pub fn context_limit(&self, requested: Option<usize>) -> Result<usize, ModelError> {
+        let model_limit = self.max_position_embeddings;
+        match (self.sliding_window_active(), requested) {
+            (Some(w), Some(m)) if m > w => Err(cfg_err(
+                "load options",
+                format!(
+                    "`max_model_len` = {m} exceeds the model's `sliding_window` = {w}: llmd does not apply sliding-window attention, so contexts are limited to the window; set max_model_len <= {w}"
+                ),
+            )),
+            (Some(w), None) => Ok(w.min(model_limit)),
+            (_, Some(m)) => Ok(m.min(model_limit)),
+            (None, None) => Ok(model_limit),
+        }
+    }
+
     /// Query heads per KV head (1 for MHA, `num_attention_heads` for MQA).
     pub fn gqa_group(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
@@ -553,6 +572,24 @@ mod tests {
         let j = HUB_LLAMA.replace("\"rope_scaling\"", "\"unused\"");
         let c = ModelConfig::from_json_str(&j, "config.json").unwrap();
         assert_eq!(c.rope.scaling, RopeScaling::Default);
+    }
+
+    #[test]
+    fn sliding_window_caps_the_context() {
+        let mistral = HUB_LLAMA
+            .replace("\"LlamaForCausalLM\"", "\"MistralForCausalLM\"")
+            .replace("\"torch_dtype\"", "\"max_position_embeddings\": 32768, \"sliding_window\": 4096, \"torch_dtype\"");
+        let c = ModelConfig::from_json_str(&mistral, "config.json").unwrap();
+        assert_eq!(c.sliding_window_active(), Some(4096));
+        assert_eq!(c.context_limit(None).unwrap(), 4096);
+        assert_eq!(c.context_limit(Some(2048)).unwrap(), 2048);
+        let e = c.context_limit(Some(8192)).unwrap_err().to_string();
+        assert!(e.contains("max_model_len") && e.contains("8192") && e.contains("sliding_window") && e.contains("4096"), "{e}");
+        // Qwen's window applies only with use_sliding_window.
+        let qwen = mistral.replace("\"MistralForCausalLM\"", "\"Qwen2ForCausalLM\"").replace("{", "{\"model_type\": \"qwen2\",");
+        let c = ModelConfig::from_json_str(&qwen, "config.json").unwrap();
+        assert_eq!(c.sliding_window_active(), None);
+        assert_eq!(c.context_limit(Some(100_000)).unwrap(), 32768);
     }
 
     #[test]

@@ -246,7 +246,7 @@ pub struct DecoderSpec {
     pub lm_head: Option<WeightSpec>,
     /// The window of sliding-window attention when the checkpoint enables it and it is shorter
     /// than `max_position_embeddings`. Neither backend applies a window, so contexts are
-    /// capped at it (see [`DecoderSpec::check_context`]).
+    /// capped at it (see [`ModelConfig::context_limit`]).
     pub sliding_window: Option<usize>,
 }
 
@@ -461,20 +461,6 @@ impl DecoderSpec {
     pub fn heads(&self) -> (usize, usize, usize) {
         match self.attention {
             AttentionKind::Grouped { heads, kv_heads, head_dim } => (heads, kv_heads, head_dim),
-        }
-    }
-
-    /// Refuses a context longer than the sliding window: neither backend applies the window,
-    /// and full attention equals windowed attention only while a sequence fits inside it.
-    pub fn check_context(&self, max_model_len: usize) -> Result<(), ModelError> {
-        match self.sliding_window {
-            Some(w) if max_model_len > w => Err(ModelError::Config {
-                file: "load options".into(),
-                message: format!(
-                    "`max_model_len` = {max_model_len} exceeds the model's `sliding_window` = {w}: llmd does not apply sliding-window attention, so contexts are limited to the window; set max_model_len <= {w}"
-                ),
-            }),
-            _ => Ok(()),
         }
     }
 }

@@ -16,6 +16,9 @@
 //! `llmd-cuda-check attention [--gpu N]`: the tensor-core prefill attention against the paged
 //! kernel and an f64 reference, then both timed on one 512- to 8,192-token prompt.
 //!
+//! `llmd-cuda-check logits <model_dir> --tokens FILE --out FILE`: teacher-forced logits of the
+//! CUDA engine for `bench/gpu/numerics_vs_hf.py` (transformers on the same files).
+//!
 //! `llmd-cuda-check kernels [--gpu N]`: every other kernel (embedding, add + RMSNorm, QKV RoPE
 //! and cache write, SiLU·mul, row gather, bf16 conversion, GEMV/cuBLAS linear, the MoE layer)
 //! against the CPU path of llmd-models on random inputs, one line per case
@@ -93,6 +96,64 @@ fn rel_err(a: &[f32], b: &[f32]) -> (f64, bool) {
         den += (*y as f64).powi(2);
     }
     ((num / den.max(1e-30)).sqrt(), bad)
+}
+
+/// Sequences of token ids whose first `prompt_len` are the prompt.
+struct Tokens {
+    prompt_len: usize,
+    seqs: Vec<Vec<u32>>,
+}
+
+/// `logits <model_dir> --tokens FILE --out FILE [--gpus 0,1]`: teacher-forced logits of the
+/// CUDA engine for bench/gpu/numerics_vs_hf.py. `FILE` is JSON `{"prompt_len": P, "seqs":
+/// [[ids...], ...]}` (equal lengths); the prompts go through one batched prefill (the logits of
+/// each last prompt token), then every further token of each sequence is fed as a decode step.
+/// Writes f32 little-endian `[seqs, len - P + 1, vocab]`, sequence-major.
+fn logits(dir: PathBuf, args: &[String]) -> Result<(), String> {
+    let text = std::fs::read_to_string(arg(args, "--tokens", "")).map_err(|e| format!("--tokens: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("--tokens: {e}"))?;
+    let prompt_len = v["prompt_len"].as_u64().ok_or("--tokens: `prompt_len` must be an integer")? as usize;
+    let seqs: Vec<Vec<u32>> = v["seqs"]
+        .as_array()
+        .ok_or("--tokens: `seqs` must be a list")?
+        .iter()
+        .map(|s| s.as_array().map(|ids| ids.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect()))
+        .collect::<Option<_>>()
+        .ok_or("--tokens: every sequence must be a list of token ids")?;
+    let t = Tokens { prompt_len, seqs };
+    let len = t.seqs.first().map_or(0, Vec::len);
+    if t.prompt_len == 0 || len < t.prompt_len || t.seqs.iter().any(|s| s.len() != len) {
+        return Err(format!("--tokens: every sequence needs the same length >= prompt_len {}", t.prompt_len));
+    }
+    let opts = CudaLoadConfig {
+        gpus: gpus_arg(args),
+        gpu_memory_utilization: 0.5,
+        block_size: 16,
+        max_num_batched_tokens: (t.seqs.len() * t.prompt_len).max(2048),
+        max_model_len: len.next_multiple_of(16) + 16,
+        peer_all_reduce: !args.iter().any(|a| a == "--nccl-only"),
+    };
+    let mut gpu = load_cuda(&dir, &opts, &mut |_, _| {}).map_err(|e| e.to_string())?;
+    let n = t.seqs.len();
+    let steps = len - t.prompt_len + 1;
+    let vocab = gpu.vocab_size;
+    let mut out = vec![0f32; n * steps * vocab];
+    let mut seqs = Seqs::new(16, n);
+    for step in 0..steps {
+        let mut batch = ForwardBatch::default();
+        for (i, s) in t.seqs.iter().enumerate() {
+            let chunk = if step == 0 { &s[..t.prompt_len] } else { &s[t.prompt_len + step - 1..t.prompt_len + step] };
+            seqs.push(&mut batch, i, chunk, true);
+        }
+        let l = gpu.runner.forward(&batch).map_err(|e| e.to_string())?;
+        for (i, row) in l.rows.iter().enumerate() {
+            out[(i * steps + step) * vocab..(i * steps + step + 1) * vocab].copy_from_slice(row);
+        }
+    }
+    let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(arg(args, "--out", "logits.f32"), bytes).map_err(|e| format!("--out: {e}"))?;
+    println!("model {} on {}: {n} sequences x {steps} rows x {vocab}", dir.display(), gpu.runner.device_name());
+    Ok(())
 }
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -681,7 +742,7 @@ impl Profiled for llmd_cuda::tp::TpRunner {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N] | kernels [--gpu N] | allreduce --gpus 0,1 [--hidden H] [--rows 1,64]";
+    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N] | kernels [--gpu N] | allreduce --gpus 0,1 [--hidden H] [--rows 1,64] | logits <model_dir> --tokens FILE --out FILE [--gpus 0,1]";
     if args.get(1).map(String::as_str) == Some("allreduce") {
         if let Err(msg) = all_reduce_bench(&args) {
             eprintln!("error: {msg}");
@@ -729,6 +790,7 @@ fn main() {
         "check" => check(PathBuf::from(dir), &args).map(|ok| if ok { 0 } else { 1 }),
         "bench" => bench(PathBuf::from(dir), &args).map(|_| 0),
         "profile" => profile(PathBuf::from(dir), &args).map(|_| 0),
+        "logits" => logits(PathBuf::from(dir), &args).map(|_| 0),
         _ => {
             eprintln!("{usage}");
             std::process::exit(2);
