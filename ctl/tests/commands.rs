@@ -292,7 +292,7 @@ fn help_explains_commands_with_examples() {
 #[test]
 fn permission_denied_names_the_group() {
     let d = FakeDaemon::start();
-    let is_root = Command::new("id").arg("-u").output().map(|o| stdout(&o).trim() == "0").unwrap_or(false);
+    let is_root = llmd_testenv::is_root();
     let socket = d.socket.to_str().unwrap().to_string();
     let out = if is_root {
         // chmod does not stop root: run llmctl as `nobody` against a root-owned 0660 socket,
@@ -300,7 +300,7 @@ fn permission_denied_names_the_group() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o660)).unwrap();
-        Command::new("setpriv")
+        Command::new(llmd_testenv::require(llmd_testenv::Tool::Setpriv))
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", LLMCTL, "--socket", &socket, "unload", "m"])
             .output()
             .unwrap()
@@ -316,8 +316,8 @@ fn permission_denied_names_the_group() {
 
 /// Sends SIGINT the way a terminal's Ctrl-C does.
 fn interrupt(pid: u32) {
-    let status = Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
-    assert!(status.success());
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits in i32"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("send SIGINT");
 }
 
 #[test]

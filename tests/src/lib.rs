@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use llmd_testenv::Tool;
+
 /// Path of a binary built by this workspace (`llmd`, `llmctl`, `llmd-e2e-client`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -295,25 +297,26 @@ pub fn health_phase(port: u16) -> Option<String> {
     json.get("phase")?.as_str().map(str::to_string)
 }
 
-/// True when the tests run as root and can switch to `nobody`.
+/// True when the tests run as root, so they can switch to `nobody` with `setpriv` (installed
+/// first if missing).
 pub fn can_switch_uid() -> bool {
-    nix::unistd::geteuid().is_root() && which("setpriv")
-}
-
-fn which(name: &str) -> bool {
-    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file())).unwrap_or(false)
+    if !llmd_testenv::is_root() {
+        return false;
+    }
+    llmd_testenv::require(Tool::Setpriv);
+    true
 }
 
 /// Runs `program args` as uid/gid 65534 (nobody) with no supplementary groups:
 /// (exit code, stdout, stderr).
 pub fn run_as_nobody(program: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new("setpriv");
+    let mut cmd = Command::new(llmd_testenv::require(Tool::Setpriv));
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(program).args(args);
     cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run setpriv (apt-get install -y util-linux)");
+    let out = cmd.output().expect("run setpriv");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -372,10 +375,7 @@ impl TestBus {
     }
 
     fn start_with(bus_type: &str, policy: &str) -> TestBus {
-        assert!(
-            which("dbus-daemon"),
-            "dbus-daemon not found: install dbus (apt-get install -y dbus); the D-Bus tests need a real bus"
-        );
+        let dbus_daemon = llmd_testenv::require(Tool::DbusDaemon);
         let dir = open_tempdir();
         let conf = dir.path().join("bus.conf");
         let sock = dir.path().join("bus.sock");
@@ -395,7 +395,7 @@ impl TestBus {
             ),
         )
         .expect("write bus config");
-        let mut child = Command::new("dbus-daemon")
+        let mut child = Command::new(dbus_daemon)
             .arg(format!("--config-file={}", conf.display()))
             .args(["--print-address", "--nofork", "--nopidfile"])
             .stdout(Stdio::piped())

