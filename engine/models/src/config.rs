@@ -307,7 +307,7 @@ impl ModelConfig {
     /// window caps the default too, and a `requested` length beyond it is refused: no backend
     /// applies the window, and full attention is the same math only while a sequence fits in it.
     pub fn context_limit(&self, requested: Option<usize>) -> Result<usize, ModelError> {
-        let model_limit = self.max_position_embeddings;
+        let model_limit = self.max_context();
         match (self.sliding_window_active(), requested) {
             (Some(w), Some(m)) if m > w => Err(cfg_err(
                 "load options",
@@ -315,10 +315,15 @@ impl ModelConfig {
                     "`max_model_len` = {m} exceeds the model's `sliding_window` = {w}: llmd does not apply sliding-window attention, so contexts are limited to the window; set max_model_len <= {w}"
                 ),
             )),
-            (Some(w), None) => Ok(w.min(model_limit)),
             (_, Some(m)) => Ok(m.min(model_limit)),
-            (None, None) => Ok(model_limit),
+            (_, None) => Ok(model_limit),
         }
+    }
+
+    /// The longest context this model is served with: `max_position_embeddings`, capped at an
+    /// active sliding window.
+    pub fn max_context(&self) -> usize {
+        self.sliding_window_active().map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
     }
 
     /// Query heads per KV head (1 for MHA, `num_attention_heads` for MQA).

@@ -228,3 +228,44 @@ fn malformed_batches_are_rejected() {
     let e = m.runner.copy_block(0, n).unwrap_err();
     assert!(e.to_string().contains("num_blocks"), "{e}");
 }
+
+#[test]
+fn sliding_window_caps_the_served_context() {
+    // Mistral v0.1 style: a 64-token window inside a 256-token context.
+    let d = copy_fixture("mistral");
+    let path = d.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["sliding_window"] = serde_json::json!(64);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let m = try_load(d.path()).unwrap();
+    assert_eq!(m.config.sliding_window_active(), Some(64));
+    assert_eq!(m.max_position_embeddings, 64, "the default context stops at the window");
+    let e = m.config.context_limit(Some(128)).unwrap_err().to_string();
+    assert!(e.contains("`max_model_len` = 128") && e.contains("`sliding_window` = 64"), "{e}");
+    assert_eq!(m.config.context_limit(Some(32)).unwrap(), 32);
+}
+
+#[test]
+fn missing_bias_the_config_promises_is_named() {
+    let d = copy_fixture("llama");
+    let path = d.path().join("config.json");
+    let cfg = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, cfg.replace("\"mlp_bias\": false", "\"mlp_bias\": true")).unwrap();
+    let e = load_err(d.path());
+    assert!(matches!(&e, ModelError::MissingTensor(n) if n == "model.layers.0.mlp.gate_proj.bias"), "{e}");
+}
+
+#[test]
+fn spec_lists_features_and_refuses_by_name() {
+    use llmd_models::spec::{DecoderSpec, SpecFeature};
+    let dir = fixtures_root().join("qwen3_moe");
+    let cfg = llmd_models::ModelConfig::from_dir(&dir).unwrap();
+    let spec = DecoderSpec::new(&cfg, &Checkpoint::open_dir(&dir).unwrap()).unwrap();
+    let f = spec.features();
+    assert!(f.contains(&SpecFeature::QkNorm) && f.contains(&SpecFeature::RoutedExperts), "{f:?}");
+    assert!(!f.contains(&SpecFeature::OProjBias) && !f.contains(&SpecFeature::TiedEmbeddings), "{f:?}");
+    assert_eq!(spec.num_params(), Checkpoint::open_dir(&dir).unwrap().num_elements());
+    let e = spec.refuse_unsupported("a test backend", &[SpecFeature::RoutedExperts]).unwrap_err().to_string();
+    assert_eq!(e, "Qwen3MoeForCausalLM uses routed experts, which a test backend does not serve");
+    spec.refuse_unsupported("a test backend", &[SpecFeature::SharedExperts]).unwrap();
+}
