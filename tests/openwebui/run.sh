@@ -15,13 +15,15 @@
 #      API, and the real chat page in headless Chromium shows the reasoning block and then the
 #      answer; the saved chat holds the answer. Screenshot: $OUT_DIR/openwebui-chat.png.
 # Exits non-zero if any check fails. Environment: OWUI_VENV (default /tmp/owui-venv), LLMD,
-# OUT_DIR (default a new temp dir, kept; it also gets llmd.log), CHROMIUM.
+# CHROMIUM, OUT_DIR (screenshot, llmd.log, Open-WebUI's log and database; default a new temp
+# dir, removed after a run that passed).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 here="$root/tests/openwebui"
 venv=${OWUI_VENV:-/tmp/owui-venv}
 llmd=${LLMD:-$root/target/debug/llmd}
 out=${OUT_DIR:-$(mktemp -d /tmp/llmd-openwebui.XXXXXX)}
+[ -n "${OUT_DIR:-}" ] || remove_out_if_passed=1
 mkdir -p "$out"
 model_dir="$root/tests/fixtures/models/r1_chain"
 reasoning=$'\nOkay, the data is in that string.'
@@ -83,5 +85,9 @@ status=0
 python3 "$here/check_openwebui.py" "http://127.0.0.1:$port/v1" "$key" r1 --venv "$venv" \
     --expect-reasoning --expect-text "${answer# }" --screenshot "$out/openwebui-chat.png" \
     --work-dir "$out/openwebui" || status=1
-echo "INFO screenshot $out/openwebui-chat.png, logs in $out"
+if [ "$status" -eq 0 ] && [ -n "${remove_out_if_passed:-}" ]; then
+    rm -rf "$out"
+else
+    echo "INFO screenshot $out/openwebui-chat.png, logs in $out"
+fi
 exit "$status"
