@@ -1,7 +1,11 @@
-//! The `cuInit` smoke test: loads `libcuda.so.1` with `dlopen` at run time (llmd does not
-//! link against CUDA) and calls `cuDriverGetVersion`, `cuInit` and `cuDeviceGetCount`.
+//! The `cuInit` smoke test: opens the CUDA driver library through llmd-nvlib at run time (llmd
+//! does not link against CUDA), under the names and in the order the engine's cudarc uses, so it
+//! tests the file serving will use, and calls `cuDriverGetVersion`, `cuInit` and
+//! `cuDeviceGetCount`.
 
-use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
+use std::ffi::{CStr, c_char, c_int, c_uint};
+
+use llmd_nvlib::{NvLib, Search};
 
 /// `CUDA_ERROR_NO_DEVICE`.
 pub const CUDA_ERROR_NO_DEVICE: i32 = 100;
@@ -28,7 +32,7 @@ pub struct CudaProbe {
 /// Outcome of `cuInit(0)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CudaInit {
-    /// `dlopen("libcuda.so.1")` failed; the `dlerror` text.
+    /// No name of the driver library opened; llmd-nvlib's message (names tried, `dlerror` text).
     LibraryMissing(String),
     /// libcuda loaded but lacks a needed entry point.
     SymbolMissing(String),
@@ -45,19 +49,24 @@ type CuGetErrorName = unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int;
 /// Loads libcuda and runs the smoke test. Safe to call repeatedly: the library stays loaded
 /// (unloading libcuda after `cuInit` is not supported by the driver) and `cuInit` is idempotent.
 pub fn probe_cuda() -> CudaProbe {
-    let lib = match Library::open(c"libcuda.so.1") {
+    probe_cuda_in(&Search::System)
+}
+
+/// [`probe_cuda`] with the driver library looked up through `search`.
+pub fn probe_cuda_in(search: &Search) -> CudaProbe {
+    let lib = match search.open(NvLib::Driver) {
         Ok(lib) => lib,
-        Err(e) => return CudaProbe { driver_version: None, init: CudaInit::LibraryMissing(e) },
+        Err(e) => return CudaProbe { driver_version: None, init: CudaInit::LibraryMissing(e.to_string()) },
     };
     // SAFETY: the signatures match cuda.h: `CUresult cuDriverGetVersion(int*)`,
     // `CUresult cuInit(unsigned int)`, `CUresult cuDeviceGetCount(int*)`,
     // `CUresult cuGetErrorName(CUresult, const char**)`; CUresult is a C enum (int).
     let (get_version, init, get_count, error_name) = unsafe {
         (
-            lib.symbol::<CuIntOut>(c"cuDriverGetVersion"),
-            lib.symbol::<CuInit>(c"cuInit"),
-            lib.symbol::<CuIntOut>(c"cuDeviceGetCount"),
-            lib.symbol::<CuGetErrorName>(c"cuGetErrorName"),
+            lib.symbol::<CuIntOut>("cuDriverGetVersion").ok(),
+            lib.symbol::<CuInit>("cuInit").ok(),
+            lib.symbol::<CuIntOut>("cuDeviceGetCount").ok(),
+            lib.symbol::<CuGetErrorName>("cuGetErrorName").ok(),
         )
     };
     let driver_version = get_version.and_then(|f| {
@@ -96,42 +105,6 @@ pub fn probe_cuda() -> CudaProbe {
     CudaProbe { driver_version, init: CudaInit::Ok { devices } }
 }
 
-/// A `dlopen` handle that is never closed (see [`probe_cuda`]).
-struct Library(*mut c_void);
-
-impl Library {
-    fn open(name: &CStr) -> Result<Library, String> {
-        // SAFETY: `name` is NUL-terminated; RTLD_LOCAL keeps libcuda's symbols out of the
-        // global namespace.
-        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if handle.is_null() { Err(dlerror()) } else { Ok(Library(handle)) }
-    }
-
-    /// # Safety
-    /// `T` must be the exact `extern "C" fn` type of the symbol `name`.
-    unsafe fn symbol<T: Copy>(&self, name: &CStr) -> Option<T> {
-        // SAFETY: valid handle from dlopen, NUL-terminated name.
-        let ptr = unsafe { libc::dlsym(self.0, name.as_ptr()) };
-        if ptr.is_null() {
-            return None;
-        }
-        debug_assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<*mut c_void>());
-        // SAFETY: the caller guarantees `T` is the function pointer type of this symbol.
-        Some(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&ptr) })
-    }
-}
-
-fn dlerror() -> String {
-    // SAFETY: dlerror returns NULL or a NUL-terminated thread-local string.
-    let msg = unsafe { libc::dlerror() };
-    if msg.is_null() {
-        "unknown dlopen error".into()
-    } else {
-        // SAFETY: non-null, NUL-terminated.
-        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
-    }
-}
-
 /// "12.4" from 12040.
 pub fn format_driver_version(v: i32) -> String {
     format!("{}.{}", v / 1000, (v % 1000) / 10)
@@ -148,9 +121,12 @@ mod tests {
     }
 
     #[test]
-    fn missing_library_is_reported_not_fatal() {
-        let err = Library::open(c"libllmd-does-not-exist.so.9").err().unwrap();
-        assert!(err.contains("libllmd-does-not-exist.so.9"), "{err}");
+    fn a_missing_driver_library_is_reported_with_the_names_tried() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe = probe_cuda_in(&Search::Dirs(vec![dir.path().to_path_buf()]));
+        assert_eq!(probe.driver_version, None);
+        let CudaInit::LibraryMissing(msg) = probe.init else { panic!("{probe:?}") };
+        assert!(msg.contains(&format!("{}/libcuda.so, ", dir.path().display())) && msg.contains("34 names"), "{msg}");
     }
 
     #[test]
@@ -161,15 +137,5 @@ mod tests {
             assert!(!msg.is_empty());
             assert_eq!(probe.driver_version, None);
         }
-    }
-
-    #[test]
-    fn symbols_resolve_in_libc() {
-        // Exercises the dlsym path against a library every Linux host has.
-        let lib = Library::open(c"libc.so.6").unwrap();
-        // SAFETY: getpid has the signature `pid_t getpid(void)`.
-        let getpid = unsafe { lib.symbol::<unsafe extern "C" fn() -> c_int>(c"getpid") }.unwrap();
-        assert_eq!(unsafe { getpid() } as u32, std::process::id());
-        assert!(unsafe { lib.symbol::<unsafe extern "C" fn()>(c"no_such_symbol_xyz") }.is_none());
     }
 }

@@ -22,6 +22,7 @@ use crate::cuda::{
     CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE, CUDA_ERROR_INSUFFICIENT_DRIVER, CUDA_ERROR_NO_DEVICE,
     CUDA_ERROR_SYSTEM_DRIVER_MISMATCH, CUDA_ERROR_SYSTEM_NOT_READY, CudaInit, CudaProbe, format_driver_version,
 };
+pub use crate::nccl::{NcclOutcome, NcclRun};
 use crate::placement::gib;
 
 /// Oldest CUDA version the driver must support: llmd's CUDA backend is built against the
@@ -50,34 +51,6 @@ pub struct P2pPair {
     pub nvlink: Option<bool>,
     /// Closest common ancestor as `nvidia-smi topo -m` names it ("PIX", "PHB", "SYS", ...).
     pub topology: Option<String>,
-}
-
-/// Result of the NCCL all-reduce probe.
-#[derive(Debug, Clone, PartialEq)]
-pub enum NcclOutcome {
-    /// The probe cannot run here (built without CUDA, libnccl missing); the reason.
-    Unsupported(String),
-    /// The all-reduce ran.
-    Ran(NcclRun),
-    /// NCCL or CUDA returned an error.
-    Failed(String),
-}
-
-/// Measurements of one NCCL all-reduce run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NcclRun {
-    /// GPUs that took part.
-    pub gpus: Vec<u32>,
-    /// Buffer size per GPU in bytes.
-    pub bytes: u64,
-    /// Whether every element came back equal to the expected sum.
-    pub correct: bool,
-    /// On a wrong sum: what was expected and what came back.
-    pub mismatch: Option<String>,
-    /// Algorithm bandwidth, bytes / time, in GB/s.
-    pub alg_bw_gbps: f64,
-    /// Bus bandwidth as nccl-tests reports it: alg_bw × 2(n−1)/n, in GB/s.
-    pub bus_bw_gbps: f64,
 }
 
 /// A configured model for the disk check.
@@ -394,12 +367,12 @@ fn check_cuda_init(cuda: Option<&CudaProbe>) -> CheckResult {
         CudaInit::Ok { devices } => pass(NAME, format!("cuInit succeeded; {devices} CUDA device(s)")),
         CudaInit::LibraryMissing(e) => fail(
             NAME,
-            format!("cannot load libcuda.so.1: {e}"),
+            format!("cannot load the CUDA driver library: {e}"),
             "install the driver's CUDA library (package libnvidia-compute-<version>, or the nvidia-container-toolkit inside containers) and run `ldconfig`",
         ),
         CudaInit::SymbolMissing(sym) => fail(
             NAME,
-            format!("libcuda.so.1 has no `{sym}`: not a real CUDA driver library"),
+            format!("the CUDA driver library has no `{sym}`: not a real CUDA driver library"),
             "remove stub libcuda copies from LD_LIBRARY_PATH (e.g. .../cuda/lib64/stubs) and reinstall the driver",
         ),
         CudaInit::Failed { code, name } => {
@@ -807,7 +780,8 @@ fn check_nccl(ctx: &DoctorContext) -> CheckResult {
         ),
         NcclOutcome::Ran(run) => {
             let measured = format!(
-                "all-reduce of {} over {} GPUs: bus bandwidth {:.1} GB/s (algorithm {:.1} GB/s)",
+                "{}: all-reduce of {} over {} GPUs: bus bandwidth {:.1} GB/s (algorithm {:.1} GB/s)",
+                run.nccl,
                 gib(run.bytes),
                 run.gpus.len(),
                 run.bus_bw_gbps,

@@ -8,8 +8,10 @@
 //!   so every outcome is testable on fixture trees.
 //! - [`placement`]: memory estimate and GPU choice for `llmctl load --tp N [--gpus ...]`.
 //!
-//! Nothing here needs a GPU to build or test. The NCCL all-reduce check needs the `cuda`
-//! feature (cudarc, loading libcuda and libnccl at run time).
+//! Nothing here needs a GPU to build or test. Every NVIDIA library (NVML, libcuda, NCCL) is
+//! opened through llmd-nvlib, under the names the engine uses. The NCCL all-reduce itself needs
+//! the `cuda` feature (cudarc for contexts and memory); without it the check reports the NCCL it
+//! found.
 
 pub mod cuda;
 pub mod doctor;

@@ -1,8 +1,9 @@
 //! [`Telemetry`]: NVML loaded at run time, read into [`GpuReport`]s.
 //!
-//! `nvml-wrapper` dlopens `libnvidia-ml.so.1` in [`Telemetry::start`]; when that fails (no
-//! driver, no GPU, driver/library mismatch) the handle still works and every report says why
-//! in `unavailable`, so the daemon serves on the CPU instead of crashing.
+//! [`Telemetry::start`] opens NVML through llmd-nvlib (`libnvidia-ml.so.1`) and hands the file
+//! that opened to `nvml-wrapper`, which keeps its own handle to it; when that fails (no driver,
+//! no GPU, driver/library mismatch) the handle still works and every report says why in
+//! `unavailable`, so the daemon serves on the CPU instead of crashing.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,14 +43,19 @@ impl Telemetry {
     /// carries the reason in `unavailable` and no thread is started.
     pub fn start() -> Telemetry {
         let xid = XidCounters::default();
-        match Nvml::init() {
+        let nvml = match llmd_nvlib::Search::System.open(llmd_nvlib::NvLib::Nvml) {
+            Ok(lib) => {
+                Nvml::builder().lib_path(std::ffi::OsStr::new(lib.file())).init().map_err(|e| unavailable_reason(&e))
+            }
+            Err(e) => Err(format!("{e} (is the NVIDIA driver installed?)")),
+        };
+        match nvml {
             Ok(nvml) => {
                 let nvml = Arc::new(nvml);
                 let watcher = XidWatcher::start(nvml.clone(), xid.clone());
                 Telemetry { backend: Backend::Nvml { nvml, _watcher: watcher }, xid }
             }
-            Err(e) => {
-                let reason = unavailable_reason(&e);
+            Err(reason) => {
                 tracing::warn!("GPU telemetry unavailable: {reason}; llmd serves on the CPU");
                 Telemetry { backend: Backend::Unavailable(reason), xid }
             }

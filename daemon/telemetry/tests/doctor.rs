@@ -128,6 +128,7 @@ fn cuda_ok() -> CudaProbe {
 
 fn nccl_run(correct: bool) -> NcclRun {
     NcclRun {
+        nccl: "NCCL 2.21.5 (libnccl.so.2)".into(),
         gpus: vec![0, 1],
         bytes: 128 << 20,
         correct,
@@ -342,7 +343,7 @@ fn cuda_init_outcomes() {
     expect(
         &with(CudaInit::LibraryMissing("libcuda.so.1: cannot open shared object file".into())),
         Fail,
-        "cannot load libcuda.so.1",
+        "cannot load the CUDA driver library: libcuda.so.1: cannot open",
         "libnvidia-compute",
     );
     expect(&with(CudaInit::SymbolMissing("cuInit".into())), Fail, "has no `cuInit`", "stubs");
@@ -559,7 +560,7 @@ fn nccl_outcomes() {
     expect(
         &check(&ctx(&host, report(2)), "nccl_all_reduce"),
         Pass,
-        "all-reduce of 0.1 GiB over 2 GPUs: bus bandwidth 150.0 GB/s (algorithm 150.0 GB/s); sum correct",
+        "NCCL 2.21.5 (libnccl.so.2): all-reduce of 0.1 GiB over 2 GPUs: bus bandwidth 150.0 GB/s (algorithm 150.0 GB/s); sum correct",
         "",
     );
 
@@ -586,8 +587,44 @@ fn nccl_outcomes() {
         // With the feature on a host without CUDA/NCCL the probe still must not fail hard.
         assert!(matches!(c.status, Skip | Fail), "{c:?}");
     } else {
-        expect(&c, Skip, "built without CUDA support", "");
+        // No NCCL on this host (named by the file tried first), or one found in a build that
+        // cannot run the all-reduce.
+        assert_eq!(c.status, Skip, "{c:?}");
+        assert!(
+            c.observed.contains("libnccl.so.2") || c.observed.contains("built without CUDA support"),
+            "{}",
+            c.observed
+        );
     }
+}
+
+/// The check with NCCL looked up in one directory: a host with only `libnccl.so.2` (what the
+/// libnccl2 package installs) is seen to have NCCL, with its version; an empty one is told
+/// which file is missing. The directory has no libcuda, so the check skips there.
+#[test]
+fn nccl_check_finds_libnccl_so_2_in_a_library_dir() {
+    use llmd_nvlib::Search;
+    use llmd_nvlib::fake::build_fake_nccl;
+    use llmd_nvlib::nccl::Version;
+
+    let host = healthy(2);
+    let libs = tempfile::tempdir().unwrap();
+    let mut c = ctx(&host, report(2));
+    let search = Search::Dirs(vec![libs.path().to_path_buf()]);
+    let probe_search = search.clone();
+    c.probes.nccl = Box::new(move |gpus| llmd_telemetry::nccl::all_reduce_check_in(&probe_search, gpus));
+    let missing = check(&c, "nccl_all_reduce");
+    expect(&missing, Skip, &format!("NCCL could not be loaded (tried {}/libnccl.so.2, ", libs.path().display()), "");
+    expect(&missing, Skip, "install NCCL 2 (package libnccl2", "");
+
+    let lib = build_fake_nccl(libs.path(), "libnccl.so.2", Version { major: 2, minor: 21, patch: 5 }).unwrap();
+    let found = check(&c, "nccl_all_reduce");
+    expect(
+        &found,
+        Skip,
+        &format!("NCCL 2.21.5 ({}) found, but the CUDA driver library could not be loaded", lib.display()),
+        "",
+    );
 }
 
 fn free_in(host: &Host) -> u64 {

@@ -132,11 +132,20 @@ impl fmt::Display for NvLib {
 pub enum LoadError {
     /// No candidate name opened. `last` is the dynamic linker's message for the last name tried
     /// (for a missing file, "cannot open shared object file"; for a broken one, the reason).
-    #[error("{lib} could not be loaded (tried {}): {last}", tried.join(", "))]
+    /// Shown with every name tried, or for long lists (the driver's 34) the first three and
+    /// the last.
+    #[error("{lib} could not be loaded (tried {}): {last}", short_list(tried))]
     NotFound { lib: NvLib, tried: Vec<String>, last: String },
     /// The library opened but lacks an entry point: an old version or a stub.
     #[error("{file} has no `{symbol}`")]
     MissingSymbol { file: String, symbol: String },
+}
+
+fn short_list(names: &[String]) -> String {
+    match names {
+        [a, b, c, .., last] if names.len() > 4 => format!("{a}, {b}, {c}, …, {last}: {} names", names.len()),
+        _ => names.join(", "),
+    }
 }
 
 impl LoadError {
@@ -268,6 +277,14 @@ mod tests {
         assert!(msg.contains("No such file"), "{msg}");
         let none = Search::Dirs(Vec::new()).open(NvLib::Nvml).unwrap_err().to_string();
         assert_eq!(none, "NVML could not be loaded (tried ): no directory to search");
+        let driver = Search::Dirs(vec![dir.path().to_path_buf()]).open(NvLib::Driver).unwrap_err().to_string();
+        let d = dir.path().display();
+        assert!(
+            driver.starts_with(&format!(
+                "the CUDA driver library could not be loaded (tried {d}/libcuda.so, {d}/libcuda64.so, {d}/libcuda64_13.so, …, {d}/libnvcuda.so.1: 34 names): "
+            )),
+            "{driver}"
+        );
     }
 
     #[test]
