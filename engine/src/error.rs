@@ -21,4 +21,10 @@ pub enum EngineError {
     QueueFull { model: String, max_queue: usize },
     #[error("model `{0}` is shutting down")]
     ShuttingDown(String),
+    /// A request validated against other limits than the model's: a bug in the caller.
+    #[error(
+        "the request was validated for max_model_len {} and a vocabulary of {} tokens, but model `{model}` allows max_model_len {} and {} tokens",
+        .validated.max_model_len, .validated.vocab_size, .limits.max_model_len, .limits.vocab_size
+    )]
+    LooserLimits { model: String, validated: crate::request::RequestLimits, limits: crate::request::RequestLimits },
 }

@@ -1,4 +1,5 @@
-//! The llmd serving core: takes validated [`GenerateRequest`]s, schedules them with continuous
+//! The llmd serving core: takes [`ValidGenerateRequest`]s (made only by
+//! [`GenerateRequest::validate`]), schedules them with continuous
 //! batching over a paged KV cache (block allocator with reference counts and prefix caching),
 //! drives a [`llmd_models::runner::ModelRunner`] step by step, samples, detokenizes, and
 //! streams [`GenerationEvent`]s back.

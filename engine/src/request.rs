@@ -1,12 +1,16 @@
 //! What goes into the engine (a validated generation request) and what comes out (events).
 //!
-//! The HTTP layer turns OpenAI JSON into a [`GenerateRequest`]; only that type reaches the
-//! engine. The engine answers on a [`GenerationStream`] of [`GenerationEvent`]s.
+//! The HTTP layer turns OpenAI JSON into a [`GenerateRequest`] and validates it, once, against
+//! the model's [`RequestLimits`] ([`GenerateRequest::validate`]); only the resulting
+//! [`ValidGenerateRequest`] reaches the engine. The engine answers on a
+//! [`GenerationStream`](crate::GenerationStream) of [`GenerationEvent`]s.
 
 use std::time::Duration;
 
-/// Sampling and stopping parameters, already range-checked by the caller
-/// (see [`SamplingParams::validate`], which names the field and limit on error).
+use crate::error::EngineError;
+
+/// Sampling and stopping parameters. Range-checked as part of [`GenerateRequest::validate`],
+/// whose errors name the field and the limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0.0 means greedy.
@@ -68,7 +72,7 @@ pub const MAX_STOP_STRINGS: usize = 16;
 
 impl SamplingParams {
     /// Checks every range; the error names the field (OpenAI parameter name) and the limit.
-    pub fn validate(&self) -> Result<(), InvalidParam> {
+    fn validate(&self) -> Result<(), InvalidParam> {
         let bad = |param: &'static str, message: String| Err(InvalidParam { param, message });
         if !(0.0..=2.0).contains(&self.temperature) || self.temperature.is_nan() {
             return bad("temperature", format!("`temperature` must be between 0 and 2, got {}", self.temperature));
@@ -133,7 +137,26 @@ pub struct InvalidParam {
 /// Most choices per request.
 pub const MAX_N: u32 = 16;
 
-/// A request the engine accepts: tokenized prompt plus validated parameters.
+/// What a model accepts, for [`GenerateRequest::validate`]; a loaded model's come from
+/// `EngineHandle::limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Longest prompt plus `max_tokens`, in tokens.
+    pub max_model_len: u32,
+    /// Token ids (prompt, `stop_token_ids`) must be below this: the smaller of the model's and
+    /// the tokenizer's vocabularies.
+    pub vocab_size: usize,
+}
+
+impl RequestLimits {
+    /// Whether every request valid under `self` is also valid under `other`.
+    pub fn within(self, other: RequestLimits) -> bool {
+        self.max_model_len <= other.max_model_len && self.vocab_size <= other.vocab_size
+    }
+}
+
+/// A request as its caller builds it: tokenized prompt and parameters, not checked yet. The
+/// engine takes only the [`ValidGenerateRequest`] that [`GenerateRequest::validate`] makes of it.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     /// Used in logs and as the OpenAI `id`.
@@ -142,6 +165,89 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Number of choices (1..=[`MAX_N`]); choices share the prompt's KV blocks.
     pub n: u32,
+}
+
+impl GenerateRequest {
+    /// Checks everything the engine relies on, once: the sampling ranges, `n` in
+    /// 1..=[`MAX_N`], a non-empty prompt, prompt ids and `stop_token_ids` inside the
+    /// vocabulary, prompt + `max_tokens` within `max_model_len`. Errors name the field and the
+    /// limit.
+    pub fn validate(self, limits: RequestLimits) -> Result<ValidGenerateRequest, EngineError> {
+        self.sampling.validate()?;
+        if self.n == 0 || self.n > MAX_N {
+            return Err(InvalidParam {
+                param: "n",
+                message: format!("`n` must be between 1 and {MAX_N}, got {}", self.n),
+            }
+            .into());
+        }
+        if self.prompt_tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(&token) = self.prompt_tokens.iter().find(|&&t| t as usize >= limits.vocab_size) {
+            return Err(EngineError::TokenOutOfRange { token, vocab_size: limits.vocab_size });
+        }
+        if let Some(bad) = self.sampling.stop_token_ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
+            return Err(InvalidParam {
+                param: "stop_token_ids",
+                message: format!(
+                    "`stop_token_ids` holds {bad}, outside the vocabulary of {} tokens",
+                    limits.vocab_size
+                ),
+            }
+            .into());
+        }
+        let max_model_len = limits.max_model_len;
+        if self.prompt_tokens.len() as u64 + u64::from(self.sampling.max_tokens) > u64::from(max_model_len) {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: self.prompt_tokens.len(),
+                max_tokens: self.sampling.max_tokens,
+                max_model_len,
+            });
+        }
+        Ok(ValidGenerateRequest { request: self, limits })
+    }
+}
+
+/// A request that passed [`GenerateRequest::validate`], the only kind the engine takes. It
+/// cannot be built or changed otherwise; it remembers the limits it was checked against so
+/// that the engine can refuse one validated for a larger model.
+#[derive(Debug, Clone)]
+pub struct ValidGenerateRequest {
+    request: GenerateRequest,
+    limits: RequestLimits,
+}
+
+impl ValidGenerateRequest {
+    /// Used in logs and as the OpenAI `id`.
+    pub fn request_id(&self) -> &str {
+        &self.request.request_id
+    }
+
+    /// The prompt's token ids (not empty, inside the vocabulary).
+    pub fn prompt_tokens(&self) -> &[u32] {
+        &self.request.prompt_tokens
+    }
+
+    /// The range-checked sampling and stopping parameters.
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.request.sampling
+    }
+
+    /// Number of choices, in 1..=[`MAX_N`].
+    pub fn n(&self) -> u32 {
+        self.request.n
+    }
+
+    /// The limits it was validated against.
+    pub fn limits(&self) -> RequestLimits {
+        self.limits
+    }
+
+    /// The request's parts, for the engine thread.
+    pub(crate) fn into_inner(self) -> GenerateRequest {
+        self.request
+    }
 }
 
 /// Why a choice stopped.
@@ -215,4 +321,61 @@ pub struct Usage {
     pub cached_tokens: u32,
     /// Time between submission and the first scheduled step.
     pub queue_time: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: RequestLimits = RequestLimits { max_model_len: 32, vocab_size: 100 };
+
+    fn req(prompt: &[u32], sampling: SamplingParams, n: u32) -> GenerateRequest {
+        GenerateRequest { request_id: "r".into(), prompt_tokens: prompt.to_vec(), sampling, n }
+    }
+
+    fn param(r: Result<ValidGenerateRequest, EngineError>) -> &'static str {
+        match r {
+            Err(EngineError::InvalidParam(p)) => {
+                assert!(p.message.contains(p.param), "`{}` does not name `{}`", p.message, p.param);
+                p.param
+            }
+            other => panic!("expected an invalid parameter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_request_keeps_its_parts_and_limits() {
+        let sampling = SamplingParams { max_tokens: 30, stop_token_ids: vec![99], ..SamplingParams::default() };
+        let v = req(&[1, 2], sampling.clone(), 3).validate(LIMITS).unwrap();
+        assert_eq!((v.request_id(), v.prompt_tokens(), v.sampling(), v.n()), ("r", &[1, 2][..], &sampling, 3));
+        assert_eq!(v.limits(), LIMITS);
+    }
+
+    #[test]
+    fn each_limit_is_named() {
+        let d = SamplingParams::default;
+        assert_eq!(param(req(&[1], SamplingParams { top_p: 0.0, ..d() }, 1).validate(LIMITS)), "top_p");
+        assert_eq!(param(req(&[1], d(), 0).validate(LIMITS)), "n");
+        assert_eq!(param(req(&[1], d(), MAX_N + 1).validate(LIMITS)), "n");
+        let stop = SamplingParams { stop_token_ids: vec![5, 100], ..d() };
+        assert_eq!(param(req(&[1], stop, 1).validate(LIMITS)), "stop_token_ids");
+        assert!(matches!(req(&[], d(), 1).validate(LIMITS), Err(EngineError::EmptyPrompt)));
+        assert!(matches!(
+            req(&[1, 100], d(), 1).validate(LIMITS),
+            Err(EngineError::TokenOutOfRange { token: 100, vocab_size: 100 })
+        ));
+        let long = SamplingParams { max_tokens: 31, ..d() };
+        assert!(matches!(
+            req(&[1, 2], long, 1).validate(LIMITS),
+            Err(EngineError::PromptTooLong { prompt_tokens: 2, max_tokens: 31, max_model_len: 32 })
+        ));
+    }
+
+    #[test]
+    fn limits_within() {
+        assert!(LIMITS.within(LIMITS));
+        assert!(RequestLimits { max_model_len: 8, ..LIMITS }.within(LIMITS));
+        assert!(!RequestLimits { max_model_len: 33, ..LIMITS }.within(LIMITS));
+        assert!(!RequestLimits { vocab_size: 101, ..LIMITS }.within(LIMITS));
+    }
 }

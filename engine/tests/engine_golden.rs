@@ -5,13 +5,13 @@
 use std::time::{Duration, Instant};
 
 use llmd_engine::{
-    EngineError, EngineHandle, FinishReason, GenerateRequest, GenerationEvent, LoadOptions, ModelFacts, SamplingParams,
-    StopMatch, Usage,
+    EngineError, EngineHandle, FinishReason, GenerateRequest, GenerationEvent, LoadOptions, ModelFacts, RequestLimits,
+    SamplingParams, StopMatch, Usage,
 };
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
 
 mod common;
-use common::{fixture, kv_bytes, request, rt, wait_idle};
+use common::{fixture, kv_bytes, request, rt, submit, wait_idle};
 
 const MODELS: &[&str] = &["llama", "llama_mha", "mistral", "qwen2", "qwen3", "qwen3_moe"];
 
@@ -90,13 +90,13 @@ async fn collect(mut s: llmd_engine::GenerationStream, n: usize) -> Outcome {
 
 fn run(h: &EngineHandle, req: GenerateRequest) -> Outcome {
     let n = req.n as usize;
-    let s = h.submit(req).unwrap();
+    let s = submit(h, req).unwrap();
     rt().block_on(collect(s, n))
 }
 
 /// Submits all requests at once so they share steps, and collects them concurrently.
 fn run_batch(h: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<Outcome> {
-    let streams: Vec<_> = reqs.into_iter().map(|r| (r.n as usize, h.submit(r).unwrap())).collect();
+    let streams: Vec<_> = reqs.into_iter().map(|r| (r.n as usize, submit(h, r).unwrap())).collect();
     rt().block_on(async {
         let tasks: Vec<_> = streams.into_iter().map(|(n, s)| collect(s, n)).collect();
         futures::future::join_all(tasks).await
@@ -230,9 +230,9 @@ fn cancellation_by_dropping_the_stream_frees_blocks() {
     let h = load("llama", |_| {});
     let g = golden("llama");
     let (prompt, _) = &g.prompts[1];
-    let mut s = h
-        .submit(request(prompt, SamplingParams { max_tokens: 200, ignore_eos: true, ..greedy_params(200) }, 2))
-        .unwrap();
+    let mut s =
+        submit(&h, request(prompt, SamplingParams { max_tokens: 200, ignore_eos: true, ..greedy_params(200) }, 2))
+            .unwrap();
     rt().block_on(async {
         let ev = s.next().await.unwrap();
         assert!(matches!(ev, GenerationEvent::Token { .. }), "{ev:?}");
@@ -316,25 +316,46 @@ fn bad_requests_are_refused_with_clear_errors() {
     let max = h.info().max_model_len;
     assert_eq!(max, 40);
     let long = vec![1u32; 30];
-    match h.submit(request(&long, greedy_params(11), 1)) {
+    match submit(&h, request(&long, greedy_params(11), 1)) {
         Err(e @ EngineError::PromptTooLong { prompt_tokens: 30, max_tokens: 11, max_model_len: 40 }) => {
             let msg = e.to_string();
             assert!(msg.contains("30") && msg.contains("11") && msg.contains("40"), "{msg}");
         }
         other => panic!("expected PromptTooLong, got {other:?}"),
     }
-    assert!(matches!(h.submit(request(&[], greedy_params(4), 1)), Err(EngineError::EmptyPrompt)));
+    assert!(matches!(submit(&h, request(&[], greedy_params(4), 1)), Err(EngineError::EmptyPrompt)));
     assert!(matches!(
-        h.submit(request(&[1, 100_000], greedy_params(4), 1)),
+        submit(&h, request(&[1, 100_000], greedy_params(4), 1)),
         Err(EngineError::TokenOutOfRange { token: 100_000, vocab_size: 508..=512 })
     ));
     assert!(
-        matches!(h.submit(request(&[1], greedy_params(4), 0)), Err(EngineError::InvalidParam(p)) if p.param == "n")
+        matches!(submit(&h, request(&[1], greedy_params(4), 0)), Err(EngineError::InvalidParam(p)) if p.param == "n")
     );
     let bad_temp = SamplingParams { temperature: 3.0, ..greedy_params(4) };
     assert!(
-        matches!(h.submit(request(&[1], bad_temp, 1)), Err(EngineError::InvalidParam(p)) if p.param == "temperature")
+        matches!(submit(&h, request(&[1], bad_temp, 1)), Err(EngineError::InvalidParam(p)) if p.param == "temperature")
     );
+    let bad_stop = SamplingParams { stop_token_ids: vec![100_000], ..greedy_params(4) };
+    match submit(&h, request(&[1], bad_stop, 1)) {
+        Err(EngineError::InvalidParam(p)) => {
+            assert_eq!(p.param, "stop_token_ids");
+            assert!(p.message.contains("100000") && p.message.contains(&h.limits().vocab_size.to_string()), "{p}");
+        }
+        other => panic!("expected an invalid stop_token_ids, got {other:?}"),
+    }
+    // Validated for a larger model: refused, nothing queued.
+    let larger = RequestLimits { max_model_len: 1000, ..h.limits() };
+    let valid = request(&long, greedy_params(11), 1).validate(larger).unwrap();
+    match h.submit(valid) {
+        Err(e @ EngineError::LooserLimits { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("1000") && msg.contains("40"), "{msg}");
+        }
+        other => panic!("expected LooserLimits, got {other:?}"),
+    }
+    let tighter = RequestLimits { max_model_len: 20, ..h.limits() };
+    let s = h.submit(request(&[1], greedy_params(4), 1).validate(tighter).unwrap()).unwrap();
+    assert_eq!(rt().block_on(collect(s, 1)).error, None);
 }
 
 #[test]
@@ -347,11 +368,11 @@ fn queue_full_is_refused() {
     let g = golden("llama");
     let p = &g.prompts[1].0;
     // The first request occupies the only running slot for a while; the queue holds one more.
-    let _a = h.submit(request(p, greedy_params(100), 1)).unwrap();
+    let _a = submit(&h, request(p, greedy_params(100), 1)).unwrap();
     let mut refused = false;
     let mut keep = Vec::new();
     for _ in 0..4 {
-        match h.submit(request(p, greedy_params(100), 1)) {
+        match submit(&h, request(p, greedy_params(100), 1)) {
             Ok(s) => keep.push(s),
             Err(EngineError::QueueFull { max_queue: 1, .. }) => refused = true,
             Err(e) => panic!("{e}"),
@@ -365,15 +386,15 @@ fn shutdown_drains_then_refuses() {
     let h = load("llama", |_| {});
     let g = golden("llama");
     let (prompt, want) = &g.prompts[0];
-    let s = h.submit(request(prompt, greedy_params(16), 1)).unwrap();
+    let s = submit(&h, request(prompt, greedy_params(16), 1)).unwrap();
     h.shutdown(Duration::from_secs(30));
     let out = rt().block_on(collect(s, 1));
     assert_eq!(&out.tokens[0], want, "in-flight request finished during the drain");
-    assert!(matches!(h.submit(request(prompt, greedy_params(4), 1)), Err(EngineError::ShuttingDown(_))));
+    assert!(matches!(submit(&h, request(prompt, greedy_params(4), 1)), Err(EngineError::ShuttingDown(_))));
 
     // A zero drain timeout aborts what is left.
     let h = load("llama", |_| {});
-    let s = h.submit(request(prompt, greedy_params(200), 1)).unwrap();
+    let s = submit(&h, request(prompt, greedy_params(200), 1)).unwrap();
     h.shutdown(Duration::ZERO);
     let out = rt().block_on(collect(s, 1));
     assert!(matches!(out.finish[0], Some((FinishReason::Abort, None)) | Some((FinishReason::Length, None))));
@@ -427,7 +448,7 @@ fn a_panicking_engine_fails_its_requests_and_spares_the_others() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!bad.is_alive());
-    assert!(matches!(bad.submit(request(&[1], greedy_params(4), 1)), Err(EngineError::ShuttingDown(_))));
+    assert!(matches!(submit(&bad, request(&[1], greedy_params(4), 1)), Err(EngineError::ShuttingDown(_))));
     // The other model keeps serving.
     let g = golden("llama");
     let (prompt, want) = &g.prompts[0];

@@ -14,7 +14,7 @@ use llmd_models::ModelError;
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, Launched, ModelRunner, RowOutput, RowRequest, StepLogits};
 
 mod common;
-use common::{fixture, kv_bytes, request, rt, wait_idle};
+use common::{fixture, kv_bytes, request, rt, submit, wait_idle};
 
 /// (prompt, greedy continuation from HF transformers) of the fixture's `golden.json`.
 fn golden(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
@@ -171,7 +171,7 @@ async fn events(mut s: llmd_engine::GenerationStream, n: usize) -> Vec<Generatio
 
 /// Submits all requests at once (they share steps) and returns each one's events.
 fn run_all(h: &EngineHandle, reqs: &[GenerateRequest]) -> Vec<Vec<GenerationEvent>> {
-    let streams: Vec<_> = reqs.iter().map(|r| (r.n as usize, h.submit(r.clone()).unwrap())).collect();
+    let streams: Vec<_> = reqs.iter().map(|r| (r.n as usize, submit(h, r.clone()).unwrap())).collect();
     rt().block_on(futures::future::join_all(streams.into_iter().map(|(n, s)| events(s, n))))
 }
 
@@ -300,7 +300,7 @@ fn stop_strings_end_choices_one_step_late_and_free_every_block() {
     assert!(chars.len() > 8, "golden text too short: {full:?}");
     let stop = full[chars[4].0..chars[7].0].to_string();
     // Choice 0 of a seeded n = 3 request stops at a string of its own text; the others go on.
-    let sampled = probe.h.submit(request(&g[1].0, seeded(42, 16), 3)).unwrap();
+    let sampled = submit(&probe.h, request(&g[1].0, seeded(42, 16), 3)).unwrap();
     let sampled = rt().block_on(events(sampled, 3));
     let own = text(&sampled, 0);
     let own_chars: Vec<usize> = own.char_indices().map(|(i, _)| i).collect();
@@ -381,8 +381,8 @@ fn cancellation_mid_stream_frees_every_block() {
     let model = "llama";
     let g = golden(model);
     let e = start(model, pipelined());
-    let other = e.h.submit(request(&g[0].0, greedy(g[0].1.len() as u32), 1)).unwrap();
-    let mut s = e.h.submit(request(&g[1].0, greedy(200), 2)).unwrap();
+    let other = submit(&e.h, request(&g[0].0, greedy(g[0].1.len() as u32), 1)).unwrap();
+    let mut s = submit(&e.h, request(&g[1].0, greedy(200), 2)).unwrap();
     rt().block_on(async {
         for _ in 0..5 {
             let ev = s.next().await.unwrap();
@@ -426,7 +426,7 @@ fn shutdown_drains_a_pipelined_engine() {
     let g = golden(model);
     let (prompt, want) = &g[0];
     let e = start(model, pipelined());
-    let s = e.h.submit(request(prompt, greedy(16), 2)).unwrap();
+    let s = submit(&e.h, request(prompt, greedy(16), 2)).unwrap();
     e.h.shutdown(Duration::from_secs(30));
     let evs = rt().block_on(events(s, 2));
     assert_eq!(&tokens(&evs, 0), want);
@@ -435,7 +435,7 @@ fn shutdown_drains_a_pipelined_engine() {
 
     // A zero drain timeout aborts what is left, with `Finished` for every choice and `Usage`.
     let e = start(model, pipelined());
-    let s = e.h.submit(request(prompt, greedy(200), 2)).unwrap();
+    let s = submit(&e.h, request(prompt, greedy(200), 2)).unwrap();
     e.h.shutdown(Duration::ZERO);
     let evs = rt().block_on(events(s, 2));
     assert!(matches!(evs.last(), Some(GenerationEvent::Usage(_))), "{:?}", evs.last());

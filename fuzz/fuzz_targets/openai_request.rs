@@ -2,8 +2,8 @@
 //! `POST /v1/chat/completions`, `/v1/completions`, `/tokenize` and `/detokenize` with the fuzz
 //! bytes as the JSON body. The model behind it is the fixture tokenizer and chat template
 //! (tests/fixtures/models/qwen2) with a fake engine whose `submit` checks what validation let
-//! through: sampling parameters that pass `SamplingParams::validate`, ids inside the
-//! vocabulary, prompt + max_tokens within max_model_len. The router must answer every body
+//! through: a request validated against the model's limits, ids inside the vocabulary,
+//! prompt + max_tokens within max_model_len. The router must answer every body
 //! with a 4xx (or the fake engine's 429), never a 500 and never a panic.
 //! The first byte picks the route.
 #![no_main]
@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use axum::body::Body;
 use axum::http::Request;
 use libfuzzer_sys::fuzz_target;
-use llmd_engine::{EngineError, EngineStats, GenerateRequest, ModelInfo};
+use llmd_engine::{EngineError, EngineStats, ModelInfo, ValidGenerateRequest};
 use llmd_openai::{
     ApiKeys, ApiOptions, ApiState, EventStream, ModelBackend, ModelRegistry, Phase, ServedModel, TemplateError,
 };
@@ -62,14 +62,12 @@ impl ModelBackend for FixtureModel {
             },
         )
     }
-    fn submit(&self, r: GenerateRequest) -> Result<EventStream, EngineError> {
-        if let Err(e) = r.sampling.validate() {
-            panic!("validation let through sampling parameters the engine refuses: {e}: {:?}", r.sampling);
-        }
-        assert!((1..=llmd_engine::MAX_N).contains(&r.n), "n = {} reached the engine", r.n);
+    fn submit(&self, r: ValidGenerateRequest) -> Result<EventStream, EngineError> {
+        assert!(r.limits().within(self.limits()), "validated against {:?}, not the model's limits", r.limits());
+        assert!((1..=llmd_engine::MAX_N).contains(&r.n()), "n = {} reached the engine", r.n());
         let vocab = self.info.vocab_size as u32;
-        assert!(r.prompt_tokens.iter().all(|&t| t < vocab), "out-of-vocabulary prompt id reached the engine");
-        let total = r.prompt_tokens.len() as u64 + u64::from(r.sampling.max_tokens);
+        assert!(r.prompt_tokens().iter().all(|&t| t < vocab), "out-of-vocabulary prompt id reached the engine");
+        let total = r.prompt_tokens().len() as u64 + u64::from(r.sampling().max_tokens);
         assert!(
             total <= u64::from(MAX_MODEL_LEN),
             "prompt + max_tokens = {total} over max_model_len reached the engine"

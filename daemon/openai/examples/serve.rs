@@ -83,7 +83,7 @@ async fn direct_bench(engine: EngineHandle, spec: &str) {
                     ..Default::default()
                 };
                 let req = GenerateRequest { request_id: format!("direct-{i}"), prompt_tokens: ids, sampling, n: 1 };
-                let mut stream = engine.submit(req).expect("submit");
+                let mut stream = engine.submit(req.validate(engine.limits()).expect("valid")).expect("submit");
                 while let Some(ev) = stream.next().await {
                     if let GenerationEvent::Usage(u) = ev {
                         tokens += u64::from(u.completion_tokens);

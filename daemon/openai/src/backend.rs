@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use llmd_engine::{EngineError, EngineStats, GenerateRequest, GenerationEvent, ModelInfo};
+use llmd_engine::{EngineError, EngineStats, GenerationEvent, ModelInfo, RequestLimits, ValidGenerateRequest};
 
 /// The events of one submitted request. Dropping it cancels the request in the engine.
 pub type EventStream = Pin<Box<dyn Stream<Item = GenerationEvent> + Send>>;
@@ -53,8 +53,15 @@ pub trait ModelBackend: Send + Sync + 'static {
     fn detect_reasoning_parser(&self) -> ReasoningParser {
         ReasoningParser::detect(self.chat_template_source().as_deref())
     }
-    /// Queues a validated request.
-    fn submit(&self, request: GenerateRequest) -> Result<EventStream, EngineError>;
+    /// What requests are validated against before [`ModelBackend::submit`]. The default reads
+    /// `max_model_len` and `vocab_size` from [`ModelBackend::info`]; the real engine also
+    /// counts the tokenizer's vocabulary.
+    fn limits(&self) -> RequestLimits {
+        let info = self.info();
+        RequestLimits { max_model_len: info.max_model_len, vocab_size: info.vocab_size }
+    }
+    /// Queues a request validated against [`ModelBackend::limits`].
+    fn submit(&self, request: ValidGenerateRequest) -> Result<EventStream, EngineError>;
 }
 
 /// How `<think>` blocks are found in a model's output.

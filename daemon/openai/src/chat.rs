@@ -14,9 +14,7 @@ use crate::parse::{OutputParser, Piece};
 use crate::sse::{RunOut, SseRun, render_outs, sse_response, truncated_payload};
 use crate::state::ApiState;
 use crate::types::*;
-use crate::validate::{
-    ModelLimits, SamplingInput, build_sampling, check_tools, generate_request, new_id, normalize_messages,
-};
+use crate::validate::{SamplingInput, check_tools, new_id, normalize_messages, validate_request};
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -293,7 +291,6 @@ pub(crate) async fn chat_completions(state: &ApiState, req: ChatCompletionReques
         }
     }
     let backend = &model.backend;
-    let info = backend.info();
     // The template writes the special tokens (BOS...) itself.
     let prompt_tokens = backend.encode(&prompt, false)?;
     let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
@@ -322,11 +319,11 @@ pub(crate) async fn chat_completions(state: &ApiState, req: ChatCompletionReques
         max_tokens,
         max_tokens_param,
     };
-    let limits = ModelLimits { max_model_len: info.max_model_len, vocab_size: info.vocab_size };
-    let (sampling, n) = build_sampling(input, prompt_tokens.len(), limits)?;
     let id = new_id("chatcmpl-");
+    let request = validate_request(&id, input, prompt_tokens, backend.limits())?;
+    let n = request.n();
     let started = std::time::Instant::now();
-    let events = backend.submit(generate_request(&id, prompt_tokens, sampling, n))?;
+    let events = backend.submit(request)?;
     let parse_tools = tools.is_some();
     let run = ChatRun {
         id,

@@ -15,7 +15,7 @@ use crate::metrics::RequestAccount;
 use crate::sse::{RunOut, SseRun, render_outs, sse_response, truncated_payload};
 use crate::state::ApiState;
 use crate::types::*;
-use crate::validate::{ModelLimits, SamplingInput, build_sampling, generate_request, new_id};
+use crate::validate::{SamplingInput, new_id, validate_request};
 
 type Tagged = Pin<Box<dyn Stream<Item = (usize, GenerationEvent)> + Send>>;
 
@@ -203,7 +203,7 @@ async fn collect(mut run: CompletionRun, mut events: Tagged) -> Result<Completio
 pub(crate) async fn completions(state: &ApiState, req: CompletionRequest) -> Result<Response, ApiError> {
     let model = lookup(state, &req.model)?;
     let backend = &model.backend;
-    let info = backend.info();
+    let limits = backend.limits();
     if let Some(s) = req.suffix.as_ref().filter(|s| !s.is_empty()) {
         return Err(ApiError::param("suffix", format!("`suffix` is not supported (got {} characters)", s.len())));
     }
@@ -218,10 +218,10 @@ pub(crate) async fn completions(state: &ApiState, req: CompletionRequest) -> Res
     }
     // Tokenize every prompt; token-id prompts are checked against the vocabulary.
     let check_ids = |ids: Vec<u32>, p: usize| -> Result<Vec<u32>, ApiError> {
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
             return Err(ApiError::param(
                 "prompt",
-                format!("`prompt` {p} holds token id {bad}, outside the vocabulary of {} tokens", info.vocab_size),
+                format!("`prompt` {p} holds token id {bad}, outside the vocabulary of {} tokens", limits.vocab_size),
             ));
         }
         Ok(ids)
@@ -268,22 +268,21 @@ pub(crate) async fn completions(state: &ApiState, req: CompletionRequest) -> Res
             max_tokens: req.max_tokens,
             max_tokens_param: "max_tokens",
         };
-        let limits = ModelLimits { max_model_len: info.max_model_len, vocab_size: info.vocab_size };
-        let (sampling, choices) = build_sampling(input, ids.len(), limits).map_err(|e| match e {
+        let request_id = if p == 0 { id.clone() } else { format!("{id}-{p}") };
+        let request = validate_request(&request_id, input, ids, limits).map_err(|e| match e {
             ApiError::InvalidParam { param: Some(param), message } if param == "messages" => {
                 ApiError::InvalidParam { param: Some("prompt".into()), message }
             }
             e => e,
         })?;
-        n = choices;
+        n = request.n();
         let echo_text = match (echo, text) {
             (false, _) => None,
             (true, Some(t)) => Some(t),
-            (true, None) => Some(backend.decode(&ids, false)?),
+            (true, None) => Some(backend.decode(request.prompt_tokens(), false)?),
         };
         echoes.extend(std::iter::repeat_n(echo_text, n as usize));
-        let request_id = if p == 0 { id.clone() } else { format!("{id}-{p}") };
-        requests.push(generate_request(&request_id, ids, sampling, n));
+        requests.push(request);
     }
     let started = std::time::Instant::now();
     let count = requests.len();

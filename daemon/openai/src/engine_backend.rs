@@ -1,7 +1,7 @@
 //! [`ModelBackend`] for the real engine: `llmd_engine::EngineHandle` with its tokenizer and
 //! chat template.
 
-use llmd_engine::{EngineError, EngineHandle, EngineStats, GenerateRequest, ModelInfo};
+use llmd_engine::{EngineError, EngineHandle, EngineStats, ModelInfo, RequestLimits, ValidGenerateRequest};
 
 use crate::backend::{EventStream, ModelBackend, ReasoningParser, TemplateError};
 
@@ -59,7 +59,11 @@ impl ModelBackend for EngineHandle {
         })
     }
 
-    fn submit(&self, request: GenerateRequest) -> Result<EventStream, EngineError> {
+    fn limits(&self) -> RequestLimits {
+        EngineHandle::limits(self)
+    }
+
+    fn submit(&self, request: ValidGenerateRequest) -> Result<EventStream, EngineError> {
         // The boxed stream owns the GenerationStream: dropping it cancels the request.
         Ok(Box::pin(EngineHandle::submit(self, request)?))
     }

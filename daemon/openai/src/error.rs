@@ -170,7 +170,9 @@ impl From<EngineError> for ApiError {
             EngineError::TokenOutOfRange { .. } => ApiError::param("prompt", e.to_string()),
             EngineError::QueueFull { .. } => ApiError::QueueFull(e.to_string()),
             EngineError::ShuttingDown(_) => ApiError::Unavailable(e.to_string()),
-            EngineError::Model(_) | EngineError::Tokenizer(_) => ApiError::Internal(e.to_string()),
+            EngineError::Model(_) | EngineError::Tokenizer(_) | EngineError::LooserLimits { .. } => {
+                ApiError::Internal(e.to_string())
+            }
         }
     }
 }
@@ -215,5 +217,8 @@ mod tests {
         assert_eq!(long.status().as_u16(), 400);
         assert!(long.to_string().contains("10") && long.to_string().contains("12"));
         assert_eq!(ApiError::from(EngineError::ShuttingDown("m".into())).status().as_u16(), 503);
+        let limits = llmd_engine::RequestLimits { max_model_len: 8, vocab_size: 10 };
+        let looser = EngineError::LooserLimits { model: "m".into(), validated: limits, limits };
+        assert_eq!(ApiError::from(looser).status().as_u16(), 500);
     }
 }

@@ -1,8 +1,9 @@
-//! Validation of OpenAI requests into the engine's [`GenerateRequest`]: every parameter is
-//! range-checked here (or by [`SamplingParams::validate`]) with an error naming it, so the
-//! engine only ever sees valid requests.
+//! Validation of OpenAI requests into the engine's [`ValidGenerateRequest`]: the OpenAI fields
+//! are turned into a [`GenerateRequest`] here (defaults, `top_k: -1`, the token limit named as
+//! the client sent it) and checked once by [`GenerateRequest::validate`] against the model's
+//! [`RequestLimits`]; every error names the parameter. The engine takes nothing else.
 
-use llmd_engine::{GenerateRequest, MAX_N, SamplingParams};
+use llmd_engine::{GenerateRequest, RequestLimits, SamplingParams, ValidGenerateRequest};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
@@ -63,13 +64,6 @@ pub struct SamplingInput {
     pub max_tokens_param: &'static str,
 }
 
-/// What the model allows.
-#[derive(Debug, Clone, Copy)]
-pub struct ModelLimits {
-    pub max_model_len: u32,
-    pub vocab_size: usize,
-}
-
 /// Rejects what the engine does not enforce yet instead of silently ignoring it.
 fn check_unsupported(input: &SamplingInput) -> Result<(), ApiError> {
     if let Some(fmt) = &input.response_format {
@@ -99,19 +93,17 @@ fn check_unsupported(input: &SamplingInput) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Builds and checks the engine's sampling parameters for a prompt of `prompt_len` tokens.
-/// Returns the parameters and `n`.
-pub fn build_sampling(
+/// Builds the engine request `request_id` for `prompt_tokens` from the sampling fields and
+/// validates it against `limits` (the model's, from [`crate::ModelBackend::limits`]).
+pub fn validate_request(
+    request_id: &str,
     input: SamplingInput,
-    prompt_len: usize,
-    limits: ModelLimits,
-) -> Result<(SamplingParams, u32), ApiError> {
+    prompt_tokens: Vec<u32>,
+    limits: RequestLimits,
+) -> Result<ValidGenerateRequest, ApiError> {
     check_unsupported(&input)?;
     let d = SamplingParams::default();
-    let n = input.n.unwrap_or(1);
-    if !(1..=MAX_N).contains(&n) {
-        return Err(ApiError::param("n", format!("`n` must be between 1 and {MAX_N}, got {n}")));
-    }
+    let prompt_len = prompt_tokens.len();
     let top_k = match input.top_k {
         None | Some(-1) => None,
         Some(k) if k < -1 || k > i64::from(u32::MAX) => {
@@ -143,13 +135,6 @@ pub fn build_sampling(
         }
         Some(m) => m,
     };
-    let stop_token_ids = input.stop_token_ids.unwrap_or_default();
-    if let Some(bad) = stop_token_ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
-        return Err(ApiError::param(
-            "stop_token_ids",
-            format!("`stop_token_ids` holds {bad}, outside the vocabulary of {} tokens", limits.vocab_size),
-        ));
-    }
     let sampling = SamplingParams {
         temperature: input.temperature.unwrap_or(d.temperature),
         top_p: input.top_p.unwrap_or(d.top_p),
@@ -162,23 +147,19 @@ pub fn build_sampling(
         max_tokens,
         min_tokens: input.min_tokens.unwrap_or(0),
         stop: input.stop.map(StopSpec::into_vec).unwrap_or_default(),
-        stop_token_ids,
+        stop_token_ids: input.stop_token_ids.unwrap_or_default(),
         ignore_eos: input.ignore_eos.unwrap_or(false),
         logprobs: input.logprobs,
         skip_special_tokens: input.skip_special_tokens.unwrap_or(true),
     };
-    sampling.validate()?;
-    Ok((sampling, n))
+    let request =
+        GenerateRequest { request_id: request_id.to_string(), prompt_tokens, sampling, n: input.n.unwrap_or(1) };
+    Ok(request.validate(limits)?)
 }
 
 /// A fresh request id with OpenAI's prefix (`chatcmpl-`, `cmpl-`).
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())
-}
-
-/// A validated request for the engine.
-pub fn generate_request(id: &str, prompt_tokens: Vec<u32>, sampling: SamplingParams, n: u32) -> GenerateRequest {
-    GenerateRequest { request_id: id.to_string(), prompt_tokens, sampling, n }
 }
 
 /// Normalizes chat messages into the JSON chat templates expect: `developer` becomes
@@ -307,13 +288,18 @@ mod tests {
     use super::*;
     use crate::types::ChatCompletionRequest;
 
-    const LIMITS: ModelLimits = ModelLimits { max_model_len: 100, vocab_size: 50 };
+    const LIMITS: RequestLimits = RequestLimits { max_model_len: 100, vocab_size: 50 };
 
     fn input() -> SamplingInput {
         SamplingInput { max_tokens_param: "max_tokens", ..Default::default() }
     }
 
-    fn err_param(r: Result<(SamplingParams, u32), ApiError>) -> String {
+    /// Validates `input` for a prompt of `prompt_len` tokens.
+    fn build(input: SamplingInput, prompt_len: usize) -> Result<ValidGenerateRequest, ApiError> {
+        validate_request("t", input, vec![1; prompt_len], LIMITS)
+    }
+
+    fn err_param(r: Result<ValidGenerateRequest, ApiError>) -> String {
         match r {
             Err(ApiError::InvalidParam { param, message }) => {
                 let p = param.unwrap_or_default();
@@ -326,17 +312,17 @@ mod tests {
 
     #[test]
     fn default_max_tokens_is_the_remaining_context() {
-        let (s, n) = build_sampling(input(), 30, LIMITS).unwrap();
-        assert_eq!((s.max_tokens, n), (70, 1));
+        let r = build(input(), 30).unwrap();
+        assert_eq!((r.sampling().max_tokens, r.n(), r.request_id(), r.prompt_tokens().len()), (70, 1, "t", 30));
     }
 
     #[test]
     fn prompt_plus_max_tokens_over_the_limit_names_both_numbers() {
-        let r = build_sampling(SamplingInput { max_tokens: Some(71), ..input() }, 30, LIMITS);
+        let r = build(SamplingInput { max_tokens: Some(71), ..input() }, 30);
         let Err(e) = r else { panic!("accepted") };
         let msg = e.to_string();
         assert!(msg.contains("30") && msg.contains("71") && msg.contains("100"), "{msg}");
-        let Err(e) = build_sampling(input(), 100, LIMITS) else { panic!("accepted") };
+        let Err(e) = build(input(), 100) else { panic!("accepted") };
         assert!(e.to_string().contains("100 tokens"), "{e}");
     }
 
@@ -364,7 +350,7 @@ mod tests {
             (SamplingInput { logit_bias: Some(json!({"1": 5})), ..input() }, "logit_bias"),
         ];
         for (inp, param) in cases {
-            assert_eq!(err_param(build_sampling(inp, 10, LIMITS)), param);
+            assert_eq!(err_param(build(inp, 10)), param);
         }
         let ok = SamplingInput {
             top_k: Some(-1),
@@ -372,8 +358,8 @@ mod tests {
             stop: Some(StopSpec::Many(vec!["a".into(), "b".into()])),
             ..input()
         };
-        let (s, _) = build_sampling(ok, 10, LIMITS).unwrap();
-        assert_eq!((s.top_k, s.stop.len()), (None, 2));
+        let r = build(ok, 10).unwrap();
+        assert_eq!((r.sampling().top_k, r.sampling().stop.len()), (None, 2));
     }
 
     #[test]

@@ -62,8 +62,8 @@ async fn chat_defaults_max_tokens_to_remaining_context_and_passes_parameters() {
     assert_eq!(status, 200);
     let req = b.last_request.lock().clone().unwrap();
     let prompt = "<|system|>sys\n<|user|>x\n<|assistant|>";
-    assert_eq!(req.prompt_tokens.len(), prompt.len());
-    let s = req.sampling;
+    assert_eq!(req.prompt_tokens().len(), prompt.len());
+    let s = req.sampling();
     assert_eq!(s.max_tokens as usize, 256 - prompt.len(), "default = remaining context");
     assert_eq!((s.temperature, s.top_p, s.top_k, s.min_p), (0.5, 0.9, Some(5), 0.1));
     assert_eq!((s.repetition_penalty, s.presence_penalty, s.frequency_penalty), (1.1, 0.5, 0.25));
@@ -279,7 +279,7 @@ async fn completions_in_every_prompt_form() {
     let (status, v) = post(&base, "/v1/completions", json!({"model": "tiny", "prompt": "abc", "max_tokens": 5})).await;
     assert_eq!(status, 200);
     insta::with_settings!({sort_maps => true}, { insta::assert_json_snapshot!("completion_string", redact(v)); });
-    assert_eq!(b.last_request.lock().as_ref().unwrap().prompt_tokens, vec![97, 98, 99]);
+    assert_eq!(b.last_request.lock().as_ref().unwrap().prompt_tokens(), [97, 98, 99]);
 
     let (_, v) = post(&base, "/v1/completions", json!({"model": "tiny", "prompt": ["a", "b"], "n": 2})).await;
     let idx: Vec<u64> = v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
@@ -290,7 +290,7 @@ async fn completions_in_every_prompt_form() {
     let (status, v) = post(&base, "/v1/completions", json!({"model": "tiny", "prompt": [104, 105]})).await;
     assert_eq!(status, 200);
     assert_eq!(v["choices"][0]["text"], "xyz");
-    assert_eq!(b.last_request.lock().as_ref().unwrap().prompt_tokens, vec![104, 105]);
+    assert_eq!(b.last_request.lock().as_ref().unwrap().prompt_tokens(), [104, 105]);
 
     let (status, v) =
         post(&base, "/v1/completions", json!({"model": "tiny", "prompt": [[1, 2], [3]], "max_tokens": 2})).await;

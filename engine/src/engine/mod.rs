@@ -41,7 +41,7 @@ pub use stream::GenerationStream;
 
 use crate::error::EngineError;
 use crate::kv::BlockManager;
-use crate::request::{GenerateRequest, GenerationEvent, InvalidParam, MAX_N};
+use crate::request::{GenerationEvent, RequestLimits, ValidGenerateRequest};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use run_loop::Engine;
 
@@ -88,7 +88,7 @@ pub struct EngineStats {
 }
 
 enum Command {
-    Submit { key: u64, req: GenerateRequest, tx: tokio_mpsc::UnboundedSender<GenerationEvent>, at: Instant },
+    Submit { key: u64, req: Box<ValidGenerateRequest>, tx: tokio_mpsc::UnboundedSender<GenerationEvent>, at: Instant },
     Cancel(u64),
     Shutdown { deadline: Instant },
 }
@@ -118,8 +118,9 @@ struct Shared {
     alive: AtomicBool,
     next_key: AtomicU64,
     max_queue: usize,
-    /// Prompt ids must be below this (model and tokenizer vocabularies).
-    id_limit: usize,
+    /// What requests are validated against: `max_model_len`, and ids below both the model's
+    /// and the tokenizer's vocabularies.
+    limits: RequestLimits,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -196,7 +197,7 @@ impl EngineHandle {
             loaded_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         let shared = Arc::new(Shared {
-            id_limit: facts.vocab_size.min(tokenizer.vocab_size()),
+            limits: RequestLimits { max_model_len, vocab_size: facts.vocab_size.min(tokenizer.vocab_size()) },
             info,
             tokenizer: Arc::clone(&tokenizer),
             counters: Counters::default(),
@@ -259,35 +260,23 @@ impl EngineHandle {
         self.shared.alive.load(Ordering::Relaxed)
     }
 
-    /// Validates and queues a request. Errors: invalid parameters, `n` out of 1..=[`MAX_N`],
-    /// empty prompt, token ids outside the vocabulary, prompt + `max_tokens` beyond
-    /// `max_model_len`, full queue, engine shutting down or dead.
-    pub fn submit(&self, req: GenerateRequest) -> Result<GenerationStream, EngineError> {
+    /// What requests to this model are validated against ([`GenerateRequest::validate`]).
+    ///
+    /// [`GenerateRequest::validate`]: crate::GenerateRequest::validate
+    pub fn limits(&self) -> RequestLimits {
+        self.shared.limits
+    }
+
+    /// Queues a request validated against [`EngineHandle::limits`] (or tighter ones). Errors:
+    /// engine shutting down or dead, a request validated against looser limits, full queue.
+    pub fn submit(&self, req: ValidGenerateRequest) -> Result<GenerationStream, EngineError> {
         let name = &self.shared.info.served_name;
         if !self.shared.accepting.load(Ordering::Acquire) || !self.is_alive() {
             return Err(EngineError::ShuttingDown(name.clone()));
         }
-        req.sampling.validate()?;
-        if req.n == 0 || req.n > MAX_N {
-            return Err(InvalidParam {
-                param: "n",
-                message: format!("`n` must be between 1 and {MAX_N}, got {}", req.n),
-            }
-            .into());
-        }
-        if req.prompt_tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if let Some(&token) = req.prompt_tokens.iter().find(|&&t| t as usize >= self.shared.id_limit) {
-            return Err(EngineError::TokenOutOfRange { token, vocab_size: self.shared.id_limit });
-        }
-        let max_model_len = self.shared.info.max_model_len;
-        if req.prompt_tokens.len() as u64 + u64::from(req.sampling.max_tokens) > u64::from(max_model_len) {
-            return Err(EngineError::PromptTooLong {
-                prompt_tokens: req.prompt_tokens.len(),
-                max_tokens: req.sampling.max_tokens,
-                max_model_len,
-            });
+        let limits = self.shared.limits;
+        if !req.limits().within(limits) {
+            return Err(EngineError::LooserLimits { model: name.clone(), validated: req.limits(), limits });
         }
         let counters = &self.shared.counters;
         let max_queue = self.shared.max_queue;
@@ -300,7 +289,7 @@ impl EngineHandle {
         }
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = tokio_mpsc::unbounded_channel();
-        if self.tx.send(Command::Submit { key, req, tx: etx, at: Instant::now() }).is_err() {
+        if self.tx.send(Command::Submit { key, req: Box::new(req), tx: etx, at: Instant::now() }).is_err() {
             counters.unstarted.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::ShuttingDown(name.clone()));
         }

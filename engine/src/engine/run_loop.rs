@@ -17,6 +17,7 @@ use super::stop::{StopScan, scan_stops};
 use super::{Command, Shared};
 use crate::request::{
     FinishReason, GenerateRequest, GenerationEvent, PositionLogprobs, SamplingParams, StopMatch, TokenLogprob, Usage,
+    ValidGenerateRequest,
 };
 use crate::sampler::{Sampled, SeqSampler};
 use crate::scheduler::{Scheduler, SchedulerOutput, SeqId};
@@ -232,7 +233,7 @@ impl Engine {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit { key, req, tx, at } => self.add_request(key, req, tx, at),
+            Command::Submit { key, req, tx, at } => self.add_request(key, *req, tx, at),
             Command::Cancel(key) => {
                 if let Some(req) = self.requests.remove(&key) {
                     if !req.started {
@@ -252,7 +253,7 @@ impl Engine {
     fn add_request(
         &mut self,
         key: u64,
-        req: GenerateRequest,
+        req: ValidGenerateRequest,
         tx: tokio_mpsc::UnboundedSender<GenerationEvent>,
         at: Instant,
     ) {
@@ -260,6 +261,7 @@ impl Engine {
             shared.counters.unstarted.fetch_sub(1, Ordering::AcqRel);
             let _ = tx.send(GenerationEvent::Error(msg));
         };
+        let req: GenerateRequest = req.into_inner();
         let mut choices = Vec::with_capacity(req.n as usize);
         for c in 0..req.n {
             let decoder = match self.tokenizer.incremental_decoder(&req.prompt_tokens, req.sampling.skip_special_tokens)

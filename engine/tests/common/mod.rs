@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use llmd_engine::{EngineHandle, GenerateRequest, SamplingParams};
+use llmd_engine::{EngineError, EngineHandle, GenerateRequest, GenerationStream, SamplingParams};
 
 /// A tiny checkpoint saved by transformers, under tests/fixtures/models.
 pub fn fixture(name: &str) -> PathBuf {
@@ -24,6 +24,11 @@ pub fn kv_bytes(name: &str, blocks: usize, block_size: usize) -> u64 {
 
 pub fn request(prompt: &[u32], sampling: SamplingParams, n: u32) -> GenerateRequest {
     GenerateRequest { request_id: "t".into(), prompt_tokens: prompt.to_vec(), sampling, n }
+}
+
+/// Validates `req` against `h`'s limits and submits it, as the HTTP layer does.
+pub fn submit(h: &EngineHandle, req: GenerateRequest) -> Result<GenerationStream, EngineError> {
+    h.submit(req.validate(h.limits())?)
 }
 
 pub fn rt() -> tokio::runtime::Runtime {

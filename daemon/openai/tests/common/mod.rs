@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use llmd_engine::{
-    EngineError, EngineStats, FinishReason, GenerateRequest, GenerationEvent, ModelInfo, PositionLogprobs, StopMatch,
-    TokenLogprob, Usage,
+    EngineError, EngineStats, FinishReason, GenerationEvent, ModelInfo, PositionLogprobs, StopMatch, TokenLogprob,
+    Usage, ValidGenerateRequest,
 };
 use llmd_openai::{
     ApiKeys, ApiOptions, ApiState, EventStream, ModelBackend, ModelRegistry, Phase, ReasoningParser, ServedModel,
@@ -25,7 +25,7 @@ pub struct ScriptedBackend {
     pub max_running: usize,
     pub token_delay: Duration,
     pub shutting_down: bool,
-    pub last_request: Mutex<Option<GenerateRequest>>,
+    pub last_request: Mutex<Option<ValidGenerateRequest>>,
     pub last_prompt: Mutex<Option<String>>,
 }
 
@@ -204,7 +204,7 @@ impl ModelBackend for ScriptedBackend {
         *self.last_prompt.lock() = Some(out.clone());
         Ok(out)
     }
-    fn submit(&self, request: GenerateRequest) -> Result<EventStream, EngineError> {
+    fn submit(&self, request: ValidGenerateRequest) -> Result<EventStream, EngineError> {
         if self.shutting_down {
             return Err(EngineError::ShuttingDown(self.info.served_name.clone()));
         }
@@ -215,13 +215,13 @@ impl ModelBackend for ScriptedBackend {
         *self.last_request.lock() = Some(request.clone());
         let generator = Gen {
             text: self.script.lock().clone().into_bytes(),
-            n: request.n,
+            n: request.n(),
             choice: 0,
             pos: 0,
-            max_tokens: request.sampling.max_tokens as usize,
-            prompt_tokens: request.prompt_tokens.len() as u32,
+            max_tokens: request.sampling().max_tokens as usize,
+            prompt_tokens: request.prompt_tokens().len() as u32,
             produced: 0,
-            logprobs: request.sampling.logprobs,
+            logprobs: request.sampling().logprobs,
             delay: self.token_delay,
             done: false,
             _guard: RunningGuard(self.running.clone()),
