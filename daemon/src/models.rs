@@ -584,7 +584,7 @@ mod tests {
     use super::*;
     use std::sync::{Condvar, Mutex};
 
-    use llmd_engine::{EngineError, EngineStats, GenerateRequest, ModelInfo};
+    use llmd_engine::{EngineError, EngineStats, ModelInfo, ValidGenerateRequest};
     use llmd_openai::{EventStream, ModelBackend, TemplateError};
 
     /// What the HTTP layer would reach: only `info` is asked for by the manager's table.
@@ -615,7 +615,7 @@ mod tests {
         ) -> Result<String, TemplateError> {
             Err(TemplateError::NoTemplate(self.0.served_name.clone()))
         }
-        fn submit(&self, _: GenerateRequest) -> Result<EventStream, EngineError> {
+        fn submit(&self, _: ValidGenerateRequest) -> Result<EventStream, EngineError> {
             Err(EngineError::ShuttingDown(self.0.served_name.clone()))
         }
     }
