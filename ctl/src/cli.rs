@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use llmd_proto::DtypeChoice;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 the operation failed (the daemon's message and error code are printed),
@@ -145,9 +146,10 @@ pub struct LoadArgs {
     /// Cap on the context length (default: the model's max_position_embeddings)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_model_len: Option<u32>,
-    /// Weight dtype
-    #[arg(long, value_parser = ["auto", "bfloat16", "float16", "float32"])]
-    pub dtype: Option<String>,
+    /// Dtype to compute in: auto (the backend's own), float32 on the CPU, bfloat16 on CUDA;
+    /// one the backend does not serve is refused
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<DtypeChoice>,
     /// Hub revision (branch, tag or commit) when SOURCE has no @rev
     #[arg(long)]
     pub revision: Option<String>,

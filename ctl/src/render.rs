@@ -14,7 +14,7 @@ fn opt<T: std::fmt::Display>(value: Option<T>, suffix: &str) -> String {
 pub fn status(s: &StatusInfo) -> String {
     let mut out = format!("llmd {} (protocol {}): {}\n", s.version, s.protocol, s.state.as_str());
     let device = match s.gpus {
-        0 => s.device.clone(),
+        0 => s.device.to_string(),
         1 => format!("{} (1 GPU)", s.device),
         n => format!("{} ({n} GPUs)", s.device),
     };
@@ -37,7 +37,7 @@ pub fn status(s: &StatusInfo) -> String {
 /// Where a model runs, compactly: `cpu`, `cuda:0`, `cuda:0,1`.
 fn placement(m: &RunningModel) -> String {
     if m.gpus.is_empty() {
-        return m.device.clone();
+        return m.device.to_string();
     }
     let ids: Vec<String> = m.gpus.iter().map(u32::to_string).collect();
     format!("{}:{}", m.device, ids.join(","))
@@ -57,7 +57,7 @@ pub fn ps(models: &[RunningModel], now_unix: u64) -> String {
             m.name.clone(),
             m.architecture.clone(),
             fmt::count(m.params),
-            m.dtype.clone(),
+            m.dtype.to_string(),
             placement(m),
             m.tp.to_string(),
             m.max_model_len.to_string(),
@@ -255,7 +255,7 @@ pub fn doctor(report: &DoctorReport, color: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use llmd_proto::{CheckResult, DaemonState, GpuInfo, GpuProcess};
+    use llmd_proto::{Backend, CheckResult, DaemonState, GpuInfo, GpuProcess};
 
     use super::*;
 
@@ -270,7 +270,7 @@ mod tests {
             http_listen: "0.0.0.0:8000".into(),
             socket: "/run/llmd/llmd.sock".into(),
             dbus: "system".into(),
-            device: "cuda".into(),
+            device: Backend::Cuda,
             models_dir: "/var/lib/llmd/models".into(),
             models_loaded: 1,
             gpus: 2,

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use llmd_proto::{LoadParams, PullParams, Request};
+use llmd_proto::{Dtype, DtypeChoice, LoadParams, PullParams, Request};
 
 #[test]
 fn status_table_and_json() {
@@ -182,7 +182,7 @@ fn load_follows_progress_and_sends_every_option() {
         tp: Some(2),
         gpus: Some(vec![0, 1]),
         max_model_len: Some(8192),
-        dtype: Some("bfloat16".into()),
+        dtype: Some(DtypeChoice::Fixed(Dtype::BFloat16)),
         revision: Some("main".into()),
     };
     assert!(d.requests().contains(&Request::Load(expected)), "{:?}", d.requests());
@@ -193,6 +193,16 @@ fn load_follows_progress_and_sends_every_option() {
     let v = json(&out);
     assert_eq!(v["kind"], "loaded");
     assert_eq!(v["source"], "/srv/models/x");
+}
+
+#[test]
+fn an_unknown_dtype_is_refused_before_the_daemon_is_asked() {
+    let d = FakeDaemon::start();
+    let out = d.run(&["load", "/srv/models/x", "--dtype", "fp8"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("`fp8` is not a valid dtype (expected one of: auto, bfloat16, float16, float32)"), "{err}");
+    assert!(!d.requests().iter().any(|r| matches!(r, Request::Load(_))), "{:?}", d.requests());
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use llmd_options::{Device, DtypeChoice, ReasoningParser};
 use serde::{Deserialize, Serialize};
 
 use crate::env::Env;
@@ -148,30 +149,12 @@ impl Default for StorageConfig {
     }
 }
 
-/// Where models run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl Device {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Device::Auto => "auto",
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        }
-    }
-}
-
 /// `[engine]`: defaults for every loaded model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// "auto" (CUDA when a GPU is usable, else CPU), "cpu" or "cuda".
+    /// "auto" (CUDA when built with it, a GPU is usable and it serves the model, else the
+    /// CPU), "cpu" or "cuda".
     pub device: Device,
     /// Fraction of GPU memory a model may use for weights and KV cache.
     pub gpu_memory_utilization: f64,
@@ -206,15 +189,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// How reasoning text (`<think>...</think>`) is split from the answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReasoningParser {
-    DeepseekR1,
-    Qwen3,
-    None,
-}
-
 /// One `[[models]]` entry: a model served from start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -230,9 +204,11 @@ pub struct ModelConfig {
     /// Context length cap; defaults to the model's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<u32>,
-    /// "auto", "bfloat16", "float16" or "float32".
+    /// The dtype to compute in: "auto" (the backend's own), or the one the backend serves
+    /// ("float32" on the CPU, "bfloat16" on CUDA); "bfloat16", "float16" and "float32" parse,
+    /// and a value the backend does not serve is refused at load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<String>,
+    pub dtype: Option<DtypeChoice>,
     /// GPU indices; defaults to the `tp` GPUs with the most free memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<Vec<u32>>,
@@ -255,7 +231,7 @@ impl ModelConfig {
             tp: self.tp,
             gpus: self.gpus.clone(),
             max_model_len: self.max_model_len,
-            dtype: self.dtype.clone(),
+            dtype: self.dtype,
             revision: None,
         }
     }
@@ -462,8 +438,6 @@ fn check_url(key: &str, v: &str) -> Result<(), Invalid> {
 /// Longest path a Unix socket address can hold (`sun_path` is 108 bytes with the final NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-const DTYPES: &[&str] = &["auto", "bfloat16", "float16", "float32"];
-
 impl Config {
     /// Checks every value against its limits. The first failure is returned.
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -580,11 +554,6 @@ impl Config {
             }
             if let Some(len) = m.max_model_len {
                 check_range(&key("max_model_len"), len, 1, 1 << 24)?;
-            }
-            if let Some(d) = &m.dtype
-                && !DTYPES.contains(&d.as_str())
-            {
-                return Err(invalid(key("dtype"), format!("= {d:?} must be one of {}", DTYPES.join(", "))));
             }
         }
 
@@ -855,6 +824,28 @@ mod tests {
         let err = load_text("[engine]\nblock_size = 16\nmax_num_seqs = \"lots\"\n").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("line 3") && msg.contains("engine.max_num_seqs"), "{msg}");
+    }
+
+    #[test]
+    fn typed_options_name_key_line_and_accepted_values() {
+        let err =
+            load_text("[[models]]\nsource = \"/a\"\n\n[[models]]\nsource = \"/b\"\ndtype = \"fp8\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("line 6") && msg.contains("models[1].dtype"), "{msg}");
+        assert!(
+            msg.contains("`fp8` is not a valid dtype (expected one of: auto, bfloat16, float16, float32)"),
+            "{msg}"
+        );
+        let err = load_text("[engine]\ndevice = \"tpu\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("line 2") && msg.contains("engine.device") && msg.contains("auto, cpu, cuda"), "{msg}");
+        let err = load_text("[[models]]\nsource = \"/a\"\nreasoning_parser = \"r1\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("line 3") && msg.contains("deepseek_r1, qwen3, none"), "{msg}");
+        let ok = load_text("[engine]\ndevice = \"cpu\"\n[[models]]\nsource = \"/a\"\ndtype = \"float32\"\n").unwrap();
+        assert_eq!(ok.config.engine.device, Device::Cpu);
+        assert_eq!(ok.config.models[0].dtype, Some(DtypeChoice::Fixed(llmd_options::Dtype::Float32)));
+        assert_eq!(ok.config.models[0].to_load_params().dtype, ok.config.models[0].dtype);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use llmd_openai::ApiKeys;
+use llmd_options::{Backend, Device};
 use llmd_proto::{
     ControlError, DaemonState, DoctorParams, DoctorReport, ErrorCode, GpuReport, Progress, PullParams, Reply, Request,
     StatusInfo, StoredModel, Welcome,
@@ -16,7 +17,7 @@ use llmd_telemetry::Telemetry;
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Authorizer, Caller};
-use crate::config::{Device, Settings};
+use crate::config::Settings;
 use crate::models::ModelManager;
 use crate::store::{self, store_error};
 
@@ -258,7 +259,7 @@ impl Dispatcher {
     }
 
     /// A `[[models]]` entry's reasoning parser applies when `llmctl load` names the same source.
-    fn reasoning_parser_for(&self, source: &str) -> Option<crate::config::ReasoningParser> {
+    fn reasoning_parser_for(&self, source: &str) -> Option<llmd_options::ReasoningParser> {
         let settings = self.shared.settings.read().unwrap_or_else(|e| e.into_inner());
         settings.config.models.iter().find(|m| m.source == source).and_then(|m| m.reasoning_parser)
     }
@@ -279,9 +280,9 @@ impl Dispatcher {
             dbus: self.shared.dbus.read().unwrap_or_else(|e| e.into_inner()).clone(),
             // "auto" means a GPU only in a CUDA build on a host with one.
             device: match settings.config.engine.device {
-                Device::Cuda => "cuda".into(),
-                Device::Auto if cfg!(feature = "cuda") && gpus > 0 => "cuda".into(),
-                Device::Auto | Device::Cpu => "cpu".into(),
+                Device::Cuda => Backend::Cuda,
+                Device::Auto if cfg!(feature = "cuda") && gpus > 0 => Backend::Cuda,
+                Device::Auto | Device::Cpu => Backend::Cpu,
             },
             models_dir: settings.config.storage.models_dir.display().to_string(),
             models_loaded,

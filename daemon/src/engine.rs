@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use llmd_engine::{EngineError, EngineHandle, LoadOptions, LoadProgress};
 use llmd_openai::ServedModel;
-use llmd_proto::{ControlError, ErrorCode, Progress, ProgressUnit, RunningModel};
+use llmd_options::{Backend, Device, Dtype};
+use llmd_proto::{ControlError, ErrorCode, LoadParams, Progress, ProgressUnit, RunningModel};
 use llmd_telemetry::Telemetry;
 
-use crate::config::{Device, ReasoningParser};
 use crate::models::{LoadRequest, LoadedModel, ModelLoader};
 
 /// Loads models into `llmd_engine` engines.
@@ -31,15 +31,6 @@ impl Default for EngineLoader {
     }
 }
 
-/// The HTTP layer's name for a configured reasoning parser.
-fn api_parser(p: ReasoningParser) -> llmd_openai::ReasoningParser {
-    match p {
-        ReasoningParser::DeepseekR1 => llmd_openai::ReasoningParser::DeepseekR1,
-        ReasoningParser::Qwen3 => llmd_openai::ReasoningParser::Qwen3,
-        ReasoningParser::None => llmd_openai::ReasoningParser::None,
-    }
-}
-
 impl EngineLoader {
     /// A loader that checks GPU loads against `telemetry`'s memory figures.
     pub fn new(telemetry: Arc<Telemetry>) -> EngineLoader {
@@ -49,8 +40,10 @@ impl EngineLoader {
 
 fn engine_error(name: &str, e: EngineError) -> ControlError {
     let code = match &e {
+        EngineError::Model(llmd_models::ModelError::UnservedDtype { .. }) | EngineError::InvalidParam(_) => {
+            ErrorCode::InvalidArgument
+        }
         EngineError::Model(_) | EngineError::Tokenizer(_) => ErrorCode::Failed,
-        EngineError::InvalidParam(_) => ErrorCode::InvalidArgument,
         _ => ErrorCode::Failed,
     };
     ControlError::new(code, format!("cannot load `{name}`: {e}"))
@@ -61,8 +54,8 @@ fn options(req: &LoadRequest) -> LoadOptions {
     let mut o = LoadOptions::new(req.path.clone(), req.served_name.clone());
     o.source = req.params.source.clone();
     o.max_model_len = req.params.max_model_len;
-    o.dtype = req.params.dtype.clone().unwrap_or_else(|| "auto".into());
-    o.device = e.device.as_str().to_string();
+    o.dtype = req.params.dtype.unwrap_or_default();
+    o.device = e.device;
     o.cpu_kv_cache_bytes = e.cpu_kv_cache_bytes;
     o.gpu_memory_utilization = e.gpu_memory_utilization as f32;
     o.max_num_seqs = e.max_num_seqs as usize;
@@ -122,10 +115,10 @@ impl ModelLoader for EngineLoader {
         let handle = EngineHandle::load(opts, &mut on_progress).map_err(|e| engine_error(&name, e))?;
         // Whether it is served (or stopped, when the load was cancelled meanwhile) is the
         // model manager's decision.
-        let served = ServedModel::from_engine(handle.clone(), request.reasoning_parser.map(api_parser));
-        tracing::info!(model = %name, reasoning_parser = served.reasoning_parser.name(), "model ready to serve");
+        let served = ServedModel::from_engine(handle.clone(), request.reasoning_parser);
+        tracing::info!(model = %name, reasoning_parser = %served.reasoning_parser, "model ready to serve");
         // The engine says where it really runs; GPUs are reported only for a GPU engine.
-        let gpus = if handle.info().device.starts_with("cuda") { gpus } else { Vec::new() };
+        let gpus = if handle.info().backend == Backend::Cuda { gpus } else { Vec::new() };
         Ok(Arc::new(EngineModel { handle, served, tp: request.params.tp.unwrap_or(1), gpus }))
     }
 }
@@ -152,12 +145,10 @@ fn weight_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
-/// Bytes per KV element for a load's dtype (`auto` means the checkpoint's, 16-bit on GPUs).
-fn kv_dtype_bytes(dtype: Option<&str>) -> u32 {
-    match dtype {
-        Some("float32" | "f32") => 4,
-        _ => 2,
-    }
+/// The dtype a GPU load keeps its KV cache in: the one the CUDA backend computes in, or the
+/// engine's refusal (`InvalidArgument`) of a `dtype` it does not serve, before any placement.
+fn gpu_kv_dtype(name: &str, params: &LoadParams) -> Result<Dtype, ControlError> {
+    llmd_engine::serving_dtype(Backend::Cuda, params.dtype.unwrap_or_default()).map_err(|e| engine_error(name, e))
 }
 
 impl EngineLoader {
@@ -169,7 +160,8 @@ impl EngineLoader {
     }
 }
 
-/// [`EngineLoader::place`] against a given GPU report.
+/// [`EngineLoader::place`] against a given GPU report. A `dtype` the CUDA backend does not
+/// serve is refused first (`InvalidArgument`); the KV cache is sized in the dtype it serves.
 fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result<Vec<u32>, ControlError> {
     let name = &request.served_name;
     let tp = request.params.tp.unwrap_or(1);
@@ -181,6 +173,7 @@ fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result
             format!("cannot load `{name}`: `gpus` = {gpus:?} lists {} GPUs but `tp` is {tp}", gpus.len()),
         ));
     }
+    let kv_dtype = gpu_kv_dtype(name, &request.params)?;
     if let Some(reason) = &report.unavailable {
         tracing::warn!(model = %name, "no GPU memory check before loading: {reason}");
         return Ok(request.params.gpus.clone().unwrap_or_else(|| (0..tp).collect()));
@@ -197,7 +190,7 @@ fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result
         u32::try_from(cfg.num_hidden_layers).unwrap_or(u32::MAX),
         u32::try_from(cfg.num_key_value_heads).unwrap_or(u32::MAX),
         u32::try_from(cfg.head_dim).unwrap_or(u32::MAX),
-        kv_dtype_bytes(request.params.dtype.as_deref()),
+        u32::try_from(kv_dtype.size_bytes()).unwrap_or(u32::MAX),
         max_model_len,
         tp,
     );
@@ -226,8 +219,8 @@ impl LoadedModel for EngineModel {
             source: info.source.clone(),
             architecture: info.architecture.clone(),
             params: info.num_params,
-            dtype: info.dtype.clone(),
-            device: info.device.clone(),
+            dtype: info.dtype,
+            device: info.backend,
             tp: self.tp,
             gpus: self.gpus.clone(),
             max_model_len: info.max_model_len,
@@ -259,7 +252,7 @@ impl LoadedModel for EngineModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llmd_proto::{GpuInfo, GpuReport, LoadParams};
+    use llmd_proto::{GpuInfo, GpuReport};
 
     fn request(params: LoadParams) -> LoadRequest {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/qwen2");
@@ -326,9 +319,25 @@ mod tests {
     }
 
     #[test]
-    fn kv_bytes_follow_the_dtype() {
-        assert_eq!(kv_dtype_bytes(Some("float32")), 4);
-        assert_eq!(kv_dtype_bytes(Some("bfloat16")), 2);
-        assert_eq!(kv_dtype_bytes(None), 2);
+    fn gpu_placement_sizes_kv_in_bfloat16_and_refuses_other_dtypes() {
+        let fixed = |d| LoadParams { dtype: Some(llmd_options::DtypeChoice::Fixed(d)), ..Default::default() };
+        assert_eq!(gpu_kv_dtype("m", &LoadParams::default()).unwrap(), Dtype::BFloat16);
+        assert_eq!(gpu_kv_dtype("m", &fixed(Dtype::BFloat16)).unwrap(), Dtype::BFloat16);
+        let e = gpu_kv_dtype("m", &fixed(Dtype::Float32)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("`dtype` = float32 is not served by the CUDA backend"), "{}", e.message);
+        // Refused before the model is looked at, whatever the GPUs hold.
+        let e = place_on(&one_gpu(8 << 30), &request(fixed(Dtype::Float16))).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
+    }
+
+    #[test]
+    fn load_options_take_the_typed_dtype_and_device() {
+        let mut r =
+            request(LoadParams { dtype: Some(llmd_options::DtypeChoice::Fixed(Dtype::Float32)), ..Default::default() });
+        r.engine.device = Device::Cpu;
+        let o = options(&r);
+        assert_eq!((o.dtype, o.device), (llmd_options::DtypeChoice::Fixed(Dtype::Float32), Device::Cpu));
+        assert_eq!(options(&request(LoadParams::default())).dtype, llmd_options::DtypeChoice::Auto);
     }
 }

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use llmd_openai::ServedModel;
+use llmd_options::ReasoningParser;
 use llmd_proto::{ControlError, ErrorCode, LoadParams, Progress, RunningModel};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::config::{EngineConfig, ReasoningParser};
+use crate::config::EngineConfig;
 
 /// A model the engine serves. Implemented over `llmd_engine::EngineHandle`.
 pub trait LoadedModel: Send + Sync + 'static {
@@ -626,8 +627,8 @@ mod tests {
             source: "/fake".into(),
             architecture: "FakeForCausalLM".into(),
             num_params: 1,
-            dtype: "float32".into(),
-            device: "cpu".into(),
+            dtype: llmd_options::Dtype::Float32,
+            backend: llmd_options::Backend::Cpu,
             max_model_len: 16,
             vocab_size: 256,
             weight_bytes: 4,
@@ -636,7 +637,7 @@ mod tests {
             kv_blocks_total: 1,
             loaded_at: 0,
         };
-        ServedModel::new(Arc::new(FakeBackend(info)), Some(llmd_openai::ReasoningParser::None))
+        ServedModel::new(Arc::new(FakeBackend(info)), Some(ReasoningParser::None))
     }
 
     /// A door a blocking fake waits at until the test opens it.
@@ -681,8 +682,8 @@ mod tests {
                 source: "/fake".into(),
                 architecture: "FakeForCausalLM".into(),
                 params: 1,
-                dtype: "float32".into(),
-                device: "cpu".into(),
+                dtype: llmd_options::Dtype::Float32,
+                device: llmd_options::Backend::Cpu,
                 tp: 1,
                 gpus: vec![],
                 max_model_len: 16,

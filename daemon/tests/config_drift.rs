@@ -5,7 +5,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use llmd_daemon::config::{self, Config, ModelConfig, ReasoningParser};
+use llmd_daemon::config::{self, Config, ModelConfig};
+use llmd_options::{DtypeChoice, ReasoningParser};
 
 fn repo(path: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
@@ -21,7 +22,7 @@ fn full_config() -> Config {
         name: Some("n".into()),
         tp: Some(1),
         max_model_len: Some(1),
-        dtype: Some("auto".into()),
+        dtype: Some(DtypeChoice::Auto),
         gpus: Some(vec![0]),
         reasoning_parser: Some(ReasoningParser::None),
     });

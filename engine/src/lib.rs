@@ -16,6 +16,6 @@ pub mod sampler;
 pub mod scheduler;
 
 pub use engine::{EngineHandle, GenerationStream, LoadProgress, ModelFacts};
-pub use engine::{EngineStats, LoadOptions, ModelInfo};
+pub use engine::{EngineStats, LoadOptions, ModelInfo, backend_dtype, serving_dtype};
 pub use error::EngineError;
 pub use request::*;

@@ -433,7 +433,8 @@ fn a_panicking_engine_fails_its_requests_and_spares_the_others() {
     let facts = ModelFacts {
         architecture: "Test".into(),
         num_params: 0,
-        dtype: "float32".into(),
+        dtype: llmd_options::Dtype::Float32,
+        backend: llmd_options::Backend::Cpu,
         weight_bytes: 0,
         max_position_embeddings: 256,
         vocab_size: 512,
@@ -458,7 +459,7 @@ fn a_panicking_engine_fails_its_requests_and_spares_the_others() {
 #[test]
 fn cuda_without_the_feature_is_a_clear_error() {
     let mut opts = LoadOptions::new(fixture("llama"), "x");
-    opts.device = "cuda".into();
+    opts.device = llmd_options::Device::Cuda;
     let err = EngineHandle::load(opts, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("cuda"), "{err}");
 }

@@ -116,7 +116,7 @@ fn start(name: &str, mode: Mode) -> Engine {
     opts.cpu_kv_cache_bytes = kv_bytes(name, 256, 16);
     let cfg = llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
     let loaded = llmd_models::load_cpu(&opts.path, &cfg, &mut |_, _| {}).unwrap_or_else(|e| panic!("load {name}: {e}"));
-    let facts = ModelFacts::of(&loaded);
+    let facts = ModelFacts::of(&loaded, llmd_options::Backend::Cpu);
     let tokenizer = Arc::new(llmd_tokenizer::Tokenizer::from_dir(&opts.path).unwrap());
     let rows = Arc::new(AtomicUsize::new(0));
     let runner = Pipelined { inner: loaded.runner, mode, pending: None, launches: 0, rows: rows.clone() };

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use llmd_options::{Backend, Dtype, DtypeChoice};
+
 /// A frame sent by the client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,9 +137,10 @@ pub struct LoadParams {
     /// Context length cap; defaults to the model's `max_position_embeddings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<u32>,
-    /// "auto", "bfloat16", "float16" or "float32".
+    /// The dtype to compute in: `auto` (the backend's own), `bfloat16`, `float16` or
+    /// `float32`; a value the backend does not serve is refused at load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<String>,
+    pub dtype: Option<DtypeChoice>,
     /// Revision when the source is a hub id and no `@rev` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
@@ -227,8 +230,8 @@ pub struct StatusInfo {
     pub socket: String,
     /// "system", "session" or "off".
     pub dbus: String,
-    /// Where models run: "cpu" or "cuda".
-    pub device: String,
+    /// Where models run: `cpu` or `cuda`.
+    pub device: Backend,
     pub models_dir: String,
     pub models_loaded: u32,
     pub gpus: u32,
@@ -242,8 +245,10 @@ pub struct RunningModel {
     pub source: String,
     pub architecture: String,
     pub params: u64,
-    pub dtype: String,
-    pub device: String,
+    /// The dtype the backend computes and caches in (`float32` on the CPU, `bfloat16` on CUDA).
+    pub dtype: Dtype,
+    /// The backend it runs on; its GPUs are in `gpus`.
+    pub device: Backend,
     pub tp: u32,
     #[serde(default)]
     pub gpus: Vec<u32>,
@@ -479,6 +484,41 @@ mod tests {
         assert_eq!((id, e.code), (2, ErrorCode::InvalidArgument));
         let ok = decode_client_frame(br#"{"id":3,"request":{"method":"load","source":"/m","tp":2}}"#).unwrap();
         assert_eq!(ok.request, Request::Load(LoadParams { source: "/m".into(), tp: Some(2), ..Default::default() }));
+    }
+
+    #[test]
+    fn typed_options_keep_their_wire_spelling() {
+        let ok =
+            decode_client_frame(br#"{"id":3,"request":{"method":"load","source":"/m","dtype":"bfloat16"}}"#).unwrap();
+        let params =
+            LoadParams { source: "/m".into(), dtype: Some(DtypeChoice::Fixed(Dtype::BFloat16)), ..Default::default() };
+        assert_eq!(ok.request, Request::Load(params.clone()));
+        assert_eq!(serde_json::to_string(&params).unwrap(), r#"{"source":"/m","dtype":"bfloat16"}"#);
+        let (id, e) =
+            decode_client_frame(br#"{"id":4,"request":{"method":"load","source":"/m","dtype":"fp8"}}"#).unwrap_err();
+        assert_eq!((id, e.code), (4, ErrorCode::InvalidArgument));
+        assert!(e.message.contains("auto, bfloat16, float16, float32"), "{}", e.message);
+        let m = RunningModel {
+            name: "m".into(),
+            source: "/m".into(),
+            architecture: "A".into(),
+            params: 1,
+            dtype: Dtype::Float32,
+            device: Backend::Cpu,
+            tp: 1,
+            gpus: vec![],
+            max_model_len: 16,
+            weight_bytes: 0,
+            kv_cache_bytes: 0,
+            kv_block_size: 16,
+            kv_blocks_total: 1,
+            kv_blocks_used: 0,
+            running: 0,
+            waiting: 0,
+            loaded_at: 0,
+        };
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!((json["dtype"].as_str(), json["device"].as_str()), (Some("float32"), Some("cpu")));
     }
 
     #[test]

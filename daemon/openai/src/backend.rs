@@ -51,7 +51,7 @@ pub trait ModelBackend: Send + Sync + 'static {
     ) -> Result<String, TemplateError>;
     /// The reasoning parser this model needs, detected from its chat template.
     fn detect_reasoning_parser(&self) -> ReasoningParser {
-        ReasoningParser::detect(self.chat_template_source().as_deref())
+        reasoning_parser_of_template(self.chat_template_source().as_deref())
     }
     /// What requests are validated against before [`ModelBackend::submit`]. The default reads
     /// `max_model_len` and `vocab_size` from [`ModelBackend::info`]; the real engine also
@@ -64,52 +64,23 @@ pub trait ModelBackend: Send + Sync + 'static {
     fn submit(&self, request: ValidGenerateRequest) -> Result<EventStream, EngineError>;
 }
 
-/// How `<think>` blocks are found in a model's output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ReasoningParser {
-    /// Output may start inside a reasoning block without an opening `<think>`
-    /// (DeepSeek-R1 distills): everything before `</think>` is reasoning.
-    DeepseekR1,
-    /// Reasoning only when the output (or the generation prompt) opens `<think>` (Qwen3).
-    Qwen3,
-    /// No reasoning parsing.
-    #[default]
-    None,
-}
+/// How `<think>` blocks are found in a model's output: the one enum of `llmd-options`, shared
+/// with the daemon's config.
+pub use llmd_options::ReasoningParser;
 
-impl ReasoningParser {
-    /// Parses the config value `"deepseek_r1" | "qwen3" | "none"`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "deepseek_r1" => Some(ReasoningParser::DeepseekR1),
-            "qwen3" => Some(ReasoningParser::Qwen3),
-            "none" => Some(ReasoningParser::None),
-            _ => None,
-        }
-    }
-
-    /// The config name.
-    pub fn name(self) -> &'static str {
-        match self {
-            ReasoningParser::DeepseekR1 => "deepseek_r1",
-            ReasoningParser::Qwen3 => "qwen3",
-            ReasoningParser::None => "none",
-        }
-    }
-
-    /// Guesses the parser from a chat template: templates that mention `<think>` are reasoning
-    /// models; DeepSeek's special tokens (`<｜Assistant｜>`) select the R1 flavour.
-    pub fn detect(template: Option<&str>) -> Self {
-        match template {
-            Some(t) if t.contains("</think>") || t.contains("<think>") => {
-                if t.contains("<｜Assistant｜>") || t.contains("<|Assistant|>") {
-                    ReasoningParser::DeepseekR1
-                } else {
-                    ReasoningParser::Qwen3
-                }
+/// Guesses the parser from a chat template's source: templates that mention `<think>` are
+/// reasoning models; DeepSeek's special tokens (`<｜Assistant｜>`) select the R1 flavour. The
+/// real engine asks its tokenizer instead (which also reads the tool-use template).
+pub fn reasoning_parser_of_template(template: Option<&str>) -> ReasoningParser {
+    match template {
+        Some(t) if t.contains("</think>") || t.contains("<think>") => {
+            if t.contains("<｜Assistant｜>") || t.contains("<|Assistant|>") {
+                ReasoningParser::DeepseekR1
+            } else {
+                ReasoningParser::Qwen3
             }
-            _ => ReasoningParser::None,
         }
+        _ => ReasoningParser::None,
     }
 }
 
@@ -191,19 +162,10 @@ mod tests {
 
     #[test]
     fn detects_parser_from_template() {
-        assert_eq!(ReasoningParser::detect(None), ReasoningParser::None);
-        assert_eq!(ReasoningParser::detect(Some("{{ messages }}")), ReasoningParser::None);
-        assert_eq!(
-            ReasoningParser::detect(Some("{% if x %}<think>\n{% endif %}<|im_start|>assistant")),
-            ReasoningParser::Qwen3
-        );
-        assert_eq!(
-            ReasoningParser::detect(Some("{{'<｜Assistant｜>'}}{% if c %}</think>{% endif %}")),
-            ReasoningParser::DeepseekR1
-        );
-        for p in [ReasoningParser::DeepseekR1, ReasoningParser::Qwen3, ReasoningParser::None] {
-            assert_eq!(ReasoningParser::from_name(p.name()), Some(p));
-        }
-        assert_eq!(ReasoningParser::from_name("bogus"), None);
+        let detect = reasoning_parser_of_template;
+        assert_eq!(detect(None), ReasoningParser::None);
+        assert_eq!(detect(Some("{{ messages }}")), ReasoningParser::None);
+        assert_eq!(detect(Some("{% if x %}<think>\n{% endif %}<|im_start|>assistant")), ReasoningParser::Qwen3);
+        assert_eq!(detect(Some("{{'<｜Assistant｜>'}}{% if c %}</think>{% endif %}")), ReasoningParser::DeepseekR1);
     }
 }

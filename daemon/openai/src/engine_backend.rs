@@ -32,11 +32,7 @@ impl ModelBackend for EngineHandle {
 
     fn detect_reasoning_parser(&self) -> ReasoningParser {
         // The tokenizer crate owns template inspection (it also sees the tool_use template).
-        self.tokenizer()
-            .chat_template()
-            .and_then(|t| t.detect_reasoning_parser())
-            .and_then(ReasoningParser::from_name)
-            .unwrap_or(ReasoningParser::None)
+        self.tokenizer().chat_template().map_or(ReasoningParser::None, |t| t.detect_reasoning_parser())
     }
 
     fn render_chat(

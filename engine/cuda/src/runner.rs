@@ -424,7 +424,7 @@ pub fn load_cuda(
         runner,
         num_params,
         weight_bytes,
-        dtype: "bfloat16".to_string(),
+        dtype: llmd_models::Dtype::BFloat16,
         max_position_embeddings: cfg.max_position_embeddings,
         vocab_size: cfg.vocab_size,
         eos_token_ids,

@@ -32,6 +32,12 @@ pub enum ModelError {
     /// A tensor is stored in a dtype other than f32/f16/bf16.
     #[error("tensor `{name}` has unsupported dtype {dtype}")]
     UnsupportedDtype { name: String, dtype: String },
+    /// The load asked for a `dtype` the chosen backend does not compute in.
+    #[error(
+        "`dtype` = {requested} is not served by the {} backend (it computes in {serves}); use dtype = \"auto\" or \"{serves}\"",
+        .backend.as_str().to_uppercase()
+    )]
+    UnservedDtype { requested: llmd_options::Dtype, backend: llmd_options::Backend, serves: llmd_options::Dtype },
     /// A safetensors file is truncated, corrupt or declares an oversized header.
     #[error("invalid safetensors file {path}: {message}")]
     Safetensors { path: PathBuf, message: String },

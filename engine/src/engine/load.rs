@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use llmd_models::ModelError;
+use llmd_options::{Backend, Device, Dtype, DtypeChoice};
 use llmd_tokenizer::Tokenizer;
 
 use super::EngineHandle;
@@ -22,11 +23,11 @@ pub struct LoadOptions {
     /// Caps the model's `max_position_embeddings`; None keeps it. The engine lowers it further
     /// (with a warning) when the KV cache cannot hold that many tokens.
     pub max_model_len: Option<u32>,
-    /// "auto", "bfloat16", "float16" or "float32". The CPU backend computes in f32 whatever this says,
-    /// but keeps the checkpoint's dtype in memory where it can.
-    pub dtype: String,
-    /// "auto", "cpu" or "cuda".
-    pub device: String,
+    /// The dtype to compute in. Each backend serves one ([`serving_dtype`]): float32 on the
+    /// CPU, bfloat16 on CUDA; `auto` picks it, any other value is refused at load.
+    pub dtype: DtypeChoice,
+    /// Where to run; `auto` is CUDA when built with it and it serves the model, else the CPU.
+    pub device: Device,
     /// KV cache budget in bytes on the CPU.
     pub cpu_kv_cache_bytes: u64,
     /// Fraction of free GPU memory to use (GPU backends only).
@@ -58,8 +59,8 @@ impl LoadOptions {
             path,
             served_name: served_name.into(),
             max_model_len: None,
-            dtype: "auto".into(),
-            device: "auto".into(),
+            dtype: DtypeChoice::Auto,
+            device: Device::Auto,
             cpu_kv_cache_bytes: 512 << 20,
             gpu_memory_utilization: 0.9,
             max_num_seqs: 256,
@@ -94,9 +95,6 @@ impl LoadOptions {
         if self.max_model_len == Some(0) {
             return bad("`max_model_len` must be >= 1".into());
         }
-        if !matches!(self.dtype.as_str(), "auto" | "bfloat16" | "float16" | "float32") {
-            return bad(format!("`dtype` must be auto, bfloat16, float16 or float32, got `{}`", self.dtype));
-        }
         Ok(())
     }
 }
@@ -115,7 +113,10 @@ pub struct LoadProgress {
 pub struct ModelFacts {
     pub architecture: String,
     pub num_params: u64,
-    pub dtype: String,
+    /// The dtype the backend computes and keeps its KV cache in.
+    pub dtype: Dtype,
+    /// The backend the model was built for.
+    pub backend: Backend,
     pub weight_bytes: u64,
     pub max_position_embeddings: usize,
     /// Logits width.
@@ -125,12 +126,13 @@ pub struct ModelFacts {
 }
 
 impl ModelFacts {
-    /// The facts of a model a backend loaded (its runner goes to [`EngineHandle::start`]).
-    pub fn of(loaded: &llmd_models::LoadedModel) -> ModelFacts {
+    /// The facts of a model `backend` loaded (its runner goes to [`EngineHandle::start`]).
+    pub fn of(loaded: &llmd_models::LoadedModel, backend: Backend) -> ModelFacts {
         ModelFacts {
             architecture: loaded.config.architecture.clone(),
             num_params: loaded.num_params,
-            dtype: loaded.dtype.clone(),
+            dtype: loaded.dtype,
+            backend,
             weight_bytes: loaded.weight_bytes,
             max_position_embeddings: loaded.max_position_embeddings,
             vocab_size: loaded.vocab_size,
@@ -141,45 +143,73 @@ impl ModelFacts {
 
 impl EngineHandle {
     /// Loads the model folder of `opts` and starts its engine thread. Blocking (seconds to
-    /// minutes): call it from `spawn_blocking`. Device "cpu" uses the llmd-models CPU backend;
-    /// "cuda" the llmd-cuda backend (GPU 0), which needs a build with the `cuda` feature;
-    /// "auto" picks CUDA when built with it and a GPU is usable, else the CPU.
+    /// minutes): call it from `spawn_blocking`. Device `cpu` uses the llmd-models CPU backend;
+    /// `cuda` the llmd-cuda backend, which needs a build with the `cuda` feature; `auto` picks
+    /// CUDA when built with it and a GPU is usable, else the CPU. Then `opts.dtype` must be one
+    /// the chosen backend serves ([`serving_dtype`]), or the load is refused before any weight
+    /// is read.
     pub fn load(opts: LoadOptions, progress: &mut dyn FnMut(LoadProgress)) -> Result<EngineHandle, EngineError> {
         opts.validate()?;
-        let use_cuda = match opts.device.as_str() {
-            "cpu" => false,
-            "auto" => cuda_usable(&opts.path),
-            "cuda" => {
+        let backend = match opts.device {
+            Device::Cpu => Backend::Cpu,
+            Device::Auto if cuda_usable(&opts.path) => Backend::Cuda,
+            Device::Auto => Backend::Cpu,
+            Device::Cuda => {
                 if !cfg!(feature = "cuda") {
                     return Err(EngineError::Model(ModelError::Backend(
                         "device \"cuda\" needs an llmd built with the `cuda` feature; use device \"cpu\"".into(),
                     )));
                 }
-                true
-            }
-            other => {
-                return Err(EngineError::Model(ModelError::Config {
-                    file: "load options".into(),
-                    message: format!("`device` must be auto, cpu or cuda, got `{other}`"),
-                }));
+                Backend::Cuda
             }
         };
+        let dtype = serving_dtype(backend, opts.dtype)?;
         progress(LoadProgress { phase: "tokenizer", done: 0, total: 1 });
         let tokenizer = Tokenizer::from_dir(&opts.path).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         progress(LoadProgress { phase: "tokenizer", done: 1, total: 1 });
         let mut weights = |done: usize, total: usize| {
             progress(LoadProgress { phase: "weights", done: done as u64, total: total as u64 })
         };
-        let loaded = if use_cuda {
-            load_cuda(&opts, &mut weights)?
-        } else {
-            let cfg = llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
-            llmd_models::load_cpu(&opts.path, &cfg, &mut weights)?
+        let loaded = match backend {
+            Backend::Cuda => load_cuda(&opts, &mut weights)?,
+            Backend::Cpu => {
+                let cfg =
+                    llmd_models::LoadConfig { kv_cache_bytes: opts.cpu_kv_cache_bytes, block_size: opts.block_size };
+                llmd_models::load_cpu(&opts.path, &cfg, &mut weights)?
+            }
         };
-        let facts = ModelFacts::of(&loaded);
+        debug_assert_eq!(
+            loaded.dtype, dtype,
+            "the {backend} backend computes in another dtype than `serving_dtype` says"
+        );
+        let facts = ModelFacts::of(&loaded, backend);
         let layout = loaded.runner.kv_layout();
         progress(LoadProgress { phase: "kv_cache", done: layout.num_blocks as u64, total: layout.num_blocks as u64 });
         Self::start(loaded.runner, Arc::new(tokenizer), facts, &opts)
+    }
+}
+
+/// The dtype `backend` computes and keeps its KV cache in: float32 on the CPU
+/// ([`llmd_models::CPU_DTYPE`]), bfloat16 on CUDA (llmd-cuda's kernels are bf16).
+pub fn backend_dtype(backend: Backend) -> Dtype {
+    match backend {
+        Backend::Cpu => llmd_models::CPU_DTYPE,
+        Backend::Cuda => Dtype::BFloat16,
+    }
+}
+
+/// The dtype a load asking for `requested` computes in on `backend`: `auto` is the backend's
+/// own ([`backend_dtype`]); a fixed dtype is served only when it is that one, and otherwise
+/// refused with [`ModelError::UnservedDtype`] (never accepted and ignored). Placement sizes
+/// the KV cache with the same answer.
+pub fn serving_dtype(backend: Backend, requested: DtypeChoice) -> Result<Dtype, EngineError> {
+    let serves = backend_dtype(backend);
+    match requested {
+        DtypeChoice::Auto => Ok(serves),
+        DtypeChoice::Fixed(d) if d == serves => Ok(d),
+        DtypeChoice::Fixed(requested) => {
+            Err(EngineError::Model(ModelError::UnservedDtype { requested, backend, serves }))
+        }
     }
 }
 
@@ -231,4 +261,28 @@ fn load_cuda(
     _progress: &mut dyn FnMut(usize, usize),
 ) -> Result<llmd_models::LoadedModel, EngineError> {
     Err(EngineError::Model(ModelError::Backend("this llmd was built without the `cuda` feature".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_backend_serves_its_compute_dtype_and_refuses_the_others() {
+        assert_eq!(serving_dtype(Backend::Cpu, DtypeChoice::Auto).unwrap(), Dtype::Float32);
+        assert_eq!(serving_dtype(Backend::Cuda, DtypeChoice::Auto).unwrap(), Dtype::BFloat16);
+        assert_eq!(serving_dtype(Backend::Cuda, DtypeChoice::Fixed(Dtype::BFloat16)).unwrap(), Dtype::BFloat16);
+        let e = serving_dtype(Backend::Cuda, DtypeChoice::Fixed(Dtype::Float16)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "`dtype` = float16 is not served by the CUDA backend (it computes in bfloat16); use dtype = \"auto\" or \"bfloat16\""
+        );
+        assert!(serving_dtype(Backend::Cuda, DtypeChoice::Fixed(Dtype::Float32)).is_err());
+        for backend in Backend::ALL {
+            assert_eq!(
+                serving_dtype(*backend, DtypeChoice::Fixed(backend_dtype(*backend))).unwrap(),
+                backend_dtype(*backend)
+            );
+        }
+    }
 }

@@ -36,7 +36,7 @@ use llmd_models::runner::ModelRunner;
 use llmd_tokenizer::Tokenizer;
 use tokio::sync::mpsc as tokio_mpsc;
 
-pub use load::{LoadOptions, LoadProgress, ModelFacts};
+pub use load::{LoadOptions, LoadProgress, ModelFacts, backend_dtype, serving_dtype};
 pub use stream::GenerationStream;
 
 use crate::error::EngineError;
@@ -53,8 +53,10 @@ pub struct ModelInfo {
     /// HF `architectures[0]`, e.g. "Qwen2ForCausalLM".
     pub architecture: String,
     pub num_params: u64,
-    pub dtype: String,
-    pub device: String,
+    /// The dtype the backend computes and keeps its KV cache in (what `llmctl ps` shows).
+    pub dtype: llmd_options::Dtype,
+    /// The backend it runs on.
+    pub backend: llmd_options::Backend,
     /// Longest prompt + completion, in tokens.
     pub max_model_len: u32,
     /// Width of the logits (the model's `vocab_size`).
@@ -186,8 +188,8 @@ impl EngineHandle {
             source: opts.source.clone(),
             architecture: facts.architecture.clone(),
             num_params: facts.num_params,
-            dtype: facts.dtype.clone(),
-            device: runner.device_name(),
+            dtype: facts.dtype,
+            backend: facts.backend,
             max_model_len,
             vocab_size: facts.vocab_size,
             weight_bytes: facts.weight_bytes,

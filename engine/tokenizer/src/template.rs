@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 
+use llmd_options::ReasoningParser;
 use minijinja::value::{Kwargs, Serde, Value};
 use minijinja::{Environment, ErrorKind};
 use serde_json::Value as Json;
@@ -199,23 +200,23 @@ impl ChatTemplate {
 
     /// The reasoning parser a model with this template needs, from the template text:
     ///
-    /// 1. Neither `<think>` nor `</think>` appears in any template → `None`.
-    /// 2. DeepSeek role markers (`<｜Assistant｜>` / `<｜User｜>`) appear → `"deepseek_r1"`
+    /// 1. Neither `<think>` nor `</think>` appears in any template → `none`.
+    /// 2. DeepSeek role markers (`<｜Assistant｜>` / `<｜User｜>`) appear → `deepseek_r1`
     ///    (R1 distills and R1-0528-Qwen3: the opening tag may come from the prompt).
-    /// 3. ChatML (`<|im_start|>`) or an `enable_thinking` switch appears → `"qwen3"`.
-    /// 4. Otherwise → `"deepseek_r1"`, the more tolerant parser (it accepts output whose
+    /// 3. ChatML (`<|im_start|>`) or an `enable_thinking` switch appears → `qwen3`.
+    /// 4. Otherwise → `deepseek_r1`, the more tolerant parser (it accepts output whose
     ///    opening tag is missing).
-    pub fn detect_reasoning_parser(&self) -> Option<&'static str> {
+    pub fn detect_reasoning_parser(&self) -> ReasoningParser {
         let texts: Vec<&str> = std::iter::once(self.source.as_str()).chain(self.tool_use_source.as_deref()).collect();
         let any = |needle: &str| texts.iter().any(|t| t.contains(needle));
         if !any("<think>") && !any("</think>") {
-            None
+            ReasoningParser::None
         } else if any("<｜Assistant｜>") || any("<｜User｜>") {
-            Some("deepseek_r1")
+            ReasoningParser::DeepseekR1
         } else if any("<|im_start|>") || any("enable_thinking") {
-            Some("qwen3")
+            ReasoningParser::Qwen3
         } else {
-            Some("deepseek_r1")
+            ReasoningParser::DeepseekR1
         }
     }
 }

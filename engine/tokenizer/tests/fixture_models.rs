@@ -34,7 +34,7 @@ fn every_fixture_model_folder_loads() {
         let tok = Tokenizer::from_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let t = tok.chat_template().unwrap_or_else(|| panic!("{}: no chat template", dir.display()));
         // The fixtures carry a Qwen3-style template (from tokenizer_config.json or chat_template.jinja).
-        assert_eq!(t.detect_reasoning_parser(), Some("qwen3"), "{}", dir.display());
+        assert_eq!(t.detect_reasoning_parser(), llmd_options::ReasoningParser::Qwen3, "{}", dir.display());
         assert_eq!(tok.eos_token(), Some("<|im_end|>"));
         // eos_token first, then generation_config's ids (an int or a list) without duplicates.
         let gen_cfg: Value =

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use llmd_options::ReasoningParser;
 use llmd_tokenizer::{ChatTemplate, TemplateError, TemplateLimits};
 use serde_json::{Map, Value, json};
 
@@ -61,14 +62,14 @@ fn real_templates_render_exactly_like_transformers() {
 #[test]
 fn reasoning_parser_detection() {
     let t = |name| load(name, &none());
-    assert_eq!(t("qwen3").detect_reasoning_parser(), Some("qwen3"));
-    assert_eq!(t("deepseek-r1-distill-qwen").detect_reasoning_parser(), Some("deepseek_r1"));
-    assert_eq!(t("deepseek-r1-0528-qwen3").detect_reasoning_parser(), Some("deepseek_r1"));
-    assert_eq!(t("qwen2.5-instruct").detect_reasoning_parser(), None);
-    assert_eq!(t("llama-3.1-instruct").detect_reasoning_parser(), None);
-    assert_eq!(t("mistral-instruct").detect_reasoning_parser(), None);
+    assert_eq!(t("qwen3").detect_reasoning_parser(), ReasoningParser::Qwen3);
+    assert_eq!(t("deepseek-r1-distill-qwen").detect_reasoning_parser(), ReasoningParser::DeepseekR1);
+    assert_eq!(t("deepseek-r1-0528-qwen3").detect_reasoning_parser(), ReasoningParser::DeepseekR1);
+    assert_eq!(t("qwen2.5-instruct").detect_reasoning_parser(), ReasoningParser::None);
+    assert_eq!(t("llama-3.1-instruct").detect_reasoning_parser(), ReasoningParser::None);
+    assert_eq!(t("mistral-instruct").detect_reasoning_parser(), ReasoningParser::None);
     let plain_think = ChatTemplate::new("{% for m in messages %}{{ m.content }}{% endfor %}<think>").unwrap();
-    assert_eq!(plain_think.detect_reasoning_parser(), Some("deepseek_r1"));
+    assert_eq!(plain_think.detect_reasoning_parser(), ReasoningParser::DeepseekR1);
 }
 
 #[test]

@@ -14,6 +14,7 @@ use crate::models::CausalLm;
 use crate::spec::{Architecture, DecoderSpec, SpecFeature};
 use crate::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
 use kv::{BatchPlan, PagedKvCache};
+use llmd_options::Dtype;
 
 /// How to load a model on the CPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +31,10 @@ impl Default for LoadConfig {
     }
 }
 
+/// The dtype the CPU backend computes and keeps its KV cache in, whatever the checkpoint
+/// stores (16-bit weights are widened when loaded).
+pub const CPU_DTYPE: Dtype = Dtype::Float32;
+
 /// A model loaded on the CPU together with the facts the serving core and `llmctl ps` need.
 pub struct LoadedModel {
     /// The runner that owns the weights and the KV cache.
@@ -42,8 +47,9 @@ pub struct LoadedModel {
     pub num_params: u64,
     /// Bytes the weights take in memory (f32 on the CPU).
     pub weight_bytes: u64,
-    /// Dtype most checkpoint weights are stored in (`bfloat16`, `float16`, `float32`).
-    pub dtype: String,
+    /// The dtype the backend computes and keeps its KV cache in: float32 on the CPU (whatever
+    /// the checkpoint stores), bfloat16 on CUDA.
+    pub dtype: Dtype,
     pub max_position_embeddings: usize,
     /// Logits width (`config.vocab_size`, which may exceed the tokenizer's size).
     pub vocab_size: usize,
@@ -135,7 +141,7 @@ pub fn load_cpu(
         head_dim: config.head_dim,
         block_size: opts.block_size,
         num_blocks: 1,
-        dtype_bytes: 4,
+        dtype_bytes: CPU_DTYPE.size_bytes(),
     }
     .bytes_per_block();
     let num_blocks = KvCacheLayout::blocks_for_budget(
@@ -143,7 +149,7 @@ pub fn load_cpu(
         config.num_key_value_heads,
         config.head_dim,
         opts.block_size,
-        4,
+        CPU_DTYPE.size_bytes(),
         opts.kv_cache_bytes,
     );
     if num_blocks == 0 {
@@ -158,7 +164,7 @@ pub fn load_cpu(
         head_dim: config.head_dim,
         block_size: opts.block_size,
         num_blocks,
-        dtype_bytes: 4,
+        dtype_bytes: CPU_DTYPE.size_bytes(),
     };
     let runner = CpuRunner::new(model, layout)?;
     let eos = eos_token_ids(&config, &generation);
@@ -166,7 +172,7 @@ pub fn load_cpu(
         runner: Box::new(runner),
         num_params: ckpt.num_elements(),
         weight_bytes: ckpt.num_elements() * 4,
-        dtype: config.dtype.clone().unwrap_or_else(|| ckpt.dominant_dtype()),
+        dtype: CPU_DTYPE,
         max_position_embeddings: config.max_position_embeddings,
         vocab_size: config.vocab_size,
         eos_token_ids: eos,
