@@ -473,7 +473,9 @@ pub fn routed_moe(ckpt: &Checkpoint, prefix: &str, hidden: usize, m: &MoeConfig)
 
 fn routed(ix: &Index, prefix: &str, h: usize, m: &MoeConfig) -> Result<RoutedMoeSpec, ModelError> {
     let (e, i) = (m.num_experts, m.moe_intermediate_size);
-    let ep = format!("{prefix}.experts");
+    // An empty prefix is the checkpoint's root (the GPU self-check's standalone block).
+    let under = |name: &str| if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+    let ep = under("experts");
     let fused = ix.ckpt.contains(&format!("{ep}.gate_up_proj")) && !ix.ckpt.contains(&format!("{ep}.0.gate_proj.weight"));
     let experts = if fused {
         ExpertWeights::Fused {
@@ -484,7 +486,7 @@ fn routed(ix: &Index, prefix: &str, h: usize, m: &MoeConfig) -> Result<RoutedMoe
         ExpertWeights::PerExpert((0..e).map(|x| ix.gated(&format!("{ep}.{x}"), h, i, false)).collect::<Result<_, _>>()?)
     };
     Ok(RoutedMoeSpec {
-        router: ix.weight(format!("{prefix}.gate.weight"), &[e, h])?,
+        router: ix.weight(under("gate.weight"), &[e, h])?,
         num_experts: e,
         top_k: m.num_experts_per_tok,
         intermediate: i,

@@ -14,7 +14,7 @@ pub fn fixtures_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
 }
 
-pub const FIXTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "llama_mha"];
+pub const FIXTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "llama_mha", "llama_bias"];
 
 pub fn load(name: &str) -> LoadedModel {
     let opts = LoadConfig { kv_cache_bytes: 8 * 1024 * 1024, block_size: BLOCK_SIZE };
