@@ -13,7 +13,7 @@ use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
 mod common;
 use common::{fixture, kv_bytes, request, rt, submit, wait_idle};
 
-const MODELS: &[&str] = &["llama", "llama_mha", "mistral", "qwen2", "qwen3", "qwen3_moe"];
+const MODELS: &[&str] = &["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen3", "qwen3_moe"];
 
 struct Golden {
     prompts: Vec<(Vec<u32>, Vec<u32>)>,
