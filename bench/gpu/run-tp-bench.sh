@@ -3,7 +3,7 @@
 # check architecture, then decode speed of Llama-3-8B-shaped weights at TP 1/2/4 and of
 # Llama-3-70B-shaped weights at TP 2/4 (random bf16, real safetensors through the real loader),
 # next to the measured copy bandwidth. Checkpoints that already exist are kept (a warm machine).
-# Expects .bin/llmd-cuda-check.xz (built with --features require-kernels).
+# Expects .bin/llmd-cuda-check.xz (built with --features require-kernels,checks).
 # All-reduces go through peer memory for steps of up to 128 tokens (the default); the same TP=4
 # benches are then repeated with --nccl-only, and rank 0 of 70B TP=4 is profiled op by op both ways.
 # env: SKIP_CHECK=1 (benches only), TP_CHECK (GPU lists to check, default "0,1,2,3 0,1"), GEN (decode steps per batch, default 64),

@@ -10,16 +10,13 @@
 //! [`PeerAllReduce::max_rows`] tokens on hosts where every pair of GPUs has peer access; NCCL
 //! serves the rest (prefill chunks, large batches) and hosts without P2P.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaContext, result, sys};
+use cudarc::driver::{PushKernelArg, sys};
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
-use cudarc::driver::PushKernelArg;
-
-use crate::kernels::{cfg, check, i32_of, launch};
-use crate::runner::Shard;
+use crate::launch::{cfg, check, i32_of, launch};
+use crate::nccl::Communicator;
+use crate::shard::Shard;
 
 /// `AR_MAX_RANKS` in the kernel: the most ranks one call sums.
 pub const MAX_RANKS: usize = 8;
@@ -52,49 +49,15 @@ pub struct PeerBuffers {
     flags: u64,
 }
 
-/// Device memory the other ranks read and write. Allocated with `cuMemAlloc`: memory from the
-/// stream-ordered pool (what cudarc allocates) is not reachable through peer access.
-struct PeerMemory {
-    ptr: u64,
-    ctx: Arc<CudaContext>,
-}
-
-impl PeerMemory {
-    fn zeros(gpu: &Gpu, bytes: usize) -> Result<PeerMemory, CudaError> {
-        gpu.ctx.bind_to_thread()?;
-        // SAFETY: plain allocation and clear of `bytes` bytes in the current (this GPU's) context.
-        let ptr = unsafe { result::malloc_sync(bytes)? };
-        let memory = PeerMemory { ptr, ctx: gpu.ctx.clone() };
-        // SAFETY: `ptr` is the allocation of `bytes` bytes just made.
-        unsafe { result::memset_d8_sync(ptr, 0, bytes)? };
-        Ok(memory)
-    }
-
-    fn tensor(&self, shape: &[usize], dtype: DType) -> TensorRef {
-        TensorRef { ptr: self.ptr, shape: shape.to_vec(), dtype }
-    }
-}
-
-impl Drop for PeerMemory {
-    fn drop(&mut self) {
-        // SAFETY: allocated by cuMemAlloc in `ctx` and freed once; the runner synchronised and
-        // dropped its graphs before its buffers.
-        let freed = self
-            .ctx
-            .bind_to_thread()
-            .map_err(CudaError::from)
-            .and_then(|_| unsafe { result::free_sync(self.ptr).map_err(CudaError::from) });
-        if let Err(e) = freed {
-            tracing::warn!(error = %e, "freeing peer all-reduce memory failed");
-        }
-    }
-}
-
 /// One rank's share of the peer all-reduce: its input buffers (read by every rank), its flag
-/// area (written by every rank), and the table of every rank's addresses.
+/// area (written by every rank), and the table of every rank's addresses. Inputs and flags are
+/// allocated outside cudarc's pool ([`DeviceTensor::zeros_peer_visible`]): pool memory is not
+/// reachable through peer access.
 pub struct PeerAllReduce {
-    inputs: [PeerMemory; 3],
-    flags: PeerMemory,
+    /// bf16 [max_rows, hidden] each, one per [`Site`].
+    inputs: [DeviceTensor; 3],
+    /// u32 flag words (arrival counters) the ranks signal each other through.
+    flags: DeviceTensor,
     /// u64 [3 × world] input pointers (site-major), then [world] flag-area pointers.
     table: DeviceTensor,
     rank: usize,
@@ -126,13 +89,9 @@ impl PeerAllReduce {
         // Every block spins until its peers arrive, so all blocks of a call must be resident at
         // once: at most one row per SM (a block has up to 1,024 threads).
         let max_rows = PEER_MAX_ROWS.min(MAX_ROWS).min(gpu.sm_count).min(max_tokens.max(1));
-        let input_bytes = max_rows * hidden * DType::BF16.size();
-        let inputs = [
-            PeerMemory::zeros(gpu, input_bytes)?,
-            PeerMemory::zeros(gpu, input_bytes)?,
-            PeerMemory::zeros(gpu, input_bytes)?,
-        ];
-        let flags = PeerMemory::zeros(gpu, (MAX_ROWS * MAX_RANKS + MAX_ROWS) * 4)?;
+        let input = || DeviceTensor::zeros_peer_visible(gpu, &[max_rows, hidden], DType::BF16);
+        let inputs = [input()?, input()?, input()?];
+        let flags = DeviceTensor::zeros_peer_visible(gpu, &[MAX_ROWS * MAX_RANKS + MAX_ROWS], DType::U32)?;
         let table = DeviceTensor::zeros(gpu, &[4 * shard.world * 2], DType::U32)?;
         Ok(Some(PeerAllReduce {
             inputs,
@@ -155,8 +114,8 @@ impl PeerAllReduce {
         PeerBuffers {
             ctx: gpu.ctx.cu_ctx() as usize,
             device: gpu.ctx.cu_device(),
-            inputs: [self.inputs[0].ptr, self.inputs[1].ptr, self.inputs[2].ptr],
-            flags: self.flags.ptr,
+            inputs: [self.inputs[0].addr(), self.inputs[1].addr(), self.inputs[2].addr()],
+            flags: self.flags.addr(),
         }
     }
 
@@ -205,8 +164,8 @@ impl PeerAllReduce {
 
     /// The buffer a step of `t` tokens (one [`PeerAllReduce::serves`]) writes its `site`
     /// partial sums into.
-    pub fn input(&self, site: Site, t: usize) -> TensorRef {
-        self.inputs[site as usize].tensor(&[t, self.hidden], DType::BF16)
+    pub fn input(&self, site: Site, t: usize) -> Result<TensorRef, CudaError> {
+        self.inputs[site as usize].rows(0, t)
     }
 
     /// Sums every rank's `site` rows (the first `residual.shape[0]`), then residual += sum (=
@@ -220,7 +179,7 @@ impl PeerAllReduce {
         weight: &TensorRef,
         eps: f32,
     ) -> Result<(), CudaError> {
-        let (t, h) = (residual.shape[0], self.hidden);
+        let (t, h) = (residual.shape().first().copied().unwrap_or(0), self.hidden);
         if t == 0 || !self.serves(t) {
             return Err(CudaError::Shape(format!(
                 "peer all-reduce of {t} rows (ready: {}, at most {})",
@@ -230,10 +189,11 @@ impl PeerAllReduce {
         check(residual, "residual", DType::BF16, &[t, h])?;
         check(out, "out", DType::BF16, &[t, h])?;
         check(weight, "weight", DType::BF16, &[h])?;
-        let base = self.table.r().ptr;
+        // Kernel arguments into the address table (u64 [4 × world], uploaded by `connect`).
+        let base = self.table.addr();
         let peer_in = base + (site as usize * self.world * 8) as u64;
         let peer_flags = base + (3 * self.world * 8) as u64;
-        let own_flags = self.flags.ptr;
+        let own_flags = self.flags.addr();
         let (rank, world) = (i32_of(self.rank, "rank")?, i32_of(self.world, "world")?);
         let hidden = i32_of(h, "hidden")?;
         let add = i32::from(site != Site::Embedding);
@@ -247,9 +207,9 @@ impl PeerAllReduce {
             &own_flags,
             &rank,
             &world,
-            &residual.ptr,
-            &out.ptr,
-            &weight.ptr,
+            residual.arg(),
+            out.arg(),
+            weight.arg(),
             &hidden,
             &eps,
             &add
@@ -285,7 +245,7 @@ pub fn time_all_reduce(gpus: &[usize], hidden: usize, rows: &[usize]) -> Result<
     let rank_run = |rank: usize, ordinal: usize| -> Result<Vec<AllReduceTiming>, CudaError> {
         let gpu = Gpu::open(ordinal)?;
         gpu.ctx.bind_to_thread()?;
-        let comm = crate::nccl::Communicator::init(id, rank, world)?;
+        let comm = Communicator::init(id, rank, world)?;
         let shard = Shard { rank, world };
         let mut peer = PeerAllReduce::new(&gpu, shard, hidden, max_rows)?;
         let lock = || exchange.lock().map_err(|_| CudaError::Shape("peer exchange poisoned".into()));
@@ -330,14 +290,14 @@ pub fn time_all_reduce(gpus: &[usize], hidden: usize, rows: &[usize]) -> Result<
         };
         let mut out = Vec::new();
         for &t in rows {
-            let nccl_us = time(&|| comm.all_reduce_sum(&x.rows(0, t), &gpu.stream))?;
+            let nccl_us = time(&|| comm.all_reduce_sum(&x.rows(0, t)?, &gpu.stream))?;
             let peer_us = match peer.as_ref().filter(|p| p.serves(t)) {
                 Some(p) => Some(time(&|| {
                     p.reduce_add_rmsnorm(
                         &gpu,
                         Site::Attention,
-                        &residual.rows(0, t),
-                        &normed.rows(0, t),
+                        &residual.rows(0, t)?,
+                        &normed.rows(0, t)?,
                         &weight.r(),
                         1e-5,
                     )

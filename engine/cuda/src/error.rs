@@ -2,10 +2,9 @@
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
-    #[error("no NVIDIA driver: libcuda.so could not be loaded")]
-    NoDriver,
-    #[error("missing library {0}")]
-    MissingLibrary(&'static str),
+    /// An NVIDIA library did not open (the message names every file tried).
+    #[error(transparent)]
+    Library(#[from] llmd_nvlib::LoadError),
     #[error("GPU {ordinal} does not exist ({count} visible)")]
     NoSuchDevice { ordinal: usize, count: usize },
     #[error("this llmd was built without CUDA kernels (nvcc was not found at build time)")]
@@ -15,7 +14,7 @@ pub enum CudaError {
     #[error("cuBLAS: {0}")]
     Cublas(#[from] cudarc::cublas::result::CublasError),
     #[error("NCCL: {0}")]
-    Nccl(String),
+    Nccl(#[from] llmd_nvlib::nccl::NcclError),
     #[error("shape error: {0}")]
     Shape(String),
     #[error("unsupported model for the CUDA backend: {0}")]

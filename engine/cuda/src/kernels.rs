@@ -1,29 +1,18 @@
 //! Safe wrappers around the kernels in `kernels/llmd.cu` and the cuBLAS GEMM.
 //!
 //! Each wrapper checks the shapes and element types it documents before launching, so a bad
-//! call is an error instead of an out-of-bounds access. Pointers come from live
-//! [`DeviceTensor`](crate::device::DeviceTensor)s of the caller.
-
-use std::collections::HashMap;
-use std::sync::Arc;
+//! call is an error instead of an out-of-bounds access. Pointers come from views
+//! ([`TensorRef`]) of live [`DeviceTensor`](crate::device::DeviceTensor)s of the caller.
 
 use cudarc::cublas::sys as blas_sys;
-use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::PushKernelArg;
 
 use llmd_models::pick::{LogitAdjust, TokenPick};
 
 use crate::device::{DType, Gpu, TensorRef};
 use crate::error::CudaError;
-
-#[cfg(llmd_cuda_kernels)]
-static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/llmd_kernels.fatbin"));
-#[cfg(not(llmd_cuda_kernels))]
-static FATBIN: &[u8] = &[];
-
-/// Head dims (as values per lane = head_dim / 32) and GQA group caps compiled for paged attention.
-const ATTENTION_VARIANTS: &[(usize, &[usize])] =
-    &[(1, &[1, 2, 4, 8, 16]), (2, &[1, 2, 4, 8, 16]), (3, &[1, 2, 4, 8]), (4, &[1, 2, 4, 8, 16]), (8, &[1, 2, 4, 8])];
+use crate::launch::{cfg, check, i32_of, launch};
+pub use crate::module::GEMV_MAX_T;
 
 /// Shortest context piece one block of paged attention takes when it splits (flash-decoding).
 pub const ATTENTION_SPLIT_LEN: usize = 64;
@@ -44,126 +33,16 @@ const ATTENTION_BUSY_BLOCKS: usize = 512;
 /// with 2,048 (one active split per query head) against 3.5 ms with 16 splits of 256.
 const ATTENTION_TARGET_BLOCKS: usize = 8192;
 
-pub struct Kernels {
-    embedding: CudaFunction,
-    add_rmsnorm: CudaFunction,
-    qkv_rope_cache: CudaFunction,
-    attention: HashMap<(usize, usize), CudaFunction>,
-    attention_merge: CudaFunction,
-    silu_mul: CudaFunction,
-    add_bias: CudaFunction,
-    gather_rows: CudaFunction,
-    pick: CudaFunction,
-    f32_to_bf16: CudaFunction,
-    f16_to_bf16: CudaFunction,
-    /// Skinny GEMMs by row count 1..=GEMV_MAX_T, then by warps per output row (1, 2, 4):
-    /// (bf16 output, f32 output).
-    gemv: Vec<[(CudaFunction, CudaFunction); 3]>,
-    /// Routed experts (Qwen3-MoE).
-    pub(crate) moe: crate::moe::MoeKernels,
-    /// Tensor-core prefill attention (head_dim 64 and 128).
-    pub(crate) prefill: crate::prefill_attention::PrefillKernels,
-    /// Peer-memory all-reduce fused with residual add + RMSNorm ([`crate::allreduce`]).
-    pub(crate) allreduce: CudaFunction,
-}
-
-/// Most rows of `x` the GEMV kernels take; larger batches go to cuBLAS. Measured faster than
-/// cuBLAS at 1 row and slower from 4 (bench/results/2026-11-21-h100-cuda-runner.md, run 3).
-pub const GEMV_MAX_T: usize = 2;
-
-impl Kernels {
-    pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, CudaError> {
-        if FATBIN.is_empty() {
-            return Err(CudaError::NoKernels);
-        }
-        let module = ctx.load_module(Ptx::from_binary(FATBIN.to_vec()))?;
-        let f = |name: &str| module.load_function(name);
-        let mut attention = HashMap::new();
-        for (epl, groups) in ATTENTION_VARIANTS {
-            for g in *groups {
-                attention.insert((*epl, *g), f(&format!("paged_attention_bf16_d{epl}_g{g}"))?);
-            }
-        }
-        Ok(Kernels {
-            embedding: f("embedding_bf16")?,
-            add_rmsnorm: f("add_rmsnorm_bf16")?,
-            qkv_rope_cache: f("qkv_rope_cache_bf16")?,
-            attention,
-            attention_merge: f("attention_merge_bf16")?,
-            silu_mul: f("silu_mul_bf16")?,
-            add_bias: f("add_bias_bf16")?,
-            gather_rows: f("gather_rows_bf16")?,
-            pick: f("pick_tokens_f32")?,
-            f32_to_bf16: f("f32_to_bf16")?,
-            f16_to_bf16: f("f16_to_bf16")?,
-            gemv: (1..=GEMV_MAX_T)
-                .map(|t| {
-                    let pair = |s: usize| -> Result<_, cudarc::driver::DriverError> {
-                        Ok((f(&format!("gemv_bf16_t{t}_s{s}"))?, f(&format!("gemv_f32_t{t}_s{s}"))?))
-                    };
-                    Ok([pair(1)?, pair(2)?, pair(4)?])
-                })
-                .collect::<Result<_, cudarc::driver::DriverError>>()?,
-            moe: crate::moe::MoeKernels::load(&module)?,
-            prefill: crate::prefill_attention::PrefillKernels::load(&module)?,
-            allreduce: f("allreduce_add_rmsnorm_bf16")?,
-        })
-    }
-
-    /// The attention variant for `head_dim` and GQA group size, if compiled.
-    fn attention_for(&self, head_dim: usize, group: usize) -> Option<&CudaFunction> {
-        if !head_dim.is_multiple_of(32) {
-            return None;
-        }
-        let epl = head_dim / 32;
-        let (_, groups) = ATTENTION_VARIANTS.iter().find(|(e, _)| *e == epl)?;
-        let cap = groups.iter().copied().find(|g| *g >= group)?;
-        self.attention.get(&(epl, cap))
-    }
-
-    /// Whether paged attention supports this head size and GQA group.
-    pub fn supports_attention(&self, head_dim: usize, group: usize) -> bool {
-        self.attention_for(head_dim, group).is_some()
-    }
-}
-
-pub(crate) fn check(t: &TensorRef, name: &str, dtype: DType, shape: &[usize]) -> Result<(), CudaError> {
-    if t.dtype != dtype || t.shape != shape {
-        return Err(CudaError::Shape(format!("`{name}` is {:?} {:?}, expected {dtype:?} {shape:?}", t.dtype, t.shape)));
-    }
-    Ok(())
-}
-
-pub(crate) fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
-}
-
-pub(crate) fn i32_of(v: usize, what: &str) -> Result<i32, CudaError> {
-    i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds i32")))
-}
-
 /// (tokens, in_features, out_features) of y[T, N] = x[T, K] · w[N, K]ᵀ after checking the types.
 fn linear_shape(y: &TensorRef, x: &TensorRef, w: &TensorRef) -> Result<(usize, usize, usize), CudaError> {
-    let (t, k, n) = (x.shape[0], x.shape[1], w.shape[0]);
+    let (t, k, n) = (x.shape()[0], x.shape()[1], w.shape()[0]);
     check(x, "x", DType::BF16, &[t, k])?;
     check(w, "w", DType::BF16, &[n, k])?;
-    if y.shape != [t, n] || !matches!(y.dtype, DType::BF16 | DType::F32) {
-        return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype, y.shape)));
+    if y.shape() != [t, n] || !matches!(y.dtype(), DType::BF16 | DType::F32) {
+        return Err(CudaError::Shape(format!("`y` is {:?} {:?}, expected bf16/f32 [{t}, {n}]", y.dtype(), y.shape())));
     }
     Ok((t, k, n))
 }
-
-/// Builds and launches a kernel with the given arguments in order.
-macro_rules! launch {
-    ($gpu:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let mut builder = $gpu.stream.launch_builder($f);
-        $( builder.arg($arg); )*
-        // SAFETY: every wrapper checked the shapes of the buffers it passes against the kernel's
-        // documented contract; pointers come from live allocations of this context.
-        unsafe { builder.launch($cfg) }.map(|_| ()).map_err(CudaError::from)
-    }};
-}
-pub(crate) use launch;
 
 impl Gpu {
     /// out[T, H] = table[ids[T] - lo, :] for ids in [lo, lo + rows), zeros for other ids
@@ -176,7 +55,7 @@ impl Gpu {
         ids: &TensorRef,
         lo: usize,
     ) -> Result<(), CudaError> {
-        let (t, rows, h) = (ids.shape[0], table.shape[0], table.shape[1]);
+        let (t, rows, h) = (ids.shape()[0], table.shape()[0], table.shape()[1]);
         check(out, "out", DType::BF16, &[t, h])?;
         check(ids, "ids", DType::U32, &[t])?;
         let hidden = i32_of(h, "hidden")?;
@@ -185,9 +64,9 @@ impl Gpu {
             self,
             &self.kernels.embedding,
             cfg((t as u32, 1, 1), 256),
-            &out.ptr,
-            &table.ptr,
-            &ids.ptr,
+            out.arg(),
+            table.arg(),
+            ids.arg(),
             &hidden,
             &lo,
             &rows
@@ -203,14 +82,14 @@ impl Gpu {
         weight: &TensorRef,
         eps: f32,
     ) -> Result<(), CudaError> {
-        let (t, h) = (residual.shape[0], residual.shape[1]);
+        let (t, h) = (residual.shape()[0], residual.shape()[1]);
         check(out, "out", DType::BF16, &[t, h])?;
         check(residual, "residual", DType::BF16, &[t, h])?;
         if let Some(x) = x {
             check(x, "x", DType::BF16, &[t, h])?;
         }
         check(weight, "weight", DType::BF16, &[h])?;
-        let x_ptr = x.map_or(0u64, |x| x.ptr);
+        let x_ptr = x.map_or(0u64, |x| x.addr());
         let hidden = i32_of(h, "hidden")?;
         let threads = if h >= 4096 {
             1024
@@ -223,10 +102,10 @@ impl Gpu {
             self,
             &self.kernels.add_rmsnorm,
             cfg((t as u32, 1, 1), threads),
-            &out.ptr,
-            &residual.ptr,
+            out.arg(),
+            residual.arg(),
             &x_ptr,
-            &weight.ptr,
+            weight.arg(),
             &hidden,
             &eps
         )
@@ -251,8 +130,8 @@ impl Gpu {
         k_cache: &TensorRef,
         v_cache: &TensorRef,
     ) -> Result<(), CudaError> {
-        let (t, hq, d) = (q_out.shape[0], q_out.shape[1], q_out.shape[2]);
-        let hkv = k_cache.shape[2];
+        let (t, hq, d) = (q_out.shape()[0], q_out.shape()[1], q_out.shape()[2]);
+        let hkv = k_cache.shape()[2];
         if d % 2 != 0 || d > 256 {
             return Err(CudaError::Unsupported(format!("head_dim {d} (must be even and <= 256)")));
         }
@@ -266,29 +145,29 @@ impl Gpu {
                 check(w, n, DType::BF16, &[d])?;
             }
         }
-        check(cos_sin, "cos_sin", DType::F32, &[cos_sin.shape[0], d])?;
+        check(cos_sin, "cos_sin", DType::F32, &[cos_sin.shape()[0], d])?;
         check(positions, "positions", DType::I32, &[t])?;
         check(slots, "slots", DType::I64, &[t])?;
-        check(v_cache, "v_cache", DType::BF16, &k_cache.shape.clone())?;
+        check(v_cache, "v_cache", DType::BF16, k_cache.shape())?;
         let (bias_p, qn, kn) =
-            (bias.map_or(0u64, |b| b.ptr), q_norm.map_or(0u64, |w| w.ptr), k_norm.map_or(0u64, |w| w.ptr));
+            (bias.map_or(0u64, |b| b.addr()), q_norm.map_or(0u64, |w| w.addr()), k_norm.map_or(0u64, |w| w.addr()));
         let (hq_i, hkv_i, d_i) = (i32_of(hq, "n_heads")?, i32_of(hkv, "n_kv_heads")?, i32_of(d, "head_dim")?);
         let warps = (hq + 2 * hkv).min(8) as u32;
         launch!(
             self,
             &self.kernels.qkv_rope_cache,
             cfg((t as u32, 1, 1), 32 * warps),
-            &qkv.ptr,
+            qkv.arg(),
             &bias_p,
             &qn,
             &kn,
             &eps,
-            &cos_sin.ptr,
-            &positions.ptr,
-            &slots.ptr,
-            &q_out.ptr,
-            &k_cache.ptr,
-            &v_cache.ptr,
+            cos_sin.arg(),
+            positions.arg(),
+            slots.arg(),
+            q_out.arg(),
+            k_cache.arg(),
+            v_cache.arg(),
             &hq_i,
             &hkv_i,
             &d_i
@@ -314,17 +193,18 @@ impl Gpu {
         part_ml: &TensorRef,
         scale: f32,
     ) -> Result<(), CudaError> {
-        let (nq, hq, d) = (q.shape[0], q.shape[1], q.shape[2]);
-        let (block_size, hkv) = (k_cache.shape[1], k_cache.shape[2]);
+        let (nq, hq, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let (block_size, hkv) = (k_cache.shape()[1], k_cache.shape()[2]);
         check(out, "out", DType::BF16, &[nq, hq, d])?;
-        check(k_cache, "k_cache", DType::BF16, &[k_cache.shape[0], block_size, hkv, d])?;
-        check(v_cache, "v_cache", DType::BF16, &k_cache.shape.clone())?;
+        check(k_cache, "k_cache", DType::BF16, &[k_cache.shape()[0], block_size, hkv, d])?;
+        check(v_cache, "v_cache", DType::BF16, k_cache.shape())?;
         check(query_seq, "query_seq", DType::I32, &[nq])?;
         check(query_pos, "query_pos", DType::I32, &[nq])?;
-        if block_tables.dtype != DType::I32 || block_tables.shape.len() != 2 {
+        if block_tables.dtype() != DType::I32 || block_tables.shape().len() != 2 {
             return Err(CudaError::Shape(format!(
                 "`block_tables` is {:?} {:?}",
-                block_tables.dtype, block_tables.shape
+                block_tables.dtype(),
+                block_tables.shape()
             )));
         }
         let group = hq / hkv;
@@ -347,7 +227,7 @@ impl Gpu {
         let splits = splits.clamp(1, capacity);
         let split_len = max_context.div_ceil(splits).max(1);
         let (mb, hq_i, hkv_i, bs_i, split_i, splits_i, d_i) = (
-            i32_of(block_tables.shape[1], "max_blocks")?,
+            i32_of(block_tables.shape()[1], "max_blocks")?,
             i32_of(hq, "n_heads")?,
             i32_of(hkv, "n_kv_heads")?,
             i32_of(block_size, "block_size")?,
@@ -359,15 +239,15 @@ impl Gpu {
             self,
             f,
             cfg((nq as u32, hkv as u32, splits as u32), 128),
-            &q.ptr,
-            &k_cache.ptr,
-            &v_cache.ptr,
-            &block_tables.ptr,
+            q.arg(),
+            k_cache.arg(),
+            v_cache.arg(),
+            block_tables.arg(),
             &mb,
-            &query_seq.ptr,
-            &query_pos.ptr,
-            &part_acc.ptr,
-            &part_ml.ptr,
+            query_seq.arg(),
+            query_pos.arg(),
+            part_acc.arg(),
+            part_ml.arg(),
             &hq_i,
             &hkv_i,
             &bs_i,
@@ -378,10 +258,10 @@ impl Gpu {
             self,
             &self.kernels.attention_merge,
             cfg((nq as u32, hq as u32, 1), d.min(256) as u32),
-            &out.ptr,
-            &part_acc.ptr,
-            &part_ml.ptr,
-            &query_pos.ptr,
+            out.arg(),
+            part_acc.arg(),
+            part_ml.arg(),
+            query_pos.arg(),
             &hq_i,
             &splits_i,
             &split_i,
@@ -391,7 +271,7 @@ impl Gpu {
 
     /// out[T, I] = silu(gate_up[T, :I]) * gate_up[T, I:]. bf16.
     pub fn silu_mul(&self, out: &TensorRef, gate_up: &TensorRef) -> Result<(), CudaError> {
-        let (t, i) = (out.shape[0], out.shape[1]);
+        let (t, i) = (out.shape()[0], out.shape()[1]);
         check(out, "out", DType::BF16, &[t, i])?;
         check(gate_up, "gate_up", DType::BF16, &[t, 2 * i])?;
         let inter = i32_of(i, "intermediate")?;
@@ -399,28 +279,35 @@ impl Gpu {
             self,
             &self.kernels.silu_mul,
             cfg((i.div_ceil(256) as u32, t as u32, 1), 256),
-            &out.ptr,
-            &gate_up.ptr,
+            out.arg(),
+            gate_up.arg(),
             &inter
         )
     }
 
     /// y[T, N] += bias[N] on every row. bf16.
     pub fn add_bias(&self, y: &TensorRef, bias: &TensorRef) -> Result<(), CudaError> {
-        let (t, n) = (y.shape[0], y.shape[1]);
+        let (t, n) = (y.shape()[0], y.shape()[1]);
         check(y, "y", DType::BF16, &[t, n])?;
         check(bias, "bias", DType::BF16, &[n])?;
         let width = i32_of(n, "bias width")?;
-        launch!(self, &self.kernels.add_bias, cfg((n.div_ceil(256) as u32, t as u32, 1), 256), &y.ptr, &bias.ptr, &width)
+        launch!(
+            self,
+            &self.kernels.add_bias,
+            cfg((n.div_ceil(256) as u32, t as u32, 1), 256),
+            y.arg(),
+            bias.arg(),
+            &width
+        )
     }
 
     /// out[R, W] = x[rows[R], :]. bf16; rows: i32 [R].
     pub fn gather_rows(&self, out: &TensorRef, x: &TensorRef, rows: &TensorRef) -> Result<(), CudaError> {
-        let (r, w) = (rows.shape[0], x.shape[1]);
+        let (r, w) = (rows.shape()[0], x.shape()[1]);
         check(out, "out", DType::BF16, &[r, w])?;
         check(rows, "rows", DType::I32, &[r])?;
         let width = i32_of(w, "width")?;
-        launch!(self, &self.kernels.gather_rows, cfg((r as u32, 1, 1), 256), &out.ptr, &x.ptr, &rows.ptr, &width)
+        launch!(self, &self.kernels.gather_rows, cfg((r as u32, 1, 1), 256), out.arg(), x.arg(), rows.arg(), &width)
     }
 
     /// out[r] = the token [`llmd_models::pick`]'s rule picks from row r of the logits, for the
@@ -436,40 +323,40 @@ impl Gpu {
         shards: usize,
         params: &TensorRef,
     ) -> Result<(), CudaError> {
-        let stride = logits.shape[1];
+        let stride = logits.shape()[1];
         let picked = out.numel();
         check(logits, "logits", DType::F32, &[shards * rows, stride])?;
         check(out, "out", DType::U32, &[picked])?;
-        if picked > rows || params.numel() * params.dtype.size() < picked * PICK_PARAMS_BYTES {
+        if picked > rows || params.numel() * params.dtype().size() < picked * PICK_PARAMS_BYTES {
             return Err(CudaError::Shape(format!(
                 "picking {picked} of {rows} rows with {} bytes of parameters",
-                params.numel() * params.dtype.size()
+                params.numel() * params.dtype().size()
             )));
         }
-        let adjust = params.ptr + (picked * PICK_PARAMS_BYTES) as u64;
+        let adjust = params.addr() + (picked * PICK_PARAMS_BYTES) as u64;
         let (stride, shards, rows_i) = (i32_of(stride, "vocab")?, i32_of(shards, "shards")?, i32_of(rows, "rows")?);
         launch!(
             self,
             &self.kernels.pick,
             cfg((picked as u32, 1, 1), 1024),
-            &out.ptr,
-            &logits.ptr,
+            out.arg(),
+            logits.arg(),
             &stride,
             &shards,
             &rows_i,
-            &params.ptr,
+            params.arg(),
             &adjust
         )
     }
 
     /// Converts a device f32 or f16 tensor into bf16 `out` of the same element count.
     pub fn to_bf16(&self, out: &TensorRef, x: &TensorRef, x_is_f16: bool) -> Result<(), CudaError> {
-        if out.numel() != x.numel() || out.dtype != DType::BF16 {
-            return Err(CudaError::Shape(format!("to_bf16 of {:?} into {:?}", x.shape, out.shape)));
+        if out.numel() != x.numel() || out.dtype() != DType::BF16 {
+            return Err(CudaError::Shape(format!("to_bf16 of {:?} into {:?}", x.shape(), out.shape())));
         }
         let n = x.numel();
         let f = if x_is_f16 { &self.kernels.f16_to_bf16 } else { &self.kernels.f32_to_bf16 };
-        launch!(self, f, cfg((n.div_ceil(256).min(65535) as u32, 1, 1), 256), &out.ptr, &x.ptr, &n)
+        launch!(self, f, cfg((n.div_ceil(256).min(65535) as u32, 1, 1), 256), out.arg(), x.arg(), &n)
     }
 
     /// y[T, N] = x[T, K] · w[N, K]ᵀ with bf16 inputs and f32 accumulation; y is bf16 or f32.
@@ -485,11 +372,11 @@ impl Gpu {
             let split_index = [2usize, 1].into_iter().find(|&i| n << i <= slots && (k / 256) >> i >= 4).unwrap_or(0);
             let split = 1usize << split_index;
             let (bf, fp) = &self.kernels.gemv[t - 1][split_index];
-            let f = if y.dtype == DType::F32 { fp } else { bf };
+            let f = if y.dtype() == DType::F32 { fp } else { bf };
             let rows_per_warp = if t <= 3 { 1 } else { 2 };
             let blocks = n.div_ceil(8 / split * rows_per_warp) as u32;
             let (n_i, k_i) = (i32_of(n, "out_features")?, i32_of(k, "in_features")?);
-            return launch!(self, f, cfg((blocks, 1, 1), 256), &y.ptr, &x.ptr, &w.ptr, &n_i, &k_i);
+            return launch!(self, f, cfg((blocks, 1, 1), 256), y.arg(), x.arg(), w.arg(), &n_i, &k_i);
         }
         self.linear_cublas(y, x, w)
     }
@@ -497,7 +384,7 @@ impl Gpu {
     /// [`Gpu::linear`] through cuBLAS whatever the batch (the GEMV comparison of the bench).
     pub fn linear_cublas(&self, y: &TensorRef, x: &TensorRef, w: &TensorRef) -> Result<(), CudaError> {
         let (t, k, n) = linear_shape(y, x, w)?;
-        let y_type = if y.dtype == DType::F32 {
+        let y_type = if y.dtype() == DType::F32 {
             blas_sys::cudaDataType::CUDA_R_32F
         } else {
             blas_sys::cudaDataType::CUDA_R_16BF
@@ -513,14 +400,14 @@ impl Gpu {
                 i32_of(t, "tokens")?,
                 i32_of(k, "in_features")?,
                 &alpha as *const f32 as *const _,
-                w.ptr as *const _,
+                w.addr() as *const _,
                 blas_sys::cudaDataType::CUDA_R_16BF,
                 k as i32,
-                x.ptr as *const _,
+                x.addr() as *const _,
                 blas_sys::cudaDataType::CUDA_R_16BF,
                 k as i32,
                 &beta as *const f32 as *const _,
-                y.ptr as *mut _,
+                y.addr() as *mut _,
                 y_type,
                 n as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,

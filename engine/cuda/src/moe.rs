@@ -16,36 +16,18 @@
 //! once. That is left for later.
 
 use std::ops::Range;
-use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 use llmd_models::config::MoeConfig;
 use llmd_models::spec::{ExpertWeights, RoutedMoeSpec, WeightSpec};
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
-use crate::kernels::{cfg, check, i32_of, launch};
-use crate::runner::Shard;
+use crate::launch::{cfg, check, i32_of, launch, u32_of};
+use crate::shard::Shard;
 
 /// Most routed experts the top-k kernel takes (`MOE_MAX_EXPERTS` in `kernels/moe.cuh`).
 pub const MAX_EXPERTS: usize = 1024;
-
-/// The routed-expert kernels, loaded from the same module as [`crate::kernels::Kernels`].
-pub struct MoeKernels {
-    topk_softmax: CudaFunction,
-    gate_up_silu: CudaFunction,
-    down_sum: CudaFunction,
-}
-
-impl MoeKernels {
-    pub fn load(module: &Arc<CudaModule>) -> Result<MoeKernels, CudaError> {
-        Ok(MoeKernels {
-            topk_softmax: module.load_function("moe_topk_softmax_f32")?,
-            gate_up_silu: module.load_function("moe_gate_up_silu_bf16")?,
-            down_sum: module.load_function("moe_down_sum_bf16")?,
-        })
-    }
-}
 
 /// The experts rank `shard` holds, after checking that the model's MoE can run on the GPU
 /// split that way.
@@ -134,17 +116,17 @@ impl MoeLayer {
     /// out[T, H] = this rank's share of the layer's expert MLP of x[T, H] (both bf16), using
     /// `buf` as scratch. No host synchronisation.
     pub fn forward(&self, gpu: &Gpu, out: &TensorRef, x: &TensorRef, buf: &MoeBuffers) -> Result<(), CudaError> {
-        let t = x.shape[0];
+        let t = x.shape()[0];
         if t > buf.max_tokens {
             return Err(CudaError::Shape(format!("MoE of {t} tokens with buffers for {}", buf.max_tokens)));
         }
         let k = self.top_k;
-        let logits = buf.logits.rows(0, t);
-        let (ids, weights) = (buf.ids.rows(0, t), buf.weights.rows(0, t));
-        let act = buf.act.rows(0, t * k);
+        let logits = buf.logits.rows(0, t)?;
+        let (ids, weights) = (buf.ids.rows(0, t)?, buf.weights.rows(0, t)?);
+        let act = buf.act.rows(0, t * k)?;
         gpu.linear(&logits, x, &self.router.r())?;
         gpu.moe_topk_softmax(&ids, &weights, &logits, self.renormalize)?;
-        let (ids, weights) = (ids.reshape(&[t * k]), weights.reshape(&[t * k]));
+        let (ids, weights) = (ids.reshape(&[t * k])?, weights.reshape(&[t * k])?);
         gpu.moe_gate_up_silu(&act, x, &ids, &self.gate_up.r(), self.expert0)?;
         gpu.moe_down_sum(out, &act, &ids, &weights, &self.down.r(), self.expert0)
     }
@@ -176,10 +158,6 @@ impl MoeBuffers {
     }
 }
 
-fn u32_of(v: usize, what: &str) -> Result<u32, CudaError> {
-    u32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} exceeds u32")))
-}
-
 /// Warps per block of the GEMV kernels (one output value per warp).
 const WARPS: usize = 8;
 
@@ -195,7 +173,7 @@ impl Gpu {
         logits: &TensorRef,
         renormalize: bool,
     ) -> Result<(), CudaError> {
-        let (t, e, k) = (logits.shape[0], logits.shape[1], ids.shape[1]);
+        let (t, e, k) = (logits.shape()[0], logits.shape()[1], ids.shape()[1]);
         check(logits, "logits", DType::F32, &[t, e])?;
         check(ids, "ids", DType::I32, &[t, k])?;
         check(weights, "weights", DType::F32, &[t, k])?;
@@ -207,9 +185,9 @@ impl Gpu {
             self,
             &self.kernels.moe.topk_softmax,
             cfg((u32_of(t, "tokens")?, 1, 1), 32),
-            &ids.ptr,
-            &weights.ptr,
-            &logits.ptr,
+            ids.arg(),
+            weights.arg(),
+            logits.arg(),
             &e_i,
             &k_i,
             &norm
@@ -229,12 +207,12 @@ impl Gpu {
         gate_up: &TensorRef,
         expert0: usize,
     ) -> Result<(), CudaError> {
-        let (t, h) = (x.shape[0], x.shape[1]);
-        let pairs = ids.shape[0];
-        if t == 0 || !pairs.is_multiple_of(t) || gate_up.shape.len() != 3 {
+        let (t, h) = (x.shape()[0], x.shape()[1]);
+        let pairs = ids.shape()[0];
+        if t == 0 || !pairs.is_multiple_of(t) || gate_up.shape().len() != 3 {
             return Err(CudaError::Shape(format!("MoE gate/up of {pairs} pairs for {t} tokens")));
         }
-        let (el, i) = (gate_up.shape[0], gate_up.shape[1] / 2);
+        let (el, i) = (gate_up.shape()[0], gate_up.shape()[1] / 2);
         check(x, "x", DType::BF16, &[t, h])?;
         check(ids, "ids", DType::I32, &[pairs])?;
         check(gate_up, "gate_up", DType::BF16, &[el, 2 * i, h])?;
@@ -253,10 +231,10 @@ impl Gpu {
             self,
             &self.kernels.moe.gate_up_silu,
             cfg((u32_of(pairs, "pairs")?, u32_of(i.div_ceil(WARPS), "blocks")?, 1), 32 * WARPS as u32),
-            &act.ptr,
-            &x.ptr,
-            &ids.ptr,
-            &gate_up.ptr,
+            act.arg(),
+            x.arg(),
+            ids.arg(),
+            gate_up.arg(),
             &k,
             &h_i,
             &i_i,
@@ -278,12 +256,12 @@ impl Gpu {
         down: &TensorRef,
         expert0: usize,
     ) -> Result<(), CudaError> {
-        let (t, h) = (out.shape[0], out.shape[1]);
-        let pairs = ids.shape[0];
-        if t == 0 || !pairs.is_multiple_of(t) || down.shape.len() != 3 {
+        let (t, h) = (out.shape()[0], out.shape()[1]);
+        let pairs = ids.shape()[0];
+        if t == 0 || !pairs.is_multiple_of(t) || down.shape().len() != 3 {
             return Err(CudaError::Shape(format!("MoE down of {pairs} pairs for {t} tokens")));
         }
-        let (el, i) = (down.shape[0], down.shape[2]);
+        let (el, i) = (down.shape()[0], down.shape()[2]);
         check(out, "out", DType::BF16, &[t, h])?;
         check(act, "act", DType::BF16, &[pairs, i])?;
         check(ids, "ids", DType::I32, &[pairs])?;
@@ -303,11 +281,11 @@ impl Gpu {
             self,
             &self.kernels.moe.down_sum,
             cfg((u32_of(t, "tokens")?, u32_of(h.div_ceil(WARPS), "blocks")?, 1), 32 * WARPS as u32),
-            &out.ptr,
-            &act.ptr,
-            &ids.ptr,
-            &weights.ptr,
-            &down.ptr,
+            out.arg(),
+            act.arg(),
+            ids.arg(),
+            weights.arg(),
+            down.arg(),
             &k,
             &h_i,
             &i_i,

@@ -9,8 +9,7 @@
 use std::path::Path;
 
 use llmd_models::ModelError;
-use llmd_models::config::{GenerationConfig, ModelConfig};
-use llmd_models::cpu::LoadedModel;
+use llmd_models::config::ModelConfig;
 use llmd_models::loader::Checkpoint;
 use llmd_models::models::layers::Rope;
 use llmd_models::pick::TokenPick;
@@ -22,6 +21,7 @@ use crate::allreduce::{PeerAllReduce, PeerBuffers, Site};
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
 use crate::kernels::pack_picks;
+use crate::shard::Shard;
 
 /// How to load a model on a GPU.
 #[derive(Debug, Clone)]
@@ -193,8 +193,9 @@ impl StepMeta {
         StepMeta::new(max_tokens, max_seqs, max_blocks).bytes.div_ceil(4)
     }
 
-    fn view(&self, base: u64, offset: usize, shape: &[usize], dtype: DType) -> TensorRef {
-        TensorRef { ptr: base + offset as u64, shape: shape.to_vec(), dtype }
+    /// Region `offset` of the packed buffer `base` as `shape` of `dtype` (checked to fit).
+    fn view(&self, base: &TensorRef, offset: usize, shape: &[usize], dtype: DType) -> Result<TensorRef, CudaError> {
+        base.view_bytes(offset, shape, dtype)
     }
 }
 
@@ -296,7 +297,7 @@ fn load_parts(gpu: &Gpu, ckpt: &Checkpoint, parts: &[Part], out_shape: &[usize])
             gathered = v;
             &gathered
         };
-        let dst = TensorRef { ptr: out.r().ptr + (offset_elems * 2) as u64, shape: vec![numel], dtype: DType::BF16 };
+        let dst = out.r().slice(offset_elems, numel)?;
         if to_dtype(raw.dtype, &part.name)? {
             let src_dtype = if raw.dtype == Dtype::F32 {
                 DType::F32
@@ -336,18 +337,6 @@ fn part_rows(w: &WeightSpec, rows: std::ops::Range<usize>) -> Part {
 
 fn part_cols(w: &WeightSpec, cols: std::ops::Range<usize>) -> Part {
     part(w, None, Some(cols))
-}
-
-/// Which slice of the model one GPU holds (Megatron-style): heads, MLP columns and vocabulary
-/// split `world` ways; KV heads replicated when `world` exceeds them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shard {
-    pub rank: usize,
-    pub world: usize,
-}
-
-impl Shard {
-    pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
 }
 
 /// Per-rank sizes for `cfg` split `world` ways, or why it cannot be split that way.
@@ -398,42 +387,7 @@ pub fn check_model(dir: &Path) -> Result<(), ModelError> {
     DecoderSpec::new(&cfg, &ckpt)?.refuse_unsupported(BACKEND, UNSUPPORTED)
 }
 
-/// Loads an HF dense decoder onto the GPUs in `opts.gpus` (one: plain; several: tensor
-/// parallel over NCCL) and sizes its KV cache.
-pub fn load_cuda(
-    dir: &Path,
-    opts: &CudaLoadConfig,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<LoadedModel, ModelError> {
-    let cfg = ModelConfig::from_dir(dir)?;
-    let generation = GenerationConfig::from_dir(dir)?;
-    // Refuse before any GPU work; every rank builds the same spec again from its own mapping.
-    check_model(dir)?;
-    let gpus = if opts.gpus.is_empty() { vec![0] } else { opts.gpus.clone() };
-    let (runner, weight_bytes, num_params): (Box<dyn ModelRunner>, u64, u64) = if gpus.len() == 1 {
-        let r = load_single(dir, &cfg, opts, gpus[0], progress)?;
-        let (w, n) = (r.weight_bytes(), r.num_params());
-        (Box::new(r), w, n)
-    } else {
-        let tp = crate::tp::TpRunner::load(dir, &cfg, opts, &gpus, progress)?;
-        let (w, n) = (tp.weight_bytes(), tp.num_params());
-        (Box::new(tp), w, n)
-    };
-    let eos_token_ids = llmd_models::config::eos_token_ids(&cfg, &generation);
-    Ok(LoadedModel {
-        runner,
-        num_params,
-        weight_bytes,
-        dtype: llmd_models::Dtype::BFloat16,
-        max_position_embeddings: cfg.max_position_embeddings,
-        vocab_size: cfg.vocab_size,
-        eos_token_ids,
-        config: cfg,
-        generation,
-    })
-}
-
-fn load_single(
+pub(crate) fn load_single(
     dir: &Path,
     cfg: &ModelConfig,
     opts: &CudaLoadConfig,
@@ -842,21 +796,24 @@ impl CudaRunner {
         Ok((meta, buf, max_context, n_rows))
     }
 
-    fn views(&self, meta: &StepMeta, n_rows: usize, max_context: usize) -> StepViews {
-        let base = self.act.meta.r().ptr;
+    fn views(&self, meta: &StepMeta, n_rows: usize, max_context: usize) -> Result<StepViews, CudaError> {
+        let base = &self.act.meta.r();
         let (t, s) = (meta.t, meta.s);
-        StepViews {
+        Ok(StepViews {
             t,
-            ids: meta.view(base, meta.ids, &[t], DType::U32),
-            positions: meta.view(base, meta.positions, &[t], DType::I32),
-            slots: meta.view(base, meta.slots, &[t], DType::I64),
-            query_seq: meta.view(base, meta.query_seq, &[t], DType::I32),
-            tables: meta.view(base, meta.tables, &[s, meta.stride], DType::I32),
-            rows: meta.view(base, meta.rows, &[n_rows], DType::I32),
+            ids: meta.view(base, meta.ids, &[t], DType::U32)?,
+            positions: meta.view(base, meta.positions, &[t], DType::I32)?,
+            slots: meta.view(base, meta.slots, &[t], DType::I64)?,
+            query_seq: meta.view(base, meta.query_seq, &[t], DType::I32)?,
+            tables: meta.view(base, meta.tables, &[s, meta.stride], DType::I32)?,
+            rows: meta.view(base, meta.rows, &[n_rows], DType::I32)?,
             n_rows,
-            prefill_tiles: (meta.n_tiles > 0).then(|| meta.view(base, meta.tiles, &[meta.n_tiles, 4], DType::I32)),
+            prefill_tiles: match meta.n_tiles {
+                0 => None,
+                n => Some(meta.view(base, meta.tiles, &[n, 4], DType::I32)?),
+            },
             max_context,
-        }
+        })
     }
 
     /// Issues every launch of one forward pass (no host synchronisation, so it can be captured).
@@ -869,19 +826,19 @@ impl CudaRunner {
         let scale = 1.0 / (d as f32).sqrt();
         let t = v.t;
         let stream = &*self.gpu.stream;
-        let residual = a.residual.rows(0, t);
-        let normed = a.normed.rows(0, t);
-        let qkv = a.qkv.rows(0, t);
-        let q = a.q.rows(0, t);
-        let attn = a.attn.rows(0, t);
+        let residual = a.residual.rows(0, t)?;
+        let normed = a.normed.rows(0, t)?;
+        let qkv = a.qkv.rows(0, t)?;
+        let q = a.q.rows(0, t)?;
+        let attn = a.attn.rows(0, t)?;
         // Where the partial sums of the ranks go: the peer all-reduce's buffers on a small
         // tensor-parallel step, else `x` (and the residual itself for the embedding), summed by
         // NCCL in place (a no-op on one GPU).
         let peer = self.peer_ar.as_ref().filter(|p| p.serves(t));
-        let site = |s: Site, fallback: &TensorRef| peer.map_or_else(|| fallback.clone(), |p| p.input(s, t));
-        let x = a.x.rows(0, t);
+        let site = |s: Site, fallback: &TensorRef| peer.map_or_else(|| Ok(fallback.clone()), |p| p.input(s, t));
+        let x = a.x.rows(0, t)?;
         let (x_attn, x_mlp, x_embed) =
-            (site(Site::Attention, &x), site(Site::Mlp, &x), site(Site::Embedding, &residual));
+            (site(Site::Attention, &x)?, site(Site::Mlp, &x)?, site(Site::Embedding, &residual)?);
         // Sums `x` across ranks, adds it to the residual (unless `x` is the embedding), and
         // writes rmsnorm(residual) * weight to `normed`: one kernel on the peer path.
         let reduce_norm = |s: Site, x: &TensorRef, weight: &TensorRef, op: &'static str| -> Result<(), CudaError> {
@@ -952,7 +909,7 @@ impl CudaRunner {
                 )?,
             }
             self.mark("attention")?;
-            gpu.linear(&x_attn, &attn.reshape(&[t, hq * d]), &layer.o.r())?;
+            gpu.linear(&x_attn, &attn.reshape(&[t, hq * d])?, &layer.o.r())?;
             if let Some(b) = &layer.o_bias {
                 gpu.add_bias(&x_attn, &b.r())?;
             }
@@ -963,8 +920,8 @@ impl CudaRunner {
                     let (gate_up, act) = a
                         .dense_mlp
                         .as_ref()
-                        .map(|(g, x)| (g.rows(0, t), x.rows(0, t)))
-                        .ok_or_else(|| CudaError::Shape("dense layer without MLP buffers".into()))?;
+                        .ok_or_else(|| CudaError::Shape("dense layer without MLP buffers".into()))
+                        .and_then(|(g, x)| Ok((g.rows(0, t)?, x.rows(0, t)?)))?;
                     gpu.linear(&gate_up, &normed, &w_gate_up.r())?;
                     if let Some(b) = gate_up_bias {
                         gpu.add_bias(&gate_up, &b.r())?;
@@ -989,10 +946,10 @@ impl CudaRunner {
         }
         reduce_norm(pending.0, pending.1, &self.final_norm.r(), "final_norm")?;
         if v.n_rows > 0 {
-            let selected = a.selected.rows(0, v.n_rows);
+            let selected = a.selected.rows(0, v.n_rows)?;
             gpu.gather_rows(&selected, &normed, &v.rows)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed).r();
-            let local = a.logits.rows(0, v.n_rows);
+            let local = a.logits.rows(0, v.n_rows)?;
             gpu.linear(&local, &selected, &head)?;
             if let Some(c) = &self.comm {
                 c.all_gather(&local, &a.gathered.r(), stream)?;
@@ -1036,7 +993,7 @@ impl CudaRunner {
             .ok_or_else(|| CudaError::Shape(format!("no decode graph bucket for {s} sequences")))?;
         let (meta, host, _ctx, _rows) = self.pack(batch, bucket, bucket, self.max_blocks_per_seq)?;
         self.act.meta.upload_at(&self.gpu, 0, &host)?;
-        let views = self.views(&meta, bucket, self.max_model_len);
+        let views = self.views(&meta, bucket, self.max_model_len)?;
         self.launch_forward(&views)?;
         *self.profile.borrow_mut() = Some(Vec::new());
         let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
@@ -1116,7 +1073,7 @@ impl CudaRunner {
                 computed_rows = b;
                 self.act.meta.upload_at(&self.gpu, 0, &host)?;
                 if !self.graphs.contains_key(&b) {
-                    let views = self.views(&meta, b, self.max_model_len);
+                    let views = self.views(&meta, b, self.max_model_len)?;
                     // Run once eagerly (cuBLAS picks its kernels), then capture.
                     self.launch_forward(&views)?;
                     self.gpu
@@ -1137,7 +1094,7 @@ impl CudaRunner {
                 n_rows = rows;
                 computed_rows = rows;
                 self.act.meta.upload_at(&self.gpu, 0, &host)?;
-                let views = self.views(&meta, rows, ctx);
+                let views = self.views(&meta, rows, ctx)?;
                 self.launch_forward(&views)?;
             }
         }
@@ -1150,14 +1107,14 @@ impl CudaRunner {
         let (world, vl) = (self.shard.world, self.dims.vocab);
         // With tp > 1 the gathered logits are [world, rows, vocab / world].
         let (logits, shards) = if world > 1 {
-            (self.act.gathered.r().reshape(&[world * computed_rows, vl]), world)
+            (self.act.gathered.r().reshape(&[world * computed_rows, vl])?, world)
         } else {
-            (self.act.logits.rows(0, computed_rows), 1)
+            (self.act.logits.rows(0, computed_rows)?, 1)
         };
         let mut out: Vec<Option<RowOutput>> = (0..n_rows).map(|_| None).collect();
         if picks.iter().any(Option::is_some) {
             let params = self.act.pick_params.r();
-            self.gpu.pick_tokens(&self.act.sampled.rows(0, n_rows), &logits, computed_rows, shards, &params)?;
+            self.gpu.pick_tokens(&self.act.sampled.rows(0, n_rows)?, &logits, computed_rows, shards, &params)?;
             if picks.iter().all(Option::is_some) {
                 // Only ids come back: queue their copy and let the host go on meanwhile.
                 self.in_flight.queue_copy(&self.gpu, &self.act.sampled, n_rows)?;
@@ -1213,8 +1170,12 @@ impl StepInFlight {
     /// `rows` ids of `sampled` (u32 on the device) to the host and then the event `collect`
     /// waits on. Returns at once.
     fn queue_copy(&mut self, gpu: &Gpu, sampled: &DeviceTensor, rows: usize) -> Result<(), CudaError> {
-        if sampled.dtype != DType::U32 || rows > sampled.numel() {
-            return Err(CudaError::Shape(format!("copy of {rows} ids from {:?} {:?}", sampled.dtype, sampled.shape)));
+        if sampled.dtype() != DType::U32 || rows > sampled.numel() {
+            return Err(CudaError::Shape(format!(
+                "copy of {rows} ids from {:?} {:?}",
+                sampled.dtype(),
+                sampled.shape()
+            )));
         }
         if rows > 0 {
             if self.ids.as_ref().is_none_or(|h| h.len() < rows) {
@@ -1238,7 +1199,7 @@ impl StepInFlight {
             // `collect` has waited for the event recorded below; the copy is ordered after the
             // pick kernel on the GPU's only stream. (cudarc's own event tracking, which would
             // order it otherwise, is off for this context.)
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, sampled.r().ptr, gpu.stream.cu_stream()) }?;
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, sampled.addr(), gpu.stream.cu_stream()) }?;
         }
         let done = match self.done.take() {
             Some(event) => event,

@@ -17,7 +17,8 @@ use llmd_models::runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, R
 
 use crate::allreduce::PeerBuffers;
 use crate::error::CudaError;
-use crate::runner::{CudaLoadConfig, Shard, load_rank};
+use crate::runner::{CudaLoadConfig, load_rank};
+use crate::shard::Shard;
 
 enum Job {
     /// Every rank opened its GPU: join the NCCL communicator and load the weights.

@@ -1,5 +1,7 @@
 //! GPU checks and micro-benchmarks of the CUDA runner, run on the GPU machine by
 //! `bench/gpu/run.sh`.
+//! Built with `cargo build --release -p llmd-cuda --features require-kernels,checks --bin
+//! llmd-cuda-check` (the `checks` feature carries the library's self-checks it runs).
 //!
 //! `llmd-cuda-check check <model_dir>`: the CUDA runner against the CPU runner on the same
 //! checkpoint (f32 reference), over a batched prefill, a chunked prefill, and teacher-forced
@@ -22,7 +24,7 @@
 //! `llmd-cuda-check kernels [--gpu N]`: every other kernel (embedding, add + RMSNorm, QKV RoPE
 //! and cache write, SiLU·mul, row gather, bf16 conversion, GEMV/cuBLAS linear, the MoE layer)
 //! against the CPU path of llmd-models on random inputs, one line per case
-//! ([`llmd_cuda::kernel_checks`]). Exit 1 on any failure.
+//! ([`llmd_cuda::checks::kernels`]). Exit 1 on any failure.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -534,7 +536,7 @@ fn pick_check() -> Result<bool, String> {
             let mut packed = pack_picks(&refs, vocab).map_err(e)?;
             packed.resize(packed.len().next_multiple_of(4), 0);
             params.upload_at(&gpu, 0, &packed).map_err(e)?;
-            let view = logits.r().reshape(&[shards * rows, vl]);
+            let view = logits.r().reshape(&[shards * rows, vl]).map_err(e)?;
             gpu.pick_tokens(&out.r(), &view, rows, shards, &params.r()).map_err(e)?;
             let dev = out.download_u32(&gpu, rows).map_err(e)?;
             let mismatches = (0..rows).filter(|&r| picks[r].pick_host(&host_rows[r]) != dev[r]).count();
@@ -567,8 +569,8 @@ fn pick_check() -> Result<bool, String> {
         let packed = pack_picks(&refs, vocab).map_err(e)?;
         params.upload_at(&gpu, 0, &packed).map_err(e)?;
         for n_rows in [1usize, rows] {
-            let view = logits.r().reshape(&[n_rows, vocab]);
-            let out_n = out.r().rows(0, n_rows);
+            let view = logits.r().reshape(&[n_rows, vocab]).map_err(e)?;
+            let out_n = out.r().rows(0, n_rows).map_err(e)?;
             gpu.pick_tokens(&out_n, &view, n_rows, 1, &params.r()).map_err(e)?;
             gpu.synchronize().map_err(e)?;
             let t = Instant::now();
@@ -591,7 +593,7 @@ fn pick_check() -> Result<bool, String> {
 /// unwritten cache slots), then the timing table. Exit code 1 on any failure.
 fn attention_check(args: &[String]) -> i32 {
     let ordinal = arg(args, "--gpu", "0").parse().unwrap_or(0);
-    match llmd_cuda::Gpu::open(ordinal).and_then(|gpu| llmd_cuda::prefill_attention::check::run(&gpu)) {
+    match llmd_cuda::Gpu::open(ordinal).and_then(|gpu| llmd_cuda::checks::attention::run(&gpu)) {
         Ok(report) => {
             println!("{report}");
             i32::from(!report.passed())
@@ -771,7 +773,7 @@ fn main() {
     }
     if args.get(1).map(String::as_str) == Some("kernels") {
         let ordinal = arg(&args, "--gpu", "0").parse().unwrap_or(0);
-        match llmd_cuda::kernel_checks::run(ordinal, &mut |case| println!("{case}")) {
+        match llmd_cuda::checks::kernels::run(ordinal, &mut |case| println!("{case}")) {
             Ok(passed) => {
                 println!("{}", if passed { "PASS" } else { "FAIL" });
                 std::process::exit(i32::from(!passed));

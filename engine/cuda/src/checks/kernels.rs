@@ -43,7 +43,7 @@ use llmd_models::runner::{ForwardBatch, KvCacheLayout, SeqSlice};
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
-use crate::kernels::GEMV_MAX_T;
+use crate::module::GEMV_MAX_T;
 use crate::moe::{MoeBuffers, MoeLayer};
 
 /// Largest relative errors a case allows; zero means bit for bit.
@@ -179,7 +179,7 @@ impl Recorder<'_> {
 }
 
 /// Deterministic test data (splitmix64), no RNG dependency. Also feeds `llmd-cuda-check
-/// attention` ([`crate::prefill_attention::check`]).
+/// attention` ([`super::attention`]).
 pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
@@ -268,8 +268,10 @@ impl Output {
         Ok(Output { words, shape: shape.to_vec(), dtype })
     }
 
-    fn r(&self) -> TensorRef {
-        TensorRef { ptr: self.words.r().ptr, shape: self.shape.clone(), dtype: self.dtype }
+    /// The buffer seen as the tensor the kernel writes (its bytes fit: `with_contents`
+    /// rounds them up to whole words).
+    fn r(&self) -> Result<TensorRef, CudaError> {
+        self.words.r().view_bytes(0, &self.shape, self.dtype)
     }
 
     fn numel(&self) -> usize {
@@ -448,7 +450,7 @@ fn embedding(rec: &mut Recorder) {
             let table_d = bf16_tensor(gpu, &table, &[rows, h])?;
             let ids_d = tensor(gpu, &ids, u32::to_ne_bytes, &[t], DType::U32)?;
             let out = Output::new(gpu, &[t, h], DType::BF16)?;
-            gpu.embedding_shard(&out.r(), &table_d.r(), &ids_d.r(), lo)?;
+            gpu.embedding_shard(&out.r()?, &table_d.r(), &ids_d.r(), lo)?;
             let mut e = Errors::default();
             e.bf16(&out.bf16(gpu)?, &want);
             Ok(vec![outcome("embedding_shard", name, EXACT, &e)])
@@ -488,7 +490,7 @@ fn add_rmsnorm(rec: &mut Recorder) {
             let w_d = bf16_tensor(gpu, &weight, &[h])?;
             let out = Output::new(gpu, &[t, h], DType::BF16)?;
             let x_ref = x_d.as_ref().map(DeviceTensor::r);
-            gpu.add_rmsnorm(&out.r(), &res_d.r(), x_ref.as_ref(), &w_d.r(), eps as f32)?;
+            gpu.add_rmsnorm(&out.r()?, &res_d.r()?, x_ref.as_ref(), &w_d.r(), eps as f32)?;
             let mut e = Errors::default();
             e.bf16(&out.bf16(gpu)?, &want);
             let res_after = res_d.bf16(gpu)?;
@@ -719,9 +721,9 @@ fn qkv_case(gpu: &Gpu, rng: &mut Rng, c: &QkvCase) -> Result<Vec<CaseResult>, Cu
         &cos_sin.r(),
         &pos_d.r(),
         &slots_d.r(),
-        &q_out.r(),
-        &k_cache.r(),
-        &v_cache.r(),
+        &q_out.r()?,
+        &k_cache.r()?,
+        &v_cache.r()?,
     )?;
 
     let mut eq = Errors::default();
@@ -763,7 +765,7 @@ fn silu_mul(rec: &mut Recorder) {
                 .collect();
             let gu_d = bf16_tensor(gpu, &gate_up, &[t, 2 * i])?;
             let out = Output::new(gpu, &[t, i], DType::BF16)?;
-            gpu.silu_mul(&out.r(), &gu_d.r())?;
+            gpu.silu_mul(&out.r()?, &gu_d.r())?;
             let mut e = Errors::default();
             e.bf16(&out.bf16(gpu)?, &want);
             Ok(vec![outcome("silu_mul", &name, BF16, &e)])
@@ -783,7 +785,7 @@ fn gather_rows(rec: &mut Recorder) {
             let x_d = bf16_tensor(gpu, &x, &[n, w])?;
             let rows_d = tensor(gpu, &rows, i32::to_ne_bytes, &[r], DType::I32)?;
             let out = Output::new(gpu, &[r, w], DType::BF16)?;
-            gpu.gather_rows(&out.r(), &x_d.r(), &rows_d.r())?;
+            gpu.gather_rows(&out.r()?, &x_d.r(), &rows_d.r())?;
             let mut e = Errors::default();
             e.bf16(&out.bf16(gpu)?, &want);
             Ok(vec![outcome("gather_rows", &name, EXACT, &e)])
@@ -825,7 +827,7 @@ fn to_bf16(rec: &mut Recorder) {
             let want: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
             let x_d = tensor(gpu, &x, f32::to_ne_bytes, &[n], DType::F32)?;
             let out = Output::new(gpu, &[n], DType::BF16)?;
-            gpu.to_bf16(&out.r(), &x_d.r(), false)?;
+            gpu.to_bf16(&out.r()?, &x_d.r(), false)?;
             let mut e = Errors::default();
             e.bf16(&out.bf16(gpu)?, &want);
             Ok(vec![outcome("to_bf16", name, EXACT, &e)])
@@ -844,7 +846,7 @@ fn to_bf16(rec: &mut Recorder) {
         // f16 staged as 2-byte words, as the loader does.
         let x_d = bf16_tensor(gpu, &x, &[x.len()])?;
         let out = Output::new(gpu, &[x.len()], DType::BF16)?;
-        gpu.to_bf16(&out.r(), &x_d.r(), true)?;
+        gpu.to_bf16(&out.r()?, &x_d.r(), true)?;
         let mut e = Errors::default();
         e.bf16(&out.bf16(gpu)?, &want);
         Ok(vec![outcome("to_bf16", name, EXACT, &e)])
@@ -880,9 +882,9 @@ fn linear(rec: &mut Recorder) {
             let w_d = bf16_tensor(gpu, &w, &[n, k])?;
             let out = Output::new(gpu, &[t, n], if f32_out { DType::F32 } else { DType::BF16 })?;
             if cublas {
-                gpu.linear_cublas(&out.r(), &x_d.r(), &w_d.r())?;
+                gpu.linear_cublas(&out.r()?, &x_d.r(), &w_d.r())?;
             } else {
-                gpu.linear(&out.r(), &x_d.r(), &w_d.r())?;
+                gpu.linear(&out.r()?, &x_d.r(), &w_d.r())?;
             }
             let mut e = Errors::default();
             e.values(&out.values(gpu)?, &want);
@@ -977,8 +979,9 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
         tensors.push(named(format!("experts.{ei}.up_proj.weight"), &[i, h], up));
         tensors.push(named(format!("experts.{ei}.down_proj.weight"), &[h, i], down));
     }
-    let (sparse, router_cpu) =
-        cpu_module(&tensors, |w| Ok((SparseMoe::new(cfg.hidden_size, &moe_cfg, w)?, Linear::new(&w.pp("gate"), h, e, false)?)))?;
+    let (sparse, router_cpu) = cpu_module(&tensors, |w| {
+        Ok((SparseMoe::new(cfg.hidden_size, &moe_cfg, w)?, Linear::new(&w.pp("gate"), h, e, false)?))
+    })?;
     let xf = widen(&x);
     let want = sparse.forward(&xf, t)?;
     let logits = router_cpu.forward(&xf, t)?;
@@ -1002,7 +1005,7 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
             renormalize: c.renormalize,
         };
         let out = Output::new(gpu, &[t, h], DType::BF16)?;
-        layer.forward(gpu, &out.r(), &x_d.r(), &buffers)?;
+        layer.forward(gpu, &out.r()?, &x_d.r(), &buffers)?;
         for (s, (v, sentinel)) in summed.iter_mut().zip(out.values(gpu)?) {
             s.0 += v;
             s.1 |= sentinel;
