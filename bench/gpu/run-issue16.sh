@@ -4,7 +4,7 @@
 # real shapes (numerics_vs_hf.py: Llama-3.2-1B, Qwen2.5-1.5B, Qwen3-1.7B, Mistral-7B-v0.3 and
 # Qwen3-30B-A3B layouts and a Llama with o_proj and MLP biases), and the CPU fixture with every
 # bias (tests/fixtures/models/llama_bias, written by transformers; copied to $OUT to commit).
-# Expects .bin/llmd-cuda-check.xz (built with --features require-kernels).
+# Expects .bin/llmd-cuda-check.xz (built with --features require-kernels,checks).
 # Env: NUMERICS_GPUS (default "0"; "0;0,1" adds a TP=2 pass on a 2-GPU machine).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
