@@ -153,7 +153,13 @@ impl Dispatcher {
             }
             models.announce(p);
         };
-        let pulled = self.store.pull(&params, sink).await.map_err(store_error)?;
+        // Its own task: a client that detaches does not stop it between the metadata check and
+        // the weights (the store runs each of the two downloads in a task of its own).
+        let store_handle = self.store.clone();
+        let pulled = tokio::spawn(async move { store::pull(&store_handle, &params, sink).await })
+            .await
+            .map_err(|e| join_error("pulling", e))?
+            .map_err(store_error)?;
         tracing::info!(model = %pulled.id, revision = %pulled.revision, bytes = pulled.size_bytes, "pull finished");
         // The listing reads the architecture from the snapshot's config.json.
         let path = pulled.path.to_string_lossy().into_owned();

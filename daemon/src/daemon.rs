@@ -129,7 +129,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let shared = Arc::new(Shared::new(settings, http_addr));
 
     let drain = Duration::from_secs(cfg.server.shutdown_timeout_secs);
-    let resolver = Arc::new(StoreResolver { store: store.clone() });
+    let resolver =
+        Arc::new(StoreResolver { store: store.clone(), engine: cfg.engine.clone(), telemetry: telemetry.clone() });
     let models = ModelManager::spawn(loader, resolver, cfg.engine.clone(), drain);
     let group = socket::resolve_group(&cfg.control.group, dev)?;
     if let Some(note) = &group.fallback_note {

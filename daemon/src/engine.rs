@@ -38,7 +38,7 @@ impl EngineLoader {
     }
 }
 
-fn engine_error(name: &str, e: EngineError) -> ControlError {
+pub(crate) fn engine_error(name: &str, e: EngineError) -> ControlError {
     let code = match &e {
         EngineError::Model(llmd_models::ModelError::UnservedDtype { .. }) | EngineError::InvalidParam(_) => {
             ErrorCode::InvalidArgument
@@ -124,7 +124,7 @@ impl ModelLoader for EngineLoader {
 }
 
 /// Whether the engine will put this load on a GPU: `cuda`, or `auto` in a CUDA build.
-fn runs_on_gpu(device: Device) -> bool {
+pub(crate) fn runs_on_gpu(device: Device) -> bool {
     match device {
         Device::Cuda => true,
         Device::Auto => cfg!(feature = "cuda"),
@@ -160,12 +160,34 @@ impl EngineLoader {
     }
 }
 
-/// [`EngineLoader::place`] against a given GPU report. A `dtype` the CUDA backend does not
-/// serve is refused first (`InvalidArgument`); the KV cache is sized in the dtype it serves.
+/// [`EngineLoader::place`] against a given GPU report.
 fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result<Vec<u32>, ControlError> {
     let name = &request.served_name;
-    let tp = request.params.tp.unwrap_or(1);
-    if let Some(gpus) = request.params.gpus.as_deref()
+    place_model(report, name, &request.params, || {
+        let cfg = llmd_models::ModelConfig::from_dir(&request.path)
+            .map_err(|e| ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {e}")))?;
+        let weights = weight_bytes(&request.path).map_err(|e| {
+            ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {}: {e}", request.path.display()))
+        })?;
+        Ok((cfg, weights))
+    })
+}
+
+/// The GPUs a load with `params` goes on, or `InsufficientResources` with the estimate and the
+/// free memory when it cannot fit. `figures` gives the model's config and weight bytes; it is
+/// asked only when there is GPU telemetry to check against (without NVML the load goes ahead
+/// on the given GPUs or the first `tp`, and the engine reports what it finds). A `dtype` the
+/// CUDA backend does not serve is refused first (`InvalidArgument`); the KV cache is sized in
+/// the dtype it does serve. Used at load (weights measured on disk) and before a download
+/// (weights from the hub's listing).
+pub(crate) fn place_model(
+    report: &llmd_telemetry::GpuReport,
+    name: &str,
+    params: &LoadParams,
+    figures: impl FnOnce() -> Result<(llmd_models::ModelConfig, u64), ControlError>,
+) -> Result<Vec<u32>, ControlError> {
+    let tp = params.tp.unwrap_or(1);
+    if let Some(gpus) = params.gpus.as_deref()
         && gpus.len() != tp as usize
     {
         return Err(ControlError::new(
@@ -173,18 +195,13 @@ fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result
             format!("cannot load `{name}`: `gpus` = {gpus:?} lists {} GPUs but `tp` is {tp}", gpus.len()),
         ));
     }
-    let kv_dtype = gpu_kv_dtype(name, &request.params)?;
+    let kv_dtype = gpu_kv_dtype(name, params)?;
     if let Some(reason) = &report.unavailable {
-        tracing::warn!(model = %name, "no GPU memory check before loading: {reason}");
-        return Ok(request.params.gpus.clone().unwrap_or_else(|| (0..tp).collect()));
+        tracing::warn!(model = %name, "no GPU memory check: {reason}");
+        return Ok(params.gpus.clone().unwrap_or_else(|| (0..tp).collect()));
     }
-    let cfg = llmd_models::ModelConfig::from_dir(&request.path)
-        .map_err(|e| ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {e}")))?;
-    let weights = weight_bytes(&request.path).map_err(|e| {
-        ControlError::new(ErrorCode::Failed, format!("cannot load `{name}`: {}: {e}", request.path.display()))
-    })?;
-    let max_model_len =
-        request.params.max_model_len.unwrap_or(u32::try_from(cfg.max_position_embeddings).unwrap_or(u32::MAX));
+    let (cfg, weights) = figures()?;
+    let max_model_len = params.max_model_len.unwrap_or(u32::try_from(cfg.max_position_embeddings).unwrap_or(u32::MAX));
     let estimate = llmd_telemetry::estimate_memory(
         weights,
         u32::try_from(cfg.num_hidden_layers).unwrap_or(u32::MAX),
@@ -196,7 +213,7 @@ fn place_on(report: &llmd_telemetry::GpuReport, request: &LoadRequest) -> Result
     );
     // The given GPUs, or the `tp` with the most free memory; NVML and CUDA number GPUs the same
     // way because the daemon sets CUDA_DEVICE_ORDER=PCI_BUS_ID.
-    let placed = llmd_telemetry::place_estimate(report, request.params.gpus.as_deref(), &estimate)
+    let placed = llmd_telemetry::place_estimate(report, params.gpus.as_deref(), &estimate)
         .map_err(|e| ControlError::new(ErrorCode::InsufficientResources, format!("cannot load `{name}`: {e}")))?;
     tracing::info!(model = %name, gpus = ?placed, need = %estimate, "placement checked");
     Ok(placed)

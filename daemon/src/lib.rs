@@ -5,8 +5,9 @@
 //! Map: [`env`] reads the environment (the only module that does), [`config`] is the one
 //! config loader, [`control`] dispatches requests from [`socket`] and [`dbus`] to the
 //! [`models`] actor, [`notify`] talks to systemd, [`http`] builds the HTTP app (llmd-openai),
-//! [`engine`] loads models with llmd-engine, [`store`] pulls them with llmd-store; GPU
-//! telemetry and host checks come from llmd-telemetry.
+//! [`engine`] loads models with llmd-engine, [`store`] pulls them with llmd-store after
+//! [`preflight`] has checked their metadata; GPU telemetry and host checks come from
+//! llmd-telemetry.
 
 pub mod auth;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod http;
 pub mod logging;
 pub mod models;
 pub mod notify;
+pub mod preflight;
 pub mod secret;
 pub mod socket;
 pub mod store;

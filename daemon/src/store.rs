@@ -1,15 +1,19 @@
 //! The model store (llmd-store) inside the daemon: the [`Store`] built from the settings,
-//! the [`SourceResolver`] that pulls hub ids before a load, and the one mapping of store
-//! errors onto control-protocol errors ([`store_error`]).
+//! the [`SourceResolver`] that pulls hub ids before a load, [`pull`] for `llmctl pull`, and
+//! the one mapping of store errors onto control-protocol errors ([`store_error`]). Both pull
+//! paths stop after the metadata files for the checks of [`crate::preflight`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use llmd_proto::{ControlError, LoadParams, RunningModel, StoredModel};
-use llmd_store::{Hub, ModelRef, Store, StoreConfig, StoreError};
+use llmd_proto::{ControlError, LoadParams, Progress, PullParams, RunningModel, StoredModel};
+use llmd_store::{Hub, ModelRef, PulledModel, Store, StoreConfig, StoreError};
+use llmd_telemetry::Telemetry;
 
-use crate::config::Settings;
+use crate::config::{EngineConfig, Settings};
 use crate::models::{ProgressSink, SourceResolver};
+use crate::preflight::{self, Target};
 
 /// The store configured from `[storage]` and the environment (read by `env.rs`/`config.rs`:
 /// HF_ENDPOINT, HF_TOKEN or the token file, HF_HUB_CACHE/HF_HOME, HF_HUB_OFFLINE,
@@ -32,11 +36,32 @@ pub fn store_error(e: StoreError) -> ControlError {
     ControlError::new(e.code(), e.to_string())
 }
 
+/// `llmctl pull`: with the default file selection (or only `exclude`), the store fetches the
+/// metadata first and the weights only if [`preflight::check_pull`] passes (architecture,
+/// weight format, config.json). An explicit `include` list is fetched as asked, unchecked: it
+/// is how files of a model llmd does not serve are downloaded anyway.
+pub async fn pull(
+    store: &Store,
+    params: &PullParams,
+    progress: impl Fn(Progress) + Send + Sync + 'static,
+) -> Result<PulledModel, StoreError> {
+    if params.include.is_empty() {
+        store.pull_checked(params, preflight::check_pull, progress).await
+    } else {
+        tracing::info!(model = %params.source, include = ?params.include, "pull with an explicit file selection: not checked");
+        store.pull(params, progress).await
+    }
+}
+
 /// Resolves `[[models]]`/`llmctl load` sources: local folders in place, hub ids from the cache
-/// or pulled first (with progress frames).
+/// or pulled first (with progress frames), after [`preflight::check_load`] has seen their
+/// metadata: architecture, weight format, config.json, and whether the weights fit where
+/// `engine` will run them (GPU memory from `telemetry`, or host memory).
 #[derive(Debug, Clone)]
 pub struct StoreResolver {
     pub store: Store,
+    pub engine: EngineConfig,
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl SourceResolver for StoreResolver {
@@ -46,10 +71,16 @@ impl SourceResolver for StoreResolver {
         progress: ProgressSink,
     ) -> BoxFuture<'static, Result<PathBuf, ControlError>> {
         let store = self.store.clone();
-        let source = params.source.clone();
-        let revision = params.revision.clone();
+        let (engine, telemetry) = (self.engine.clone(), self.telemetry.clone());
+        let params = params.clone();
         Box::pin(async move {
-            store.resolve_for_load(&source, revision.as_deref(), move |p| progress(p)).await.map_err(store_error)
+            let name = params.name.clone().unwrap_or_else(|| crate::config::default_served_name(&params.source));
+            let check =
+                |m: &llmd_store::Manifest| preflight::check_load(m, &name, &params, &Target::of(&engine, &telemetry));
+            store
+                .resolve_for_load_checked(&params.source, params.revision.as_deref(), check, move |p| progress(p))
+                .await
+                .map_err(store_error)
         })
     }
 }

@@ -163,3 +163,128 @@ async fn pull_over_dbus_emits_progress_signals() {
     assert_eq!(&p.operation, args.operation());
     assert!(p.model.contains("org/tiny"), "{p:?}");
 }
+
+/// The qwen2 fixture repository with its config.json changed by `edit`.
+fn with_config(mut repo: FakeRepo, edit: impl FnOnce(&mut Value)) -> FakeRepo {
+    let f = repo.files.iter_mut().find(|f| f.path == "config.json").unwrap();
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(fixture_model("qwen2").join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    *f = FakeFile::mem("config.json", serde_json::to_vec(&cfg).unwrap(), false);
+    repo
+}
+
+/// The files whose bodies the hub (or its CDN) was asked for, sorted.
+fn fetched(hub: &FakeHub) -> Vec<String> {
+    let mut files: Vec<String> = hub.log().into_iter().filter(|l| l.method == "GET").filter_map(|l| l.file).collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+/// Bytes of the blobs of a repository in the Hugging Face cache, and whether any is partial.
+fn blobs(daemon: &Daemon, folder: &str) -> (u64, bool) {
+    let dir = daemon.dir.path().join("models").join(folder).join("blobs");
+    let mut bytes = 0;
+    let mut partial = false;
+    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let e = e.unwrap();
+        partial |= e.file_name().to_string_lossy().ends_with(".incomplete");
+        bytes += e.metadata().unwrap().len();
+    }
+    (bytes, partial)
+}
+
+const METADATA: [&str; 4] = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"];
+
+/// A model llmd cannot serve is refused by `llmctl pull` and `llmctl load` once its config and
+/// tokenizer files are in: no weight file is asked of the hub, the cache holds only those
+/// files and does not list the model. An explicit `--include` still downloads it.
+#[tokio::test(flavor = "multi_thread")]
+async fn unservable_models_are_refused_before_their_weights() {
+    let hub = FakeHub::start().await;
+    let deepseek = with_config(qwen2_repo(4), |c| c["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]));
+    hub.add_hf("deepseek-ai/DeepSeek-R1", deepseek.clone());
+    hub.add_hf(
+        "org/tiny-fp8",
+        with_config(qwen2_repo(5), |c| {
+            c["quantization_config"] = serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 128]})
+        }),
+    );
+    let daemon =
+        Daemon::start_with(DaemonOptions { env: vec![("HF_ENDPOINT".into(), hub.url.clone())], ..Default::default() });
+
+    let (code, out, err) = llmctl(&daemon, &["pull", "hf:deepseek-ai/DeepSeek-R1"]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains(
+            "config.json: architectures[0] = DeepseekV3ForCausalLM is not supported (llmd serves LlamaForCausalLM, "
+        ) && err.contains("(invalid_argument)"),
+        "{err}"
+    );
+    assert_eq!(fetched(&hub), METADATA, "the hub was asked for more than the metadata");
+    let metadata_bytes: u64 =
+        deepseek.files.iter().filter(|f| METADATA.contains(&f.path.as_str())).map(|f| f.content.len()).sum();
+    assert_eq!(blobs(&daemon, "models--deepseek-ai--DeepSeek-R1"), (metadata_bytes, false));
+    assert!(list(&daemon).await.is_empty());
+
+    // A load of it is refused the same way, over the socket with the typed code; the metadata
+    // already in the cache is not fetched again.
+    hub.clear_log();
+    let mut client = daemon.client().await;
+    let reply = client
+        .call(Request::Load(LoadParams { source: "hf:deepseek-ai/DeepSeek-R1".into(), ..Default::default() }), |_| {})
+        .await;
+    match reply {
+        Err(llmd_proto::ClientError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
+            assert!(e.message.contains("architectures[0] = DeepseekV3ForCausalLM"), "{e:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(fetched(&hub).is_empty(), "{:?}", fetched(&hub));
+    let (code, out, _) = llmctl(&daemon, &["ps", "--json"]).await;
+    assert_eq!(code, 0);
+    assert!(!out.contains("DeepSeek"), "{out}");
+
+    // Quantized weights are refused by their method.
+    let (code, _, err) = llmctl(&daemon, &["load", "hf:org/tiny-fp8", "--name", "fp8"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("quantization_config.quant_method = fp8 is not supported"), "{err}");
+    assert!(hub.body_gets("model.safetensors").is_empty());
+
+    // Naming the files downloads them anyway (unchecked), and the model is listed.
+    let (code, out, err) = llmctl(&daemon, &["pull", "hf:deepseek-ai/DeepSeek-R1", "--include", "*"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(hub.body_gets("model.safetensors").len(), 1);
+    let listed = list(&daemon).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["architecture"], "DeepseekV3ForCausalLM");
+}
+
+/// A load that cannot fit where it would run is refused before the weights too (here a CPU KV
+/// cache budget larger than any host's memory); a plain pull of the same model still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_that_cannot_fit_is_refused_before_its_weights() {
+    let hub = FakeHub::start().await;
+    hub.add_hf("org/tiny", qwen2_repo(6));
+    let daemon = Daemon::start_with(DaemonOptions {
+        env: vec![("HF_ENDPOINT".into(), hub.url.clone())],
+        extra_toml: format!("[engine]\ncpu_kv_cache_bytes = {}\n", 1u64 << 49),
+        ..Default::default()
+    });
+    let (code, out, err) = llmctl(&daemon, &["load", "hf:org/tiny", "--name", "tiny"]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("cannot load `tiny` on the CPU: it needs")
+            && err.contains("engine.cpu_kv_cache_bytes 524288.0 GiB")
+            && err.contains("(insufficient_resources)"),
+        "{err}"
+    );
+    assert_eq!(fetched(&hub), METADATA);
+
+    let (code, out, err) = llmctl(&daemon, &["pull", "hf:org/tiny"]).await;
+    assert_eq!(code, 0, "{out}\n{err}\nlog:\n{}", daemon.log_text());
+    assert_eq!(hub.body_gets("model.safetensors").len(), 1);
+    assert_eq!(list(&daemon).await.len(), 1);
+}
