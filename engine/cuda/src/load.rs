@@ -39,7 +39,7 @@ pub fn load_cuda(
         num_params,
         weight_bytes,
         dtype: llmd_models::Dtype::BFloat16,
-        max_position_embeddings: cfg.max_position_embeddings,
+        max_position_embeddings: cfg.max_context(),
         vocab_size: cfg.vocab_size,
         eos_token_ids,
         config: cfg,

@@ -164,6 +164,9 @@ impl EngineHandle {
             }
         };
         let dtype = serving_dtype(backend, opts.dtype)?;
+        // A context the model cannot be served with (beyond an active sliding window) is refused
+        // before any weight is read.
+        llmd_models::ModelConfig::from_dir(&opts.path)?.context_limit(opts.max_model_len.map(|m| m as usize))?;
         progress(LoadProgress { phase: "tokenizer", done: 0, total: 1 });
         let tokenizer = Tokenizer::from_dir(&opts.path).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         progress(LoadProgress { phase: "tokenizer", done: 1, total: 1 });
@@ -242,8 +245,7 @@ fn load_cuda(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<llmd_models::LoadedModel, EngineError> {
     let config = llmd_models::ModelConfig::from_dir(&opts.path)?;
-    let max_model_len =
-        opts.max_model_len.map_or(config.max_position_embeddings, |m| (m as usize).min(config.max_position_embeddings));
+    let max_model_len = config.context_limit(opts.max_model_len.map(|m| m as usize))?;
     let cfg = llmd_cuda::CudaLoadConfig {
         gpus: opts.gpus.iter().map(|&g| g as usize).collect(),
         gpu_memory_utilization: opts.gpu_memory_utilization,

@@ -50,6 +50,8 @@ pub struct LoadedModel {
     /// The dtype the backend computes and keeps its KV cache in: float32 on the CPU (whatever
     /// the checkpoint stores), bfloat16 on CUDA.
     pub dtype: Dtype,
+    /// The longest context served: `max_position_embeddings`, capped at an active sliding
+    /// window ([`ModelConfig::max_context`]).
     pub max_position_embeddings: usize,
     /// Logits width (`config.vocab_size`, which may exceed the tokenizer's size).
     pub vocab_size: usize,
@@ -173,7 +175,7 @@ pub fn load_cpu(
         num_params: ckpt.num_elements(),
         weight_bytes: ckpt.num_elements() * 4,
         dtype: CPU_DTYPE,
-        max_position_embeddings: config.max_position_embeddings,
+        max_position_embeddings: config.max_context(),
         vocab_size: config.vocab_size,
         eos_token_ids: eos,
         generation,
