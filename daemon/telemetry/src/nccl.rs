@@ -233,6 +233,22 @@ mod tests {
         assert!(reason.starts_with(&found), "{reason}");
     }
 
+    /// The real thing on a GPU host with NCCL reachable by the dynamic linker (run by hand:
+    /// `cargo test -p llmd-telemetry --features cuda -- --ignored all_reduce_on_gpu_0`).
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs a GPU and NCCL"]
+    fn all_reduce_on_gpu_0() {
+        match all_reduce_check(&[0]) {
+            NcclOutcome::Ran(run) => {
+                assert!(run.correct, "{run:?}");
+                assert!(run.nccl.starts_with("NCCL 2."), "{}", run.nccl);
+                assert!(run.alg_bw_gbps > 0.0, "{run:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn without_libnccl_the_check_names_libnccl_so_2() {
         let dir = tempfile::tempdir().unwrap();
