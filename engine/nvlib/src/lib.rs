@@ -106,8 +106,8 @@ impl NvLib {
     pub fn install_hint(self) -> &'static str {
         match self {
             NvLib::Driver => "install the NVIDIA driver (it ships libcuda.so.1)",
-            NvLib::Cublas | NvLib::CublasLt => "install CUDA 13 cuBLAS (libcublas13, or pip nvidia-cublas)",
-            NvLib::Nvrtc => "install CUDA 13 NVRTC",
+            NvLib::Cublas | NvLib::CublasLt => "install CUDA 13 cuBLAS (package libcublas-13-0, or pip nvidia-cublas)",
+            NvLib::Nvrtc => "install CUDA 13 NVRTC (package cuda-nvrtc-13-0, or pip nvidia-cuda-nvrtc)",
             NvLib::Nccl => "install NCCL 2 (package libnccl2, or pip nvidia-nccl-cu13)",
             NvLib::Nvml => "install the NVIDIA driver (it ships libnvidia-ml.so.1)",
         }
