@@ -228,7 +228,26 @@ async fn load_ps_unload_a_real_model() {
     };
     assert_eq!(loaded.name, "tiny");
     assert_eq!(loaded.architecture, "Qwen2ForCausalLM");
+    // The dtype shown is the one computed in (the fixture is stored in another).
+    let served = match loaded.device {
+        llmd_proto::Backend::Cpu => llmd_proto::Dtype::Float32,
+        llmd_proto::Backend::Cuda => llmd_proto::Dtype::BFloat16,
+    };
+    assert_eq!(loaded.dtype, served);
     assert!(!progress.is_empty() && progress.iter().all(|p| p.operation.starts_with("load-") && p.model == "tiny"));
+
+    // A dtype no backend computes in is refused, naming it, not accepted and ignored.
+    let float16 = llmd_proto::LoadParams {
+        name: Some("tiny-f16".into()),
+        dtype: Some(llmd_proto::DtypeChoice::Fixed(llmd_proto::Dtype::Float16)),
+        ..params.clone()
+    };
+    let err = client.call(Request::Load(float16), |_| {}).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Remote(ref e) if e.code == ErrorCode::InvalidArgument
+            && e.message.contains("`dtype` = float16 is not served by the")),
+        "{err}"
+    );
 
     // Loading the same name again is a conflict, not a second copy.
     let err = client.call(Request::Load(params), |_| {}).await.unwrap_err();
