@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use llmd_proto::DtypeChoice;
+use llmd_options::DtypeChoice;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 the operation failed (the daemon's message and error code are printed),

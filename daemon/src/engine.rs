@@ -269,7 +269,7 @@ impl LoadedModel for EngineModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llmd_proto::{GpuInfo, GpuReport};
+    use crate::preflight::tests::one_gpu;
 
     fn request(params: LoadParams) -> LoadRequest {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/qwen2");
@@ -282,18 +282,6 @@ mod tests {
         }
     }
 
-    fn one_gpu(free: u64) -> GpuReport {
-        GpuReport {
-            gpus: vec![GpuInfo {
-                index: 0,
-                name: "Test GPU".into(),
-                memory_free_bytes: free,
-                memory_total_bytes: free,
-                ..GpuInfo::default()
-            }],
-            ..GpuReport::default()
-        }
-    }
 
     #[test]
     fn engine_section_reaches_the_load_options() {

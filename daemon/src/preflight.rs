@@ -212,7 +212,7 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use llmd_proto::GpuInfo;
 
@@ -317,7 +317,8 @@ mod tests {
         refused_with(check_pull(&m), ErrorCode::InvalidArgument, "hidden_size");
     }
 
-    fn one_gpu(free: u64) -> GpuReport {
+    /// A report of one idle GPU with `free` bytes (also used by the placement tests in engine.rs).
+    pub(crate) fn one_gpu(free: u64) -> GpuReport {
         GpuReport {
             gpus: vec![GpuInfo {
                 index: 0,
