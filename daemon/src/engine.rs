@@ -282,7 +282,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn engine_section_reaches_the_load_options() {
         let mut r = request(LoadParams::default());

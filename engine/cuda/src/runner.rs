@@ -522,7 +522,10 @@ pub(crate) fn load_rank(
                 gate_up: load_parts(
                     &gpu,
                     &ckpt,
-                    &[part_rows(&m.gate_proj.weight, inter_rows.clone()), part_rows(&m.up_proj.weight, inter_rows.clone())],
+                    &[
+                        part_rows(&m.gate_proj.weight, inter_rows.clone()),
+                        part_rows(&m.up_proj.weight, inter_rows.clone()),
+                    ],
                     &[2 * inter_l, h],
                 )?,
                 down: load_parts(&gpu, &ckpt, &[part_cols(&m.down_proj.weight, inter_rows.clone())], &[h, inter_l])?,

@@ -581,17 +581,23 @@ mod tests {
 
     #[test]
     fn sliding_window_caps_the_context() {
-        let mistral = HUB_LLAMA
-            .replace("\"LlamaForCausalLM\"", "\"MistralForCausalLM\"")
-            .replace("\"torch_dtype\"", "\"max_position_embeddings\": 32768, \"sliding_window\": 4096, \"torch_dtype\"");
+        let mistral = HUB_LLAMA.replace("\"LlamaForCausalLM\"", "\"MistralForCausalLM\"").replace(
+            "\"torch_dtype\"",
+            "\"max_position_embeddings\": 32768, \"sliding_window\": 4096, \"torch_dtype\"",
+        );
         let c = ModelConfig::from_json_str(&mistral, "config.json").unwrap();
         assert_eq!(c.sliding_window_active(), Some(4096));
         assert_eq!(c.context_limit(None).unwrap(), 4096);
         assert_eq!(c.context_limit(Some(2048)).unwrap(), 2048);
         let e = c.context_limit(Some(8192)).unwrap_err().to_string();
-        assert!(e.contains("max_model_len") && e.contains("8192") && e.contains("sliding_window") && e.contains("4096"), "{e}");
+        assert!(
+            e.contains("max_model_len") && e.contains("8192") && e.contains("sliding_window") && e.contains("4096"),
+            "{e}"
+        );
         // Qwen's window applies only with use_sliding_window.
-        let qwen = mistral.replace("\"MistralForCausalLM\"", "\"Qwen2ForCausalLM\"").replace("{", "{\"model_type\": \"qwen2\",");
+        let qwen = mistral
+            .replace("\"MistralForCausalLM\"", "\"Qwen2ForCausalLM\"")
+            .replace("{", "{\"model_type\": \"qwen2\",");
         let c = ModelConfig::from_json_str(&qwen, "config.json").unwrap();
         assert_eq!(c.sliding_window_active(), None);
         assert_eq!(c.context_limit(Some(100_000)).unwrap(), 32768);

@@ -20,5 +20,5 @@ pub use cpu::{CPU_DTYPE, CpuRunner, LoadConfig, LoadedModel, load_cpu};
 pub use error::ModelError;
 pub use llmd_options::Dtype;
 pub use pick::{LogitAdjust, TokenPick};
-pub use spec::{Architecture, DecoderSpec, WeightStorage};
 pub use runner::{ForwardBatch, KvCacheLayout, ModelRunner, RowOutput, RowRequest, SeqSlice, StepLogits};
+pub use spec::{Architecture, DecoderSpec, WeightStorage};

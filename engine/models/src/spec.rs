@@ -354,11 +354,8 @@ impl DecoderSpec {
         let embed_tokens = ix.weight("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         // transformers ties the head exactly when the config says so (a saved
         // `lm_head.weight` is then the same matrix or ignored).
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(ix.weight("lm_head.weight", &[cfg.vocab_size, h])?)
-        };
+        let lm_head =
+            if cfg.tie_word_embeddings { None } else { Some(ix.weight("lm_head.weight", &[cfg.vocab_size, h])?) };
         Ok(DecoderSpec {
             architecture: arch,
             hidden_size: h,
@@ -476,7 +473,8 @@ fn routed(ix: &Index, prefix: &str, h: usize, m: &MoeConfig) -> Result<RoutedMoe
     // An empty prefix is the checkpoint's root (the GPU self-check's standalone block).
     let under = |name: &str| if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
     let ep = under("experts");
-    let fused = ix.ckpt.contains(&format!("{ep}.gate_up_proj")) && !ix.ckpt.contains(&format!("{ep}.0.gate_proj.weight"));
+    let fused =
+        ix.ckpt.contains(&format!("{ep}.gate_up_proj")) && !ix.ckpt.contains(&format!("{ep}.0.gate_proj.weight"));
     let experts = if fused {
         ExpertWeights::Fused {
             gate_up: ix.weight(format!("{ep}.gate_up_proj"), &[e, 2 * i, h])?,

@@ -78,11 +78,16 @@ pub enum Dtype {
     Float32,
 }
 
-string_option!(Dtype, "dtype", "bfloat16, float16, float32", [
-    (BFloat16, "bfloat16", "bf16"),
-    (Float16, "float16", "fp16", "f16", "half"),
-    (Float32, "float32", "fp32", "f32", "float"),
-]);
+string_option!(
+    Dtype,
+    "dtype",
+    "bfloat16, float16, float32",
+    [
+        (BFloat16, "bfloat16", "bf16"),
+        (Float16, "float16", "fp16", "f16", "half"),
+        (Float32, "float32", "fp32", "f32", "float"),
+    ]
+);
 
 impl Dtype {
     /// Bytes of one element.
@@ -189,11 +194,12 @@ pub enum ReasoningParser {
     None,
 }
 
-string_option!(ReasoningParser, "reasoning_parser", "deepseek_r1, qwen3, none", [
-    (DeepseekR1, "deepseek_r1"),
-    (Qwen3, "qwen3"),
-    (None, "none"),
-]);
+string_option!(
+    ReasoningParser,
+    "reasoning_parser",
+    "deepseek_r1, qwen3, none",
+    [(DeepseekR1, "deepseek_r1"), (Qwen3, "qwen3"), (None, "none"),]
+);
 
 /// How a model writes tool calls in its output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -11,8 +11,8 @@ use crate::ModelError;
 use crate::config::{GenerationConfig, ModelConfig, eos_token_ids};
 use crate::loader::{Checkpoint, Progress, Weights};
 use crate::models::CausalLm;
-use crate::spec::{Architecture, DecoderSpec, SpecFeature};
 use crate::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
+use crate::spec::{Architecture, DecoderSpec, SpecFeature};
 use kv::{BatchPlan, PagedKvCache};
 use llmd_options::Dtype;
 

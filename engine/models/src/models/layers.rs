@@ -196,7 +196,8 @@ impl Attention {
     /// Loads the projections (and q/k norms) of one layer as `model` and `a` describe them.
     pub fn from_spec(model: &DecoderSpec, a: &AttentionWeights, w: &Weights) -> Result<Self, ModelError> {
         let (nh, nkv, hd) = model.heads();
-        let norm = |n: &Option<WeightSpec>| n.as_ref().map(|n| RmsNorm::from_spec(w, n, model.rms_norm_eps)).transpose();
+        let norm =
+            |n: &Option<WeightSpec>| n.as_ref().map(|n| RmsNorm::from_spec(w, n, model.rms_norm_eps)).transpose();
         Ok(Attention {
             q_proj: Linear::from_spec(w, &a.q_proj)?,
             k_proj: Linear::from_spec(w, &a.k_proj)?,
