@@ -270,6 +270,7 @@ impl LoadedModel for EngineModel {
 mod tests {
     use super::*;
     use crate::preflight::tests::one_gpu;
+    use llmd_proto::GpuReport;
 
     fn request(params: LoadParams) -> LoadRequest {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/qwen2");
