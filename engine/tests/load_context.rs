@@ -48,7 +48,7 @@ fn a_context_beyond_the_window_is_refused_before_reading() {
     let mut phases = Vec::new();
     let err = EngineHandle::load(options(d.path(), Some(128)), &mut |p| phases.push(p.phase))
         .err()
-        .expect("max_model_len 128 with a 64-token window was accepted");
+        .unwrap_or_else(|| panic!("max_model_len 128 with a 64-token window was accepted"));
     let msg = err.to_string();
     assert!(msg.contains("`max_model_len` = 128") && msg.contains("`sliding_window` = 64"), "{msg}");
     assert!(phases.is_empty(), "refused only after {phases:?}");
