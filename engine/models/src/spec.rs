@@ -77,15 +77,6 @@ pub enum WeightStorage {
     Float(Dtype),
 }
 
-impl WeightStorage {
-    /// Stored bytes of `numel` elements.
-    pub fn bytes(self, numel: usize) -> u64 {
-        match self {
-            WeightStorage::Float(d) => (numel * d.size_bytes()) as u64,
-        }
-    }
-}
-
 impl fmt::Display for WeightStorage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -101,13 +92,6 @@ pub struct WeightSpec {
     pub name: String,
     pub shape: Vec<usize>,
     pub storage: WeightStorage,
-}
-
-impl WeightSpec {
-    /// Elements of the tensor.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
 }
 
 /// A linear layer `y = x W^T (+ b)`: `weight` is `[out, in]`, `bias` `[out]`.
@@ -408,50 +392,6 @@ impl DecoderSpec {
             }),
             None => Ok(()),
         }
-    }
-
-    /// Every tensor of the model, for byte counts and placement.
-    pub fn weights(&self) -> Vec<&WeightSpec> {
-        let mut v = vec![&self.embed_tokens, &self.final_norm];
-        v.extend(self.lm_head.as_ref());
-        fn linear<'a>(v: &mut Vec<&'a WeightSpec>, l: &'a LinearSpec) {
-            v.push(&l.weight);
-            v.extend(l.bias.as_ref());
-        }
-        fn gated<'a>(v: &mut Vec<&'a WeightSpec>, m: &'a GatedMlpWeights) {
-            for l in [&m.gate_proj, &m.up_proj, &m.down_proj] {
-                linear(v, l);
-            }
-        }
-        for l in &self.layers {
-            v.push(&l.input_norm);
-            v.push(&l.post_attention_norm);
-            let a = &l.attention;
-            for p in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
-                linear(&mut v, p);
-            }
-            v.extend(a.q_norm.as_ref());
-            v.extend(a.k_norm.as_ref());
-            match &l.mlp {
-                MlpSpec::Dense(m) => gated(&mut v, m),
-                MlpSpec::Routed(r) => {
-                    v.push(&r.router);
-                    match &r.experts {
-                        ExpertWeights::PerExpert(e) => e.iter().for_each(|m| gated(&mut v, m)),
-                        ExpertWeights::Fused { gate_up, down } => v.extend([gate_up, down]),
-                    }
-                    if let Some(s) = &r.shared {
-                        gated(&mut v, s);
-                    }
-                }
-            }
-        }
-        v
-    }
-
-    /// Parameters the model uses (tied embeddings counted once).
-    pub fn num_params(&self) -> u64 {
-        self.weights().iter().map(|w| w.numel() as u64).sum()
     }
 
     /// `(heads, kv_heads, head_dim)` of the grouped attention.

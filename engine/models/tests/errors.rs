@@ -265,7 +265,6 @@ fn spec_lists_features_and_refuses_by_name() {
     let f = spec.features();
     assert!(f.contains(&SpecFeature::QkNorm) && f.contains(&SpecFeature::RoutedExperts), "{f:?}");
     assert!(!f.contains(&SpecFeature::OProjBias) && !f.contains(&SpecFeature::TiedEmbeddings), "{f:?}");
-    assert_eq!(spec.num_params(), Checkpoint::open_dir(&dir).unwrap().num_elements());
     let e = spec.refuse_unsupported("a test backend", &[SpecFeature::RoutedExperts]).unwrap_err().to_string();
     assert_eq!(e, "Qwen3MoeForCausalLM uses routed experts, which a test backend does not serve");
     spec.refuse_unsupported("a test backend", &[SpecFeature::SharedExperts]).unwrap();
