@@ -6,7 +6,10 @@ save_pretrained so the CPU runner is an exact reference. bench model: Llama-3-8B
 bf16 weights written straight to safetensors (transformers' init of 8B parameters on the CPU
 would take minutes), plus config.json.
 
-usage: python3 make_checkpoints.py OUT_DIR [--bench-8b] [--bench-70b] [--no-small]
+bench MoE model: Qwen3-30B-A3B-shaped random bf16 weights (48 layers, 128 experts of which 8 per
+token, hub layout: one tensor per expert and projection), same way.
+
+usage: python3 make_checkpoints.py OUT_DIR [--bench-8b] [--bench-70b] [--bench-30b-a3b] [--no-small]
 """
 import json
 import os
@@ -132,9 +135,73 @@ def llama3_random(name):
     print("wrote", d, flush=True)
 
 
+def qwen3_moe_random(name, layers=48):
+    """Qwen3-30B-A3B's shapes (config of Qwen/Qwen3-30B-A3B) with random bf16 weights. The router
+    is random like the rest, so tokens spread over the experts about uniformly: at 64+ streams
+    nearly every expert of every layer is touched each step (the all-experts roofline)."""
+    d = os.path.join(out, name)
+    os.makedirs(d, exist_ok=True)
+    h, heads, kv, hd, experts, top_k, inter, vocab = 2048, 32, 4, 128, 128, 8, 768, 151936
+    cfg = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=h,
+               intermediate_size=6144, moe_intermediate_size=inter, num_experts=experts,
+               num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
+               vocab_size=vocab, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+               attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1,
+               eos_token_id=2)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape, std=0.02):
+        return (torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32) * std).to(torch.bfloat16)
+
+    def ones(n):
+        return torch.ones(n, dtype=torch.bfloat16, device="cuda")
+
+    shard, idx, n = {}, {}, 0
+
+    def flush():
+        nonlocal shard, n
+        if shard:
+            fname = f"model-{n:05d}.safetensors"
+            save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(d, fname), metadata={"format": "pt"})
+            for k in shard:
+                idx[k] = fname
+            shard, n = {}, n + 1
+
+    shard["model.embed_tokens.weight"] = r(vocab, h)
+    shard["lm_head.weight"] = r(vocab, h)
+    shard["model.norm.weight"] = ones(h)
+    flush()
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shard[p + "input_layernorm.weight"] = ones(h)
+        shard[p + "post_attention_layernorm.weight"] = ones(h)
+        shard[p + "self_attn.q_proj.weight"] = r(heads * hd, h)
+        shard[p + "self_attn.k_proj.weight"] = r(kv * hd, h)
+        shard[p + "self_attn.v_proj.weight"] = r(kv * hd, h)
+        shard[p + "self_attn.o_proj.weight"] = r(h, heads * hd)
+        shard[p + "self_attn.q_norm.weight"] = ones(hd)
+        shard[p + "self_attn.k_norm.weight"] = ones(hd)
+        shard[p + "mlp.gate.weight"] = r(experts, h)
+        for e in range(experts):
+            q = f"{p}mlp.experts.{e}."
+            shard[q + "gate_proj.weight"] = r(inter, h)
+            shard[q + "up_proj.weight"] = r(inter, h)
+            shard[q + "down_proj.weight"] = r(h, inter)
+        if i % 2 == 1:
+            flush()
+    flush()
+    json.dump({"metadata": {}, "weight_map": idx}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
+    copy_tokenizer(d, real=True)
+    print("wrote", d, flush=True)
+
+
 if "--no-small" not in sys.argv:
     small_models()
 if "--bench-8b" in sys.argv:
     llama3_random("llama3-8b-random")
 if "--bench-70b" in sys.argv:
     llama3_random("llama3-70b-random")
+if "--bench-30b-a3b" in sys.argv:
+    qwen3_moe_random("qwen3-30b-a3b-random")

@@ -10,6 +10,11 @@
 #   bash bench/gpu/run-issue6.sh hf       # HF transformers baseline (< 540 s)
 #   python3 bench/gpu/report_issue6.py llmd.json hf.json [offline.json] > report.md
 #
+# ISSUE6_SHAPE picks the model: llama3-8b (default; results under $OUT/issue6) or qwen3-30b-a3b
+# (Qwen3-30B-A3B shapes at full depth, 61 GB, for the MoE issue; results under $OUT/moe, report
+# with bench/gpu/report_moe.py). The checkpoint goes under /tmp/ck, or /dev/shm/ck when /tmp lacks
+# the room (the GPU machine's disk is 64 GB).
+#
 # Every phase creates the checkpoint when /tmp/ck/llama3-8b-random is missing (a fresh machine)
 # and writes at most 4 files under $OUT/issue6/: PHASE.json (every raw result, the loadgen's
 # JSON reports verbatim), PHASE-console.txt and, for the daemon phases, PHASE-daemon.log and
@@ -30,13 +35,22 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-/tmp/out}
 R=$OUT/issue6
 W=/tmp/issue6-$phase          # raw pieces; assembled into $R/$phase.json on exit
-CK=${ISSUE6_CK:-/tmp/ck/llama3-8b-random}
+SHAPE=${ISSUE6_SHAPE:-llama3-8b}
+case $SHAPE in
+  llama3-8b) CK_NAME=llama3-8b-random; MAKE_FLAG=--bench-8b; MODEL=llama8b; CK_GB=17; R=$OUT/issue6 ;;
+  qwen3-30b-a3b) CK_NAME=qwen3-30b-a3b-random; MAKE_FLAG=--bench-30b-a3b; MODEL=qwen3-30b-a3b; CK_GB=62; R=$OUT/moe ;;
+  *) echo "ISSUE6_SHAPE: llama3-8b or qwen3-30b-a3b, not $SHAPE" >&2; exit 2 ;;
+esac
+CK_ROOT=/tmp/ck
+if [ ! -d "$CK_ROOT/$CK_NAME" ] && [ "$(df --output=avail -B1G /tmp | tail -1)" -lt $((CK_GB + 4)) ]; then
+  CK_ROOT=/dev/shm/ck
+fi
+CK=${ISSUE6_CK:-$CK_ROOT/$CK_NAME}
 PROMPT=${ISSUE6_PROMPT:-512}  # prompt tokens (the loadgen calibrates words to tokens via /tokenize)
 GEN=${ISSUE6_GEN:-256}        # output tokens per request
 SOCK=/tmp/llmd-run/llmd.sock
 URL=http://127.0.0.1:8000
-MODEL=llama8b
-rm -rf "$W" && mkdir -p "$R" "$W" /tmp/ck /tmp/llmd-run /tmp/models
+rm -rf "$W" && mkdir -p "$R" "$W" "$CK_ROOT" /tmp/llmd-run /tmp/models
 exec > >(tee -a "$R/$phase-console.txt") 2>&1
 SECONDS=0
 
@@ -90,9 +104,9 @@ ensure_checkpoint() {
     put "$W/checkpoint.json" path "$CK" created_in_phase false
     return 0
   fi
-  log "writing the checkpoint $CK (random bf16 weights, qwen2 fixture tokenizer)"
+  log "writing the checkpoint $CK (random bf16 weights, real 128k tokenizer)"
   local t0=$SECONDS rc
-  python3 bench/gpu/make_checkpoints.py /tmp/ck --no-small --bench-8b > "$W/checkpoint.txt" 2>&1
+  python3 bench/gpu/make_checkpoints.py "$CK_ROOT" --no-small "$MAKE_FLAG" > "$W/checkpoint.txt" 2>&1
   rc=$?
   grep -v Writing "$W/checkpoint.txt" | tail -3
   put "$W/checkpoint.json" path "$CK" created_in_phase true create_s $((SECONDS - t0)) rc "$rc"
@@ -104,7 +118,8 @@ weights_and_warm() {
 import glob, json, os, sys
 files = sorted(glob.glob(os.path.join(sys.argv[1], "*.safetensors")))
 n = sum(os.path.getsize(f) for f in files)
-json.dump({"files": len(files), "bytes": n}, open(sys.argv[2], "w"), indent=1)
+config = json.load(open(os.path.join(sys.argv[1], "config.json")))
+json.dump({"files": len(files), "bytes": n, "config": config}, open(sys.argv[2], "w"), indent=1)
 print(f"weights: {len(files)} safetensors files, {n} bytes ({n / 1e9:.2f} GB)")
 PY
   local t0 t1

@@ -1,26 +1,19 @@
 // Routed experts (Qwen3-MoE). Included at the end of llmd.cu: uses its bf16 typedef and warp helpers.
 //
 // One sparse layer on one rank: router GEMM (cuBLAS / GEMV, f32 logits [n_tokens, n_experts]) ->
-// moe_topk_softmax_f32 -> moe_gate_up_silu_bf16 -> moe_down_sum_bf16. This rank's experts are
-// stacked as
+// moe_topk_softmax_f32 -> moe_align (group the (token, slot) pairs by expert, padded to whole
+// tiles of BM rows) -> moe_gemm_gate_up_* (grouped tensor-core GEMM, SiLU·up in the epilogue) ->
+// moe_gemm_down_* (grouped GEMM, routing weight in the epilogue) -> moe_sum_slots_bf16 (each
+// token's slots summed in slot order). This rank's experts are stacked as
 //   gate_up: [n_local, 2 * inter, hidden]  (an expert's gate rows, then its up rows)
 //   down:    [n_local, hidden, inter]
 // Expert ids are global; expert e lives here when expert0 <= e < expert0 + n_local. A (token, slot)
 // pair whose expert lives on another rank contributes nothing here (the ranks' outputs are summed).
-// Every output value is written by one thread in a fixed order (no atomics): results are
-// deterministic and independent of the batch.
+// Every output value is a dot product in a fixed order (tensor-core k-steps of 16, in order) and the
+// slot sum runs in slot order: results do not depend on the batch, the tile size or the order in
+// which moe_align places a token within its expert's rows (its atomics only pick row positions).
 
 #define MOE_MAX_EXPERTS 1024
-
-// Dot product of 8 bf16 pairs packed in 16-byte words, in f32.
-__device__ __forceinline__ float bf16x8_dot(uint4 a, uint4 b) {
-  const bf16* x = reinterpret_cast<const bf16*>(&a);
-  const bf16* y = reinterpret_cast<const bf16*>(&b);
-  float s = 0.f;
-#pragma unroll
-  for (int e = 0; e < 8; e++) s += __bfloat162float(x[e]) * __bfloat162float(y[e]);
-  return s;
-}
 
 // Routing of one token, as the CPU reference (engine/models/src/models/qwen3_moe.rs) computes it:
 // p = softmax(logits) in f32; the top_k largest p in descending order, ties to the lower expert id;
@@ -81,75 +74,295 @@ extern "C" __global__ void __launch_bounds__(32) moe_topk_softmax_f32(int32_t* _
   }
 }
 
-// First half of the expert MLP, per (token, slot) pair p = t * top_k + j with local expert
-// e = ids[p] - expert0:
-//   act[p, i] = bf16(bf16(silu(g)) * u),  g = bf16(x[t] . gate_up[e, i]),  u = bf16(x[t] . gate_up[e, inter + i])
-// (the rounding of the dense path: gate/up GEMM output in bf16, then silu_mul_bf16).
-// Pairs of other ranks are skipped and their act rows left as they were.
-//   x: [n_tokens, hidden] bf16;  ids: [n_tokens * top_k] int32;  gate_up: [n_local, 2 * inter, hidden] bf16;
-//   act: [n_tokens * top_k, inter] bf16.  hidden % 8 == 0.
-// grid = (n_tokens * top_k, ceil(inter / warps)), block = 32 * warps; warp w of block (p, b) computes
-// i = b * warps + w, streaming the expert's two rows with 16-byte loads (x comes from L1/L2).
-extern "C" __global__ void __launch_bounds__(256) moe_gate_up_silu_bf16(bf16* __restrict__ act,
-                                                                       const bf16* __restrict__ x,
-                                                                       const int32_t* __restrict__ ids,
-                                                                       const bf16* __restrict__ gate_up, int top_k,
-                                                                       int hidden, int inter, int expert0,
-                                                                       int n_local) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const size_t p = blockIdx.x;
-  const int i = blockIdx.y * warps + warp;
-  const int e = ids[p] - expert0;
-  if (i >= inter || e < 0 || e >= n_local) return;
-  const uint4* xr = reinterpret_cast<const uint4*>(x + (p / top_k) * hidden);
-  const uint4* gr = reinterpret_cast<const uint4*>(gate_up + ((size_t)e * 2 * inter + i) * hidden);
-  const uint4* ur = reinterpret_cast<const uint4*>(gate_up + ((size_t)e * 2 * inter + inter + i) * hidden);
-  float g = 0.f, u = 0.f;
-#pragma unroll 4
-  for (int c = lane; c < hidden / 8; c += 32) {
-    const uint4 xv = xr[c];
-    g += bf16x8_dot(xv, gr[c]);
-    u += bf16x8_dot(xv, ur[c]);
+// Groups the (token, slot) pairs routed to this rank's experts by expert. Expert e (local) gets
+// ceil(count_e / bm) consecutive m-blocks of bm rows; its pairs fill the first count_e rows of
+// them (any order) and the rest hold -1.
+//   ids: [pairs] int32 global expert ids;  sorted: [>= max_mblocks * bm] int32 pair index or -1;
+//   block_expert: [max_mblocks] int32 local expert of each m-block;  n_mblocks: [1] int32.
+// Rows past n_mblocks * bm are not written; the GEMMs skip m-blocks >= n_mblocks.
+// grid = 1, block = 1024 (one thread per local expert for the scan). n_local <= MOE_MAX_EXPERTS.
+extern "C" __global__ void __launch_bounds__(1024) moe_align(int32_t* __restrict__ sorted,
+                                                             int32_t* __restrict__ block_expert,
+                                                             int32_t* __restrict__ n_mblocks,
+                                                             const int32_t* __restrict__ ids, int pairs,
+                                                             int expert0, int n_local, int bm) {
+  __shared__ int count[MOE_MAX_EXPERTS];
+  __shared__ int row0[MOE_MAX_EXPERTS];
+  __shared__ int warp_total[32];
+  __shared__ int total_blocks;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int e = tid; e < n_local; e += blockDim.x) count[e] = 0;
+  __syncthreads();
+  for (int p = tid; p < pairs; p += blockDim.x) {
+    const int e = ids[p] - expert0;
+    if (e >= 0 && e < n_local) atomicAdd(&count[e], 1);
   }
-  g = warp_sum(g);
-  u = warp_sum(u);
-  if (lane == 0) {
-    g = __bfloat162float(__float2bfloat16(g));
-    u = __bfloat162float(__float2bfloat16(u));
-    const float sg = __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g))));
-    act[p * inter + i] = __float2bfloat16(sg * u);
+  __syncthreads();
+  // Exclusive scan of the m-block counts over the experts, thread e holding expert e.
+  const int nb = tid < n_local ? (count[tid] + bm - 1) / bm : 0;
+  int v = nb;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(FULL_MASK, v, o);
+    if (lane >= o) v += u;
+  }
+  if (lane == 31) warp_total[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < (int)(blockDim.x >> 5) ? warp_total[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int u = __shfl_up_sync(FULL_MASK, w, o);
+      if (lane >= o) w += u;
+    }
+    warp_total[lane] = w;  // inclusive over warps
+    if (lane == 31) total_blocks = w;
+  }
+  __syncthreads();
+  const int first = v - nb + (warp > 0 ? warp_total[warp - 1] : 0);
+  if (tid < n_local) {
+    row0[tid] = first * bm;
+    for (int b = 0; b < nb; b++) block_expert[first + b] = tid;
+    count[tid] = 0;  // from here on: the expert's next free row
+  }
+  if (tid == 0) *n_mblocks = total_blocks;
+  const int rows = total_blocks * bm;
+  for (int r = tid; r < rows; r += blockDim.x) sorted[r] = -1;
+  __syncthreads();  // the -1 fill is visible before any pair overwrites its row
+  for (int p = tid; p < pairs; p += blockDim.x) {
+    const int e = ids[p] - expert0;
+    if (e >= 0 && e < n_local) sorted[row0[e] + atomicAdd(&count[e], 1)] = p;
   }
 }
 
-// Second half of the expert MLP fused with the weighted sum over the slots of each token:
-//   out[t, h] = bf16(sum over j = 0..top_k-1 with a local expert e_j = ids[t * top_k + j] - expert0 of
-//                    weights[t * top_k + j] * (act[t * top_k + j] . down[e_j, h]))
-// in f32, slots in order; zero when no slot of the token is local.
-//   act: [n_tokens * top_k, inter] bf16;  ids: [n_tokens * top_k] int32;  weights: [n_tokens * top_k] f32;
-//   down: [n_local, hidden, inter] bf16;  out: [n_tokens, hidden] bf16.  inter % 8 == 0.
-// grid = (n_tokens, ceil(hidden / warps)), block = 32 * warps; warp w of block (t, b) computes
-// h = b * warps + w.
-extern "C" __global__ void __launch_bounds__(256) moe_down_sum_bf16(bf16* __restrict__ out,
-                                                                   const bf16* __restrict__ act,
-                                                                   const int32_t* __restrict__ ids,
-                                                                   const float* __restrict__ weights,
-                                                                   const bf16* __restrict__ down, int top_k,
-                                                                   int hidden, int inter, int expert0, int n_local) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+namespace moe {
+using prefill::cp_async16;
+using prefill::cp_async_commit;
+using prefill::cp_async_wait;
+using prefill::ldmatrix_x4;
+using prefill::mma_16816;
+using prefill::smem_addr;
+using prefill::swizzle;
+
+constexpr int BN = 128;     // weight rows per tile
+constexpr int BK = 64;      // k per stage (8 swizzled 16-byte chunks per row)
+constexpr int STAGES = 4;   // cp.async pipeline depth
+constexpr int THREADS = 128;
+
+constexpr int smem_bytes(int bm) { return STAGES * (bm + BN) * BK * 2; }
+
+enum class Kind { GateUp, Down };
+}  // namespace moe
+
+// Grouped expert GEMM over the m-blocks of moe_align: m-block mb (grid.x) holds bm rows of one
+// local expert e = block_expert[mb]; grid.y walks BN weight rows of that expert. Per tile:
+// C[bm, BN] = A[bm, K] · W_e[rows, K]ᵀ on bf16 tensor cores (mma.sync m16n8k16, f32 accumulate),
+// k-steps in order, operands staged through a STAGES-deep cp.async pipeline in XOR-swizzled
+// shared memory. Rows whose sorted entry is -1 are zero-filled and never stored.
+//
+// Kind::GateUp: K = hidden, A row r = x[sorted[r] / top_k]; W = gate_up [n_local, 2 * inter, hidden].
+//   Tile column block nb covers act columns i0 = nb * BN/2 .. +BN/2: shared row j is gate row
+//   i0 + 8 (j / 16) + j % 8 when j % 16 < 8, else up row inter + (same), so n8-tiles 2c and 2c+1
+//   of a warp hold gate and up of the same 8 columns and the epilogue computes
+//   act[r, i] = bf16(bf16(silu(bf16 g)) * bf16 u)   (the dense path's rounding), rows r < n_mblocks * bm.
+// Kind::Down: K = inter, A row r = act[r]; W = down [n_local, hidden, inter], N = hidden;
+//   pair_out[sorted[r], n] = bf16(bf16(c) * weights[sorted[r]]).
+// grid = (max_mblocks, ceil(N_rows / BN)), block = 128, dynamic shared memory = smem_bytes(BM).
+template <moe::Kind KIND, int BM, int WARPS_M>
+__device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16* __restrict__ a,
+                                              const bf16* __restrict__ w, const int32_t* __restrict__ sorted,
+                                              const int32_t* __restrict__ block_expert,
+                                              const int32_t* __restrict__ n_mblocks,
+                                              const float* __restrict__ weights, int top_k, int k_dim,
+                                              int n_out, int w_rows) {
+  using namespace moe;
+  constexpr int WARPS_N = 4 / WARPS_M;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  constexpr int MT = WM / 16, NT = WN / 8;
+  static_assert(MT >= 1 && NT % 2 == 0, "warp tile of whole m16 x n16 pieces");
+  constexpr int A_CHUNKS = BM * BK / 8, B_CHUNKS = BN * BK / 8;
+  static_assert(A_CHUNKS % THREADS == 0 || THREADS % A_CHUNKS == 0, "A chunks spread over threads");
+
+  const int mb = blockIdx.x;
+  if (mb >= *n_mblocks) return;
+  extern __shared__ __align__(16) unsigned char moe_smem[];
+  bf16* s_a = reinterpret_cast<bf16*>(moe_smem);  // [STAGES][BM][BK]
+  bf16* s_b = s_a + STAGES * BM * BK;              // [STAGES][BN][BK]
+  __shared__ int s_pair[BM];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int g8 = lane >> 2, tig = lane & 3;
+  const int e = block_expert[mb];
+  const int row_base = mb * BM;
+  if (tid < BM) s_pair[tid] = sorted[row_base + tid];
+  __syncthreads();
+
+  // Global source of A row r (null: zero-fill) and of shared weight row j.
+  auto a_row = [&](int r) -> const bf16* {
+    const int p = s_pair[r];
+    if (p < 0) return nullptr;
+    if constexpr (KIND == Kind::GateUp) return a + (size_t)(p / top_k) * k_dim;
+    else return a + (size_t)(row_base + r) * k_dim;
+  };
+  const bf16* w_e = w + (size_t)e * w_rows * k_dim;
+  auto b_row = [&](int j) -> const bf16* {
+    int n;
+    if constexpr (KIND == Kind::GateUp) {
+      const int i = blockIdx.y * (BN / 2) + 8 * (j / 16) + (j & 7);
+      if (i >= n_out) return nullptr;
+      n = (j & 8) ? n_out + i : i;
+    } else {
+      n = blockIdx.y * BN + j;
+      if (n >= n_out) return nullptr;
+    }
+    return w_e + (size_t)n * k_dim;
+  };
+
+  const int k_tiles = (k_dim + BK - 1) / BK;
+  auto load_stage = [&](int stage, int kt) {
+    const int k0 = kt * BK;
+    bf16* sa = s_a + stage * BM * BK;
+    bf16* sb = s_b + stage * BN * BK;
+    for (int c = tid; c < A_CHUNKS; c += THREADS) {
+      const int r = c / (BK / 8), ch = c % (BK / 8);
+      const bf16* src = a_row(r);
+      const bool ok = src != nullptr && k0 + ch * 8 < k_dim;
+      cp_async16(smem_addr(sa + swizzle<BK>(r, ch)), ok ? src + k0 + ch * 8 : a, ok);
+    }
+#pragma unroll
+    for (int c = tid; c < B_CHUNKS; c += THREADS) {
+      const int j = c / (BK / 8), ch = c % (BK / 8);
+      const bf16* src = b_row(j);
+      const bool ok = src != nullptr && k0 + ch * 8 < k_dim;
+      cp_async16(smem_addr(sb + swizzle<BK>(j, ch)), ok ? src + k0 + ch * 8 : w, ok);
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int q = 0; q < 4; q++) acc[mt][nt][q] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; s++) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; kt++) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile kt has landed for every thread; stage (kt - 1) % STAGES is free
+    if (kt + STAGES - 1 < k_tiles) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+    cp_async_commit();
+    const bf16* sa = s_a + (kt % STAGES) * BM * BK;
+    const bf16* sb = s_b + (kt % STAGES) * BN * BK;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ks++) {
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) {
+        const int r = warp_m * WM + mt * 16 + (lane & 15);
+        ldmatrix_x4(af[mt], smem_addr(sa + swizzle<BK>(r, 2 * ks + (lane >> 4))));
+      }
+#pragma unroll
+      for (int np = 0; np < NT / 2; np++) {
+        uint32_t bf[4];
+        const int j = warp_n * WN + np * 16 + ((lane >> 4) << 3) + (lane & 7);
+        ldmatrix_x4(bf, smem_addr(sb + swizzle<BK>(j, 2 * ks + ((lane >> 3) & 1))));
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+          mma_16816(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+          mma_16816(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: fragment (mt, nt) element q is row g8 (+8 for q >= 2), column 2 tig + (q & 1).
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+      const int r = warp_m * WM + mt * 16 + g8 + 8 * half;
+      const int p = s_pair[r];
+      if (p < 0) continue;
+      if constexpr (KIND == Kind::GateUp) {
+#pragma unroll
+        for (int c = 0; c < NT / 2; c++) {
+          const int i = blockIdx.y * (BN / 2) + (warp_n * WN + c * 16) / 2 + 2 * tig;
+          if (i >= n_out) continue;
+          float v[2];
+#pragma unroll
+          for (int q = 0; q < 2; q++) {
+            const float g = __bfloat162float(__float2bfloat16(acc[mt][2 * c][2 * half + q]));
+            const float u = __bfloat162float(__float2bfloat16(acc[mt][2 * c + 1][2 * half + q]));
+            v[q] = __bfloat162float(__float2bfloat16(g / (1.f + __expf(-g)))) * u;
+          }
+          *reinterpret_cast<__nv_bfloat162*>(out + (size_t)(row_base + r) * n_out + i) =
+              __floats2bfloat162_rn(v[0], v[1]);
+        }
+      } else {
+        const float wt = weights[p];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+          const int n = blockIdx.y * BN + warp_n * WN + nt * 8 + 2 * tig;
+          if (n >= n_out) continue;
+          const float v0 = __bfloat162float(__float2bfloat16(acc[mt][nt][2 * half])) * wt;
+          const float v1 = __bfloat162float(__float2bfloat16(acc[mt][nt][2 * half + 1])) * wt;
+          *reinterpret_cast<__nv_bfloat162*>(out + (size_t)p * n_out + n) = __floats2bfloat162_rn(v0, v1);
+        }
+      }
+    }
+  }
+}
+
+// The instantiations: BM 16 (decode, a few tokens per expert), 32, 64 (prefill).
+#define MOE_GEMM(NAME, KIND, BM, WARPS_M)                                                                   \
+  extern "C" __global__ void __launch_bounds__(moe::THREADS) NAME(                                          \
+      bf16* __restrict__ out, const bf16* __restrict__ a, const bf16* __restrict__ w,                       \
+      const int32_t* __restrict__ sorted, const int32_t* __restrict__ block_expert,                         \
+      const int32_t* __restrict__ n_mblocks, const float* __restrict__ weights, int top_k, int k_dim,        \
+      int n_out, int w_rows) {                                                                              \
+    moe_gemm_impl<KIND, BM, WARPS_M>(out, a, w, sorted, block_expert, n_mblocks, weights, top_k, k_dim,     \
+                                     n_out, w_rows);                                                        \
+  }
+MOE_GEMM(moe_gemm_gate_up_m16, moe::Kind::GateUp, 16, 1)
+MOE_GEMM(moe_gemm_gate_up_m32, moe::Kind::GateUp, 32, 1)
+MOE_GEMM(moe_gemm_gate_up_m64, moe::Kind::GateUp, 64, 2)
+MOE_GEMM(moe_gemm_down_m16, moe::Kind::Down, 16, 1)
+MOE_GEMM(moe_gemm_down_m32, moe::Kind::Down, 32, 1)
+MOE_GEMM(moe_gemm_down_m64, moe::Kind::Down, 64, 2)
+#undef MOE_GEMM
+
+// out[t, :] = bf16(sum over slots j = 0..top_k-1, in order, whose expert ids[t * top_k + j] is one
+// of this rank's [expert0, expert0 + n_local) of pair_out[t * top_k + j, :]), f32 sums; zero when
+// no slot is local.  pair_out: [n_tokens * top_k, hidden] bf16;  out: [n_tokens, hidden] bf16.
+// hidden % 8 == 0.  grid = (n_tokens, ceil(hidden / 8 / 128)), block = 128.
+extern "C" __global__ void __launch_bounds__(128) moe_sum_slots_bf16(bf16* __restrict__ out,
+                                                                    const bf16* __restrict__ pair_out,
+                                                                    const int32_t* __restrict__ ids,
+                                                                    int top_k, int hidden, int expert0,
+                                                                    int n_local) {
   const size_t t = blockIdx.x;
-  const int h = blockIdx.y * warps + warp;
-  if (h >= hidden) return;
-  float acc = 0.f;
+  const int c = blockIdx.y * blockDim.x + threadIdx.x;  // 8-wide chunk
+  if (c * 8 >= hidden) return;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int j = 0; j < top_k; j++) {
     const size_t p = t * top_k + j;
     const int e = ids[p] - expert0;
     if (e < 0 || e >= n_local) continue;
-    const uint4* ar = reinterpret_cast<const uint4*>(act + p * inter);
-    const uint4* wr = reinterpret_cast<const uint4*>(down + ((size_t)e * hidden + h) * inter);
-    float d = 0.f;
-#pragma unroll 4
-    for (int c = lane; c < inter / 8; c += 32) d += bf16x8_dot(ar[c], wr[c]);
-    acc += weights[p] * warp_sum(d);
+    const uint4 v = *reinterpret_cast<const uint4*>(pair_out + p * hidden + c * 8);
+    const bf16* x = reinterpret_cast<const bf16*>(&v);
+#pragma unroll
+    for (int q = 0; q < 8; q++) acc[q] += __bfloat162float(x[q]);
   }
-  if (lane == 0) out[t * hidden + h] = __float2bfloat16(acc);
+  uint4 o;
+  __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+  for (int q = 0; q < 4; q++) o2[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+  *reinterpret_cast<uint4*>(out + t * hidden + c * 8) = o;
 }

@@ -127,19 +127,53 @@ impl Kernels {
     }
 }
 
+/// Launch shape of the grouped expert GEMMs (`moe::` in `kernels/moe.cuh`).
+pub mod moe_gemm {
+    /// Rows per m-block compiled (tokens of one expert per tile).
+    pub const BLOCK_MS: [usize; 3] = [16, 32, 64];
+    /// Weight rows per tile (`moe::BN`).
+    pub const BN: usize = 128;
+    /// Threads per CTA.
+    pub const THREADS: u32 = 128;
+    /// Dynamic shared memory of one CTA: `moe::STAGES` stages of an A and a weight tile of 64 k.
+    pub fn smem_bytes(block_m: usize) -> usize {
+        4 * (block_m + BN) * 64 * 2
+    }
+}
+
 /// The routed-expert kernels (`kernels/moe.cuh`).
 pub struct MoeKernels {
     pub(crate) topk_softmax: CudaFunction,
-    pub(crate) gate_up_silu: CudaFunction,
-    pub(crate) down_sum: CudaFunction,
+    pub(crate) align: CudaFunction,
+    /// Grouped GEMMs by m-block size ([`moe_gemm::BLOCK_MS`]): (gate/up + SiLU·up, down), or
+    /// the driver's refusal of their shared memory.
+    pub(crate) gemm: Vec<Result<(CudaFunction, CudaFunction), String>>,
+    pub(crate) sum_slots: CudaFunction,
 }
 
 impl MoeKernels {
     pub fn load(module: &Arc<CudaModule>) -> Result<MoeKernels, CudaError> {
+        let gemm = moe_gemm::BLOCK_MS
+            .iter()
+            .map(|&bm| -> Result<_, CudaError> {
+                let bytes = moe_gemm::smem_bytes(bm) as i32;
+                let pair = (
+                    module.load_function(&format!("moe_gemm_gate_up_m{bm}"))?,
+                    module.load_function(&format!("moe_gemm_down_m{bm}"))?,
+                );
+                // Above the 48 KiB granted without opting in (every target GPU allows 99 KiB).
+                let attr = CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                Ok(match pair.0.set_attribute(attr, bytes).and_then(|()| pair.1.set_attribute(attr, bytes)) {
+                    Ok(()) => Ok(pair),
+                    Err(e) => Err(format!("the GPU refused {bytes} bytes of shared memory for the MoE GEMM: {e}")),
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(MoeKernels {
             topk_softmax: module.load_function("moe_topk_softmax_f32")?,
-            gate_up_silu: module.load_function("moe_gate_up_silu_bf16")?,
-            down_sum: module.load_function("moe_down_sum_bf16")?,
+            align: module.load_function("moe_align")?,
+            gemm,
+            sum_slots: module.load_function("moe_sum_slots_bf16")?,
         })
     }
 }

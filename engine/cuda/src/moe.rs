@@ -1,23 +1,23 @@
 //! Routed experts of Qwen3-MoE on the GPU (kernels in `kernels/moe.cuh`).
 //!
 //! A sparse layer runs as: router GEMM (the existing [`Gpu::linear`], f32 logits) → top-k
-//! softmax routing → per (token, slot) pair a gate/up GEMV of the chosen expert fused with
-//! SiLU·up → per token a down GEMV over its slots fused with their weighted sum. Every launch
-//! has a grid fixed by the token count and no host synchronisation, so decode steps stay
-//! capturable as CUDA graphs; no float atomics, so results do not depend on the batch.
+//! softmax routing → `moe_align`, which groups the (token, slot) pairs by expert into m-blocks
+//! of a fixed row count → a grouped tensor-core GEMM over every expert's m-blocks at once for
+//! gate/up, SiLU·up fused in its epilogue → the same for down, the routing weight fused in its
+//! epilogue → each token's slots summed in slot order. An expert's weights are thus read once
+//! per m-block: once per step in decode, and once per `block_m` tokens routed to it in a prefill
+//! (the old per-(token, slot) GEMVs re-read them per token). Only the experts some token chose
+//! are read. Grids are fixed by the token count (m-blocks past the device-side count exit at
+//! once) and nothing synchronises with the host, so decode steps stay capturable as CUDA graphs;
+//! no float atomics, so results do not depend on the batch.
 //!
 //! Tensor parallelism splits the experts: rank `r` of `tp` holds experts
 //! `[r·E/tp, (r+1)·E/tp)` (router replicated), pairs routed elsewhere contribute zero, and the
 //! all-reduce after the MLP sums the ranks' partial outputs as for a dense MLP.
-//!
-//! Performance: each pair reads its expert's weights once, which is close to the memory
-//! roofline for decode (few tokens per expert) but re-reads an expert's weights once per token
-//! routed to it in long prefills, where a grouped GEMM (tokens sorted by expert) would read them
-//! once. That is left for later.
 
 use std::ops::Range;
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use llmd_models::config::MoeConfig;
 use llmd_models::spec::{ExpertWeights, RoutedMoeSpec, WeightSpec};
 
@@ -108,58 +108,138 @@ pub(crate) struct MoeLayer {
     pub renormalize: bool,
 }
 
+/// Most tokens one pass of the expert kernels takes; a longer batch (a long prefill chunk) runs
+/// in passes of this many, which bounds the scratch at a cost of one more read of the touched
+/// experts per pass.
+pub(crate) const MAX_PASS_TOKENS: usize = 2048;
+
+/// The m-block size for `pairs` (token, slot) pairs routed over `experts` experts: the smallest
+/// tile that still holds an expert's average share in about one block, so decode reads each
+/// touched expert once without computing mostly-empty 64-row tiles.
+pub(crate) fn block_m(pairs: usize, experts: usize) -> usize {
+    if pairs < 6 * experts {
+        16
+    } else if pairs < 20 * experts {
+        32
+    } else {
+        64
+    }
+}
+
+/// Most m-blocks `pairs` pairs over `n_local` experts can need at `bm` rows per block:
+/// Σₑ ⌈cₑ / bm⌉ ≤ (Σₑ cₑ + touched·(bm − 1)) / bm with touched ≤ min(n_local, pairs).
+pub(crate) fn max_mblocks(pairs: usize, n_local: usize, bm: usize) -> usize {
+    (pairs + pairs.min(n_local) * (bm - 1)) / bm
+}
+
 impl MoeLayer {
     pub fn bytes(&self) -> usize {
         self.router.bytes() + self.gate_up.bytes() + self.down.bytes()
     }
 
     /// out[T, H] = this rank's share of the layer's expert MLP of x[T, H] (both bf16), using
-    /// `buf` as scratch. No host synchronisation.
+    /// `buf` as scratch, in passes of at most [`MAX_PASS_TOKENS`] tokens. No host synchronisation.
     pub fn forward(&self, gpu: &Gpu, out: &TensorRef, x: &TensorRef, buf: &MoeBuffers) -> Result<(), CudaError> {
         let t = x.shape()[0];
-        if t > buf.max_tokens {
-            return Err(CudaError::Shape(format!("MoE of {t} tokens with buffers for {}", buf.max_tokens)));
+        let mut start = 0;
+        while start < t {
+            let n = buf.pass_tokens.min(t - start);
+            self.pass(gpu, &out.rows(start, n)?, &x.rows(start, n)?, buf)?;
+            start += n;
         }
-        let k = self.top_k;
+        Ok(())
+    }
+
+    fn pass(&self, gpu: &Gpu, out: &TensorRef, x: &TensorRef, buf: &MoeBuffers) -> Result<(), CudaError> {
+        let (t, k) = (x.shape()[0], self.top_k);
+        let (experts, n_local) = (self.router.shape()[0], self.gate_up.shape()[0]);
+        let pairs = t * k;
         let logits = buf.logits.rows(0, t)?;
         let (ids, weights) = (buf.ids.rows(0, t)?, buf.weights.rows(0, t)?);
-        let act = buf.act.rows(0, t * k)?;
         gpu.linear(&logits, x, &self.router.r())?;
         gpu.moe_topk_softmax(&ids, &weights, &logits, self.renormalize)?;
-        let (ids, weights) = (ids.reshape(&[t * k])?, weights.reshape(&[t * k])?);
-        gpu.moe_gate_up_silu(&act, x, &ids, &self.gate_up.r(), self.expert0)?;
-        gpu.moe_down_sum(out, &act, &ids, &weights, &self.down.r(), self.expert0)
+        let (ids, weights) = (ids.reshape(&[pairs])?, weights.reshape(&[pairs])?);
+        let bm = block_m(pairs, experts);
+        let mblocks = max_mblocks(pairs, n_local, bm);
+        let groups = ExpertGroups {
+            sorted: buf.sorted.r().slice(0, mblocks * bm)?,
+            block_expert: buf.block_expert.r().slice(0, mblocks)?,
+            count: buf.n_mblocks.r(),
+            block_m: bm,
+        };
+        gpu.moe_align(&groups, &ids, self.expert0, n_local)?;
+        let act = buf.act.rows(0, mblocks * bm)?;
+        gpu.moe_gemm_gate_up(&act, x, &self.gate_up.r(), &groups, k)?;
+        let pair_out = buf.pair_out.rows(0, pairs)?;
+        gpu.moe_gemm_down(&pair_out, &act, &self.down.r(), &groups, &weights)?;
+        gpu.moe_sum_slots(out, &pair_out, &ids, self.expert0, n_local)
     }
 }
 
-/// Scratch of the sparse layers (shared by all of them), sized for `max_tokens` tokens.
+/// Scratch of the sparse layers (shared by all of them), sized for one pass of
+/// min(max_tokens, [`MAX_PASS_TOKENS`]) tokens.
 pub(crate) struct MoeBuffers {
-    max_tokens: usize,
+    pass_tokens: usize,
     /// Router logits, f32 [T, E].
     logits: DeviceTensor,
     /// Chosen experts, i32 [T, k].
     ids: DeviceTensor,
     /// Their routing weights, f32 [T, k].
     weights: DeviceTensor,
-    /// SiLU(gate)·up per (token, slot), bf16 [T·k, I].
+    /// Pair index per grouped row (−1: padding), i32 [rows].
+    sorted: DeviceTensor,
+    /// Local expert of each m-block, i32 [m-blocks].
+    block_expert: DeviceTensor,
+    /// M-blocks in use, i32 [1].
+    n_mblocks: DeviceTensor,
+    /// SiLU(gate)·up per grouped row, bf16 [rows, I].
     act: DeviceTensor,
+    /// Each pair's weighted expert output, bf16 [T·k, H].
+    pair_out: DeviceTensor,
 }
 
 impl MoeBuffers {
-    pub fn new(gpu: &Gpu, max_tokens: usize, moe: &MoeConfig) -> Result<MoeBuffers, CudaError> {
+    pub fn new(gpu: &Gpu, max_tokens: usize, hidden: usize, moe: &MoeConfig) -> Result<MoeBuffers, CudaError> {
         let (e, k, i) = (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size);
+        let pass_tokens = max_tokens.clamp(1, MAX_PASS_TOKENS);
+        let pairs = pass_tokens * k;
+        // Bounds over every m-block size a pass may pick (a rank's experts are at most all E).
+        let sizes = crate::module::moe_gemm::BLOCK_MS;
+        let rows = sizes.iter().map(|&bm| max_mblocks(pairs, e, bm) * bm).max().unwrap_or(0);
+        let blocks = sizes.iter().map(|&bm| max_mblocks(pairs, e, bm)).max().unwrap_or(0);
         Ok(MoeBuffers {
-            max_tokens,
-            logits: DeviceTensor::zeros(gpu, &[max_tokens, e], DType::F32)?,
-            ids: DeviceTensor::zeros(gpu, &[max_tokens, k], DType::I32)?,
-            weights: DeviceTensor::zeros(gpu, &[max_tokens, k], DType::F32)?,
-            act: DeviceTensor::zeros(gpu, &[max_tokens * k, i], DType::BF16)?,
+            pass_tokens,
+            logits: DeviceTensor::zeros(gpu, &[pass_tokens, e], DType::F32)?,
+            ids: DeviceTensor::zeros(gpu, &[pass_tokens, k], DType::I32)?,
+            weights: DeviceTensor::zeros(gpu, &[pass_tokens, k], DType::F32)?,
+            sorted: DeviceTensor::zeros(gpu, &[rows.max(1)], DType::I32)?,
+            block_expert: DeviceTensor::zeros(gpu, &[blocks.max(1)], DType::I32)?,
+            n_mblocks: DeviceTensor::zeros(gpu, &[1], DType::I32)?,
+            act: DeviceTensor::zeros(gpu, &[rows.max(1), i], DType::BF16)?,
+            pair_out: DeviceTensor::zeros(gpu, &[pairs, hidden], DType::BF16)?,
         })
     }
 }
 
-/// Warps per block of the GEMV kernels (one output value per warp).
-const WARPS: usize = 8;
+/// The pairs of one pass grouped by expert ([`Gpu::moe_align`]'s output, the grouped GEMMs'
+/// input): `sorted` has `block_m` rows per m-block and `block_expert` one entry per m-block,
+/// both sized for the most m-blocks the pass can need; `count` holds how many are in use.
+pub(crate) struct ExpertGroups {
+    pub sorted: TensorRef,
+    pub block_expert: TensorRef,
+    pub count: TensorRef,
+    pub block_m: usize,
+}
+
+impl ExpertGroups {
+    fn check(&self) -> Result<usize, CudaError> {
+        let blocks = self.block_expert.shape()[0];
+        check(&self.block_expert, "block_expert", DType::I32, &[blocks])?;
+        check(&self.sorted, "sorted", DType::I32, &[blocks * self.block_m])?;
+        check(&self.count, "n_mblocks", DType::I32, &[1])?;
+        Ok(blocks)
+    }
+}
 
 impl Gpu {
     /// Top-k softmax routing of T tokens over E experts: ids[T, k] (global expert ids, best
@@ -194,103 +274,196 @@ impl Gpu {
         )
     }
 
-    /// act[p, :] = silu(x[p / k] · gate_upₑ[:I]ᵀ) · (x[p / k] · gate_upₑ[I:]ᵀ) for every
-    /// (token, slot) pair p of T·k whose expert e = ids[p] − expert0 is one of the E_local here
-    /// (other rows of `act` are left as they were).
-    /// x: bf16 [T, H]; ids: i32 [T·k]; gate_up: bf16 [E_local, 2I, H]; act: bf16 [T·k, I];
-    /// H a multiple of 8.
-    pub fn moe_gate_up_silu(
+    /// Groups the pairs whose expert ids[p] (global) lies in [expert0, expert0 + n_local) by
+    /// local expert into `groups` (see [`ExpertGroups`]), whose size must be
+    /// [`max_mblocks`]`(pairs, n_local, block_m)` m-blocks.
+    pub(crate) fn moe_align(
         &self,
-        act: &TensorRef,
-        x: &TensorRef,
+        groups: &ExpertGroups,
         ids: &TensorRef,
-        gate_up: &TensorRef,
         expert0: usize,
+        n_local: usize,
     ) -> Result<(), CudaError> {
-        let (t, h) = (x.shape()[0], x.shape()[1]);
+        let blocks = groups.check()?;
         let pairs = ids.shape()[0];
-        if t == 0 || !pairs.is_multiple_of(t) || gate_up.shape().len() != 3 {
-            return Err(CudaError::Shape(format!("MoE gate/up of {pairs} pairs for {t} tokens")));
-        }
-        let (el, i) = (gate_up.shape()[0], gate_up.shape()[1] / 2);
-        check(x, "x", DType::BF16, &[t, h])?;
         check(ids, "ids", DType::I32, &[pairs])?;
-        check(gate_up, "gate_up", DType::BF16, &[el, 2 * i, h])?;
-        check(act, "act", DType::BF16, &[pairs, i])?;
-        if !h.is_multiple_of(8) {
-            return Err(CudaError::Shape(format!("MoE hidden size {h} is not a multiple of 8")));
+        if n_local == 0 || n_local > MAX_EXPERTS || blocks != max_mblocks(pairs, n_local, groups.block_m) {
+            return Err(CudaError::Shape(format!(
+                "MoE grouping of {pairs} pairs over {n_local} experts into {blocks} blocks of {}",
+                groups.block_m
+            )));
         }
-        let (k, h_i, i_i, e0, el_i) = (
-            i32_of(pairs / t, "top_k")?,
-            i32_of(h, "hidden")?,
-            i32_of(i, "moe_intermediate")?,
+        let (p_i, e0, el, bm) = (
+            i32_of(pairs, "pairs")?,
             i32_of(expert0, "expert0")?,
-            i32_of(el, "local experts")?,
+            i32_of(n_local, "local experts")?,
+            i32_of(groups.block_m, "block_m")?,
         );
         launch!(
             self,
-            &self.kernels.moe.gate_up_silu,
-            cfg((u32_of(pairs, "pairs")?, u32_of(i.div_ceil(WARPS), "blocks")?, 1), 32 * WARPS as u32),
-            act.arg(),
-            x.arg(),
+            &self.kernels.moe.align,
+            cfg((1, 1, 1), 1024),
+            groups.sorted.arg(),
+            groups.block_expert.arg(),
+            groups.count.arg(),
             ids.arg(),
-            gate_up.arg(),
-            &k,
-            &h_i,
-            &i_i,
+            &p_i,
             &e0,
-            &el_i
+            &el,
+            &bm
         )
     }
 
-    /// out[t, :] = Σⱼ weights[t·k + j] · (act[t·k + j] · downₑⱼᵀ) over the slots j (in order)
-    /// whose expert eⱼ = ids[t·k + j] − expert0 is one of the E_local here; f32 sums, one bf16
-    /// rounding. act: bf16 [T·k, I]; ids: i32 [T·k]; weights: f32 [T·k];
-    /// down: bf16 [E_local, H, I]; out: bf16 [T, H]; I a multiple of 8.
-    pub fn moe_down_sum(
+    fn moe_gemm_kernel(&self, block_m: usize, down: bool) -> Result<&CudaFunction, CudaError> {
+        let at = crate::module::moe_gemm::BLOCK_MS
+            .iter()
+            .position(|&b| b == block_m)
+            .ok_or_else(|| CudaError::Shape(format!("no MoE GEMM with {block_m}-row blocks")))?;
+        match &self.kernels.moe.gemm[at] {
+            Ok((gate_up, d)) => Ok(if down { d } else { gate_up }),
+            Err(why) => Err(CudaError::Unsupported(why.clone())),
+        }
+    }
+
+    /// act[r, :] = silu(x[t] · gateₑᵀ) · (x[t] · upₑᵀ) for every grouped row r holding pair
+    /// p = t·top_k + j of local expert e (rows of padding are written with garbage).
+    /// x: bf16 [T, H]; gate_up: bf16 [E_local, 2I, H] (an expert's gate rows, then its up rows);
+    /// act: bf16 [rows of `groups`, I]; H and I multiples of 8.
+    pub(crate) fn moe_gemm_gate_up(
+        &self,
+        act: &TensorRef,
+        x: &TensorRef,
+        gate_up: &TensorRef,
+        groups: &ExpertGroups,
+        top_k: usize,
+    ) -> Result<(), CudaError> {
+        let blocks = groups.check()?;
+        let (t, h) = (x.shape()[0], x.shape()[1]);
+        if gate_up.shape().len() != 3 {
+            return Err(CudaError::Shape(format!("MoE gate_up of shape {:?}", gate_up.shape())));
+        }
+        let (el, i) = (gate_up.shape()[0], gate_up.shape()[1] / 2);
+        check(x, "x", DType::BF16, &[t, h])?;
+        check(gate_up, "gate_up", DType::BF16, &[el, 2 * i, h])?;
+        check(act, "act", DType::BF16, &[blocks * groups.block_m, i])?;
+        if !h.is_multiple_of(8) || !i.is_multiple_of(8) || top_k == 0 {
+            return Err(CudaError::Shape(format!("MoE hidden {h} and intermediate {i} must be multiples of 8")));
+        }
+        let f = self.moe_gemm_kernel(groups.block_m, false)?;
+        let bn = crate::module::moe_gemm::BN;
+        let launch = LaunchConfig {
+            grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(i.div_ceil(bn / 2), "n-blocks")?, 1),
+            block_dim: (crate::module::moe_gemm::THREADS, 1, 1),
+            shared_mem_bytes: crate::module::moe_gemm::smem_bytes(groups.block_m) as u32,
+        };
+        let (k_i, h_i, i_i, rows_i) =
+            (i32_of(top_k, "top_k")?, i32_of(h, "hidden")?, i32_of(i, "moe_intermediate")?, i32_of(2 * i, "rows")?);
+        // Null routing weights: the gate/up epilogue has none.
+        launch!(
+            self,
+            f,
+            launch,
+            act.arg(),
+            x.arg(),
+            gate_up.arg(),
+            groups.sorted.arg(),
+            groups.block_expert.arg(),
+            groups.count.arg(),
+            &0u64,
+            &k_i,
+            &h_i,
+            &i_i,
+            &rows_i
+        )
+    }
+
+    /// pair_out[p, :] = weights[p] · (act[r] · downₑᵀ) for every grouped row r holding pair p of
+    /// local expert e (rows of pairs routed to other ranks are left as they were).
+    /// act: bf16 [rows of `groups`, I]; down: bf16 [E_local, H, I]; weights: f32 [T·k];
+    /// pair_out: bf16 [T·k, H]; H and I multiples of 8.
+    pub(crate) fn moe_gemm_down(
+        &self,
+        pair_out: &TensorRef,
+        act: &TensorRef,
+        down: &TensorRef,
+        groups: &ExpertGroups,
+        weights: &TensorRef,
+    ) -> Result<(), CudaError> {
+        let blocks = groups.check()?;
+        let (pairs, h) = (pair_out.shape()[0], pair_out.shape()[1]);
+        if down.shape().len() != 3 {
+            return Err(CudaError::Shape(format!("MoE down of shape {:?}", down.shape())));
+        }
+        let (el, i) = (down.shape()[0], down.shape()[2]);
+        check(down, "down", DType::BF16, &[el, h, i])?;
+        check(act, "act", DType::BF16, &[blocks * groups.block_m, i])?;
+        check(weights, "weights", DType::F32, &[pairs])?;
+        check(pair_out, "pair_out", DType::BF16, &[pairs, h])?;
+        if !h.is_multiple_of(8) || !i.is_multiple_of(8) {
+            return Err(CudaError::Shape(format!("MoE hidden {h} and intermediate {i} must be multiples of 8")));
+        }
+        let f = self.moe_gemm_kernel(groups.block_m, true)?;
+        let bn = crate::module::moe_gemm::BN;
+        let launch = LaunchConfig {
+            grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(h.div_ceil(bn), "n-blocks")?, 1),
+            block_dim: (crate::module::moe_gemm::THREADS, 1, 1),
+            shared_mem_bytes: crate::module::moe_gemm::smem_bytes(groups.block_m) as u32,
+        };
+        let (one, i_i, h_i) = (1i32, i32_of(i, "moe_intermediate")?, i32_of(h, "hidden")?);
+        launch!(
+            self,
+            f,
+            launch,
+            pair_out.arg(),
+            act.arg(),
+            down.arg(),
+            groups.sorted.arg(),
+            groups.block_expert.arg(),
+            groups.count.arg(),
+            weights.arg(),
+            &one,
+            &i_i,
+            &h_i,
+            &h_i
+        )
+    }
+
+    /// out[t, :] = Σⱼ pair_out[t·k + j] over the slots j (in order) whose expert
+    /// ids[t·k + j] − expert0 is one of the n_local here; f32 sums, one bf16 rounding, zero
+    /// when none is. pair_out: bf16 [T·k, H]; ids: i32 [T·k]; out: bf16 [T, H]; H a multiple of 8.
+    pub fn moe_sum_slots(
         &self,
         out: &TensorRef,
-        act: &TensorRef,
+        pair_out: &TensorRef,
         ids: &TensorRef,
-        weights: &TensorRef,
-        down: &TensorRef,
         expert0: usize,
+        n_local: usize,
     ) -> Result<(), CudaError> {
         let (t, h) = (out.shape()[0], out.shape()[1]);
         let pairs = ids.shape()[0];
-        if t == 0 || !pairs.is_multiple_of(t) || down.shape().len() != 3 {
-            return Err(CudaError::Shape(format!("MoE down of {pairs} pairs for {t} tokens")));
+        if t == 0 || !pairs.is_multiple_of(t) || !h.is_multiple_of(8) {
+            return Err(CudaError::Shape(format!("MoE slot sum of {pairs} pairs for {t} tokens of {h}")));
         }
-        let (el, i) = (down.shape()[0], down.shape()[2]);
         check(out, "out", DType::BF16, &[t, h])?;
-        check(act, "act", DType::BF16, &[pairs, i])?;
+        check(pair_out, "pair_out", DType::BF16, &[pairs, h])?;
         check(ids, "ids", DType::I32, &[pairs])?;
-        check(weights, "weights", DType::F32, &[pairs])?;
-        check(down, "down", DType::BF16, &[el, h, i])?;
-        if !i.is_multiple_of(8) {
-            return Err(CudaError::Shape(format!("MoE intermediate size {i} is not a multiple of 8")));
-        }
-        let (k, h_i, i_i, e0, el_i) = (
+        let (k, h_i, e0, el) = (
             i32_of(pairs / t, "top_k")?,
             i32_of(h, "hidden")?,
-            i32_of(i, "moe_intermediate")?,
             i32_of(expert0, "expert0")?,
-            i32_of(el, "local experts")?,
+            i32_of(n_local, "local experts")?,
         );
         launch!(
             self,
-            &self.kernels.moe.down_sum,
-            cfg((u32_of(t, "tokens")?, u32_of(h.div_ceil(WARPS), "blocks")?, 1), 32 * WARPS as u32),
+            &self.kernels.moe.sum_slots,
+            cfg((u32_of(t, "tokens")?, u32_of((h / 8).div_ceil(128), "blocks")?, 1), 128),
             out.arg(),
-            act.arg(),
+            pair_out.arg(),
             ids.arg(),
-            weights.arg(),
-            down.arg(),
             &k,
             &h_i,
-            &i_i,
             &e0,
-            &el_i
+            &el
         )
     }
 }

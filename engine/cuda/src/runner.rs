@@ -592,7 +592,7 @@ pub(crate) fn load_rank(
         } else {
             None
         },
-        moe: cfg.moe.as_ref().map(|m| crate::moe::MoeBuffers::new(&gpu, max_tokens, m)).transpose()?,
+        moe: cfg.moe.as_ref().map(|m| crate::moe::MoeBuffers::new(&gpu, max_tokens, h, m)).transpose()?,
         part_acc: z(&[attn_ws_elems], DType::F32)?,
         part_ml: z(&[attn_ws_elems / d * 2], DType::F32)?,
         selected: z(&[max_seqs, h], DType::BF16)?,

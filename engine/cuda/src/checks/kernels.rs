@@ -927,6 +927,13 @@ fn moe(rec: &mut Recorder) {
         case(64, 128, 8, 256, 64, true, 1),
         case(7, 16, 4, 256, 128, true, 2),
         case(64, 64, 8, 256, 128, false, 4),
+        // Grouped GEMM tiles: 32- and 64-row m-blocks, several m-blocks per expert, hidden and
+        // intermediate sizes that are not whole 128/64-wide tiles, and a batch over
+        // MAX_PASS_TOKENS (two passes).
+        case(48, 16, 4, 256, 128, true, 1),
+        case(300, 16, 4, 264, 200, true, 1),
+        case(700, 32, 8, 512, 96, false, 2),
+        case(2100, 8, 2, 128, 64, true, 1),
     ];
     for c in &cases {
         let name = format!(
@@ -989,7 +996,7 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
 
     // GPU: one MoeLayer per rank, each with its share of the experts stacked as the loader does.
     let x_d = bf16_tensor(gpu, &x, &[t, h])?;
-    let buffers = MoeBuffers::new(gpu, t, &moe_cfg)?;
+    let buffers = MoeBuffers::new(gpu, t, h, &moe_cfg)?;
     let per = e / c.ranks;
     let mut summed = vec![(0f32, false); t * h];
     for rank in 0..c.ranks {
