@@ -139,25 +139,42 @@ impl MoeLayer {
 
     /// out[T, H] = this rank's share of the layer's expert MLP of x[T, H] (both bf16), using
     /// `buf` as scratch, in passes of at most [`MAX_PASS_TOKENS`] tokens. No host synchronisation.
-    pub fn forward(&self, gpu: &Gpu, out: &TensorRef, x: &TensorRef, buf: &MoeBuffers) -> Result<(), CudaError> {
+    /// `mark` is called after each phase with its name (the runner's step profile).
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        out: &TensorRef,
+        x: &TensorRef,
+        buf: &MoeBuffers,
+        mark: &dyn Fn(&'static str) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
         let t = x.shape()[0];
         let mut start = 0;
         while start < t {
             let n = buf.pass_tokens.min(t - start);
-            self.pass(gpu, &out.rows(start, n)?, &x.rows(start, n)?, buf)?;
+            self.pass(gpu, &out.rows(start, n)?, &x.rows(start, n)?, buf, mark)?;
             start += n;
         }
         Ok(())
     }
 
-    fn pass(&self, gpu: &Gpu, out: &TensorRef, x: &TensorRef, buf: &MoeBuffers) -> Result<(), CudaError> {
+    fn pass(
+        &self,
+        gpu: &Gpu,
+        out: &TensorRef,
+        x: &TensorRef,
+        buf: &MoeBuffers,
+        mark: &dyn Fn(&'static str) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
         let (t, k) = (x.shape()[0], self.top_k);
         let (experts, n_local) = (self.router.shape()[0], self.gate_up.shape()[0]);
         let pairs = t * k;
         let logits = buf.logits.rows(0, t)?;
         let (ids, weights) = (buf.ids.rows(0, t)?, buf.weights.rows(0, t)?);
         gpu.linear(&logits, x, &self.router.r())?;
+        mark("moe_router")?;
         gpu.moe_topk_softmax(&ids, &weights, &logits, self.renormalize)?;
+        mark("moe_topk")?;
         let (ids, weights) = (ids.reshape(&[pairs])?, weights.reshape(&[pairs])?);
         let bm = block_m(pairs, experts);
         let mblocks = max_mblocks(pairs, n_local, bm);
@@ -168,11 +185,15 @@ impl MoeLayer {
             block_m: bm,
         };
         gpu.moe_align(&groups, &ids, self.expert0, n_local)?;
+        mark("moe_align")?;
         let act = buf.act.rows(0, mblocks * bm)?;
         gpu.moe_gemm_gate_up(&act, x, &self.gate_up.r(), &groups, k)?;
+        mark("moe_gate_up")?;
         let pair_out = buf.pair_out.rows(0, pairs)?;
         gpu.moe_gemm_down(&pair_out, &act, &self.down.r(), &groups, &weights)?;
-        gpu.moe_sum_slots(out, &pair_out, &ids, self.expert0, n_local)
+        mark("moe_down")?;
+        gpu.moe_sum_slots(out, &pair_out, &ids, self.expert0, n_local)?;
+        mark("moe_sum")
     }
 }
 

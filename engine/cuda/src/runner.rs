@@ -941,8 +941,7 @@ impl CudaRunner {
                 Mlp::Sparse(moe) => {
                     let buffers =
                         a.moe.as_ref().ok_or_else(|| CudaError::Shape("sparse layer without MoE buffers".into()))?;
-                    moe.forward(gpu, &x_mlp, &normed, buffers)?;
-                    self.mark("moe")?;
+                    moe.forward(gpu, &x_mlp, &normed, buffers, &|op| self.mark(op))?;
                 }
             }
             pending = (Site::Mlp, &x_mlp);

@@ -1012,7 +1012,7 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
             renormalize: c.renormalize,
         };
         let out = Output::new(gpu, &[t, h], DType::BF16)?;
-        layer.forward(gpu, &out.r()?, &x_d.r(), &buffers)?;
+        layer.forward(gpu, &out.r()?, &x_d.r(), &buffers, &|_| Ok(()))?;
         for (s, (v, sentinel)) in summed.iter_mut().zip(out.values(gpu)?) {
             s.0 += v;
             s.1 |= sentinel;
