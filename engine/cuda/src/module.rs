@@ -127,17 +127,27 @@ impl Kernels {
     }
 }
 
-/// Launch shape of the grouped expert GEMMs (`moe::` in `kernels/moe.cuh`).
+/// Launch shape of the grouped expert GEMMs (`moe::Tile` in `kernels/moe.cuh`).
 pub mod moe_gemm {
     /// Rows per m-block compiled (tokens of one expert per tile).
     pub const BLOCK_MS: [usize; 3] = [16, 32, 64];
-    /// Weight rows per tile (`moe::BN`).
-    pub const BN: usize = 128;
     /// Threads per CTA.
     pub const THREADS: u32 = 128;
-    /// Dynamic shared memory of one CTA: `moe::STAGES` stages of an A and a weight tile of 64 k.
+
+    /// (weight rows per tile, k per stage, stages) of the `block_m` variant.
+    fn tile(block_m: usize) -> (usize, usize, usize) {
+        if block_m == 16 { (64, 128, 4) } else { (128, 64, 4) }
+    }
+
+    /// Weight rows per tile.
+    pub fn block_n(block_m: usize) -> usize {
+        tile(block_m).0
+    }
+
+    /// Dynamic shared memory of one CTA: its stages of an A and a weight tile.
     pub fn smem_bytes(block_m: usize) -> usize {
-        4 * (block_m + BN) * 64 * 2
+        let (bn, bk, stages) = tile(block_m);
+        stages * (block_m + bn) * bk * 2
     }
 }
 

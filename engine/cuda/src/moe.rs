@@ -371,7 +371,7 @@ impl Gpu {
             return Err(CudaError::Shape(format!("MoE hidden {h} and intermediate {i} must be multiples of 8")));
         }
         let f = self.moe_gemm_kernel(groups.block_m, false)?;
-        let bn = crate::module::moe_gemm::BN;
+        let bn = crate::module::moe_gemm::block_n(groups.block_m);
         let launch = LaunchConfig {
             grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(i.div_ceil(bn / 2), "n-blocks")?, 1),
             block_dim: (crate::module::moe_gemm::THREADS, 1, 1),
@@ -424,7 +424,7 @@ impl Gpu {
             return Err(CudaError::Shape(format!("MoE hidden {h} and intermediate {i} must be multiples of 8")));
         }
         let f = self.moe_gemm_kernel(groups.block_m, true)?;
-        let bn = crate::module::moe_gemm::BN;
+        let bn = crate::module::moe_gemm::block_n(groups.block_m);
         let launch = LaunchConfig {
             grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(h.div_ceil(bn), "n-blocks")?, 1),
             block_dim: (crate::module::moe_gemm::THREADS, 1, 1),
@@ -515,6 +515,37 @@ mod tests {
         assert!(err.contains("num_experts 6") && err.contains("tensor-parallel size 4"), "{err}");
         assert!(local_experts(&moe(2048), 64, Shard::SINGLE).is_err());
         assert!(local_experts(&moe(16), 60, Shard::SINGLE).is_err());
+    }
+
+    #[test]
+    fn mblock_bound_holds_for_every_routing() {
+        // Every way of spreading `pairs` over `n_local` experts, for small sizes, against the
+        // bound the scratch and the grid are sized with.
+        fn spreads(pairs: usize, experts: usize, out: &mut Vec<Vec<usize>>, cur: &mut Vec<usize>) {
+            if cur.len() == experts - 1 {
+                cur.push(pairs);
+                out.push(cur.clone());
+                cur.pop();
+                return;
+            }
+            for c in 0..=pairs {
+                cur.push(c);
+                spreads(pairs - c, experts, out, cur);
+                cur.pop();
+            }
+        }
+        for experts in 1..=4 {
+            for pairs in 0..=12 {
+                let mut all = Vec::new();
+                spreads(pairs, experts, &mut all, &mut Vec::new());
+                for bm in [1, 2, 3, 16] {
+                    let worst = all.iter().map(|s| s.iter().map(|c| c.div_ceil(bm)).sum::<usize>()).max().unwrap();
+                    assert!(worst <= max_mblocks(pairs, experts, bm), "{pairs} pairs, {experts} experts, bm {bm}");
+                }
+            }
+        }
+        assert_eq!(max_mblocks(8, 128, 16), 8);
+        assert_eq!((block_m(8, 128), block_m(512, 128), block_m(4096, 128)), (16, 32, 64));
     }
 
     /// Writes a safetensors file with zero-filled f32 tensors of the given shapes.

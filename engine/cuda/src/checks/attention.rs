@@ -397,11 +397,15 @@ pub fn run(gpu: &Gpu) -> Result<Report, CudaError> {
     let prompts: &[(usize, usize)] = &[(0, 1), (0, 17), (0, 100), (0, 333), (0, 64)];
     // Decode rows (len 1) around two prompt chunks, one of them with a cached prefix.
     let mixed: &[(usize, usize)] = &[(14, 1), (200, 50), (0, 1), (899, 1), (0, 77), (15, 1), (16, 1)];
-    let shapes: [(&str, &[(usize, usize)]); 4] = [
+    // A decode step of many sequences (the runner tiles those too): one row each, contexts
+    // from 1 to 1,171 tokens.
+    let decode: Vec<(usize, usize)> = (0..40).map(|i| (i * 29 + i % 3, 1)).collect();
+    let shapes: [(&str, &[(usize, usize)]); 5] = [
         ("one 512-token prompt", &[(0, 512)]),
         ("prompts of 1, 17, 100, 333, 64 tokens", prompts),
         ("chunk of 300 after 1,500 cached tokens", &[(1500, 300)]),
         ("2 chunks + 5 decode rows", mixed),
+        ("decode step of 40 sequences", &decode),
     ];
     let mut report = Report::default();
     let mut seed = 1;
