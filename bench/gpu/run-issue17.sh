@@ -10,7 +10,7 @@
 #
 # .bin/*.xz: this tree's binaries (llmd with --features cuda, llmctl, llmd-loadgen, llmd-cuda-check
 # with require-kernels,checks); .bin/base/*.xz: the same from the commit before the work, for the
-# before/after profile. Carry .bin and tests/fixtures/cache (the 128k tokenizer).
+# before/after profile (BASE=0 skips it). Carry .bin and tests/fixtures/cache (the 128k tokenizer).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -31,6 +31,8 @@ case $phase in
     grep -iE "moe|FAIL|summary|passed" "$OUT/kernel-checks.txt" | tail -30
     log "small check models"
     python3 bench/gpu/make_checkpoints.py /tmp/ck 2>&1 | tail -3
+    /tmp/llmd-cuda-check attention > "$OUT/attention-check.txt" 2>&1 || status=1
+    grep -E "decode step|FAIL|PASS" "$OUT/attention-check.txt" | tail -12
     for m in qwen3_moe qwen3 llama; do
       /tmp/llmd-cuda-check check "/tmp/ck/check-$m" 2>&1 | tail -4 || status=1
     done
@@ -44,7 +46,7 @@ case $phase in
     cat /tmp/moe-ck/*.safetensors > /dev/null
     log "page cache warm"
     /tmp/llmd-cuda-check profile /tmp/moe-ck --batch ${BATCHES:-1,8,64,256} --prompt 512 2>&1 | tee "$OUT/profile-new.txt"
-    if [ -f .bin/base/llmd-cuda-check.xz ]; then
+    if [ -f .bin/base/llmd-cuda-check.xz ] && [ "${BASE:-1}" = 1 ]; then
       unxz_to .bin/base/llmd-cuda-check.xz /tmp/llmd-cuda-check-base
       log "profile of the base binary"
       /tmp/llmd-cuda-check-base profile /tmp/moe-ck --batch ${BATCHES:-1,8,64,256} --prompt 512 2>&1 | tee "$OUT/profile-base.txt"

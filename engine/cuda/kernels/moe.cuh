@@ -146,26 +146,6 @@ using prefill::swizzle;
 
 constexpr int THREADS = 128;
 
-// Tile shapes by m-block rows (BM): weight rows per tile (BN), k per stage (BK, a multiple of 64 so
-// rows hold >= 8 swizzled 16-byte chunks), cp.async stages, warps along m. Decode (BM 16, one or
-// a few tokens per expert) is a stream of weights: narrower tiles make more CTAs, and 256-byte
-// row segments per stage read DRAM in longer runs than 128-byte ones (measured on an H200: BN 128,
-// BK 64 streamed 1.0-1.3 TB/s with 8 experts touched).
-template <int BM>
-struct Tile;
-template <>
-struct Tile<16> {
-  static constexpr int BN = 64, BK = 128, STAGES = 4, WARPS_M = 1;
-};
-template <>
-struct Tile<32> {
-  static constexpr int BN = 128, BK = 64, STAGES = 4, WARPS_M = 1;
-};
-template <>
-struct Tile<64> {
-  static constexpr int BN = 128, BK = 64, STAGES = 4, WARPS_M = 2;
-};
-
 enum class Kind { GateUp, Down };
 }  // namespace moe
 
@@ -183,8 +163,8 @@ enum class Kind { GateUp, Down };
 // Kind::Down: K = inter, A row r = act[r]; W = down [n_local, hidden, inter], N = hidden;
 //   pair_out[sorted[r], n] = bf16(bf16(c) * weights[sorted[r]]).
 // grid = (max_mblocks, ceil(N_rows / BN)), block = 128,
-// dynamic shared memory = STAGES * (BM + BN) * BK * 2 bytes (moe::Tile<BM>).
-template <moe::Kind KIND, int BM>
+// dynamic shared memory = STAGES * (BM + BN) * BK * 2 bytes.
+template <moe::Kind KIND, int BM, int BN, int BK, int STAGES, int WARPS_M, bool ROTATE>
 __device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16* __restrict__ a,
                                               const bf16* __restrict__ w, const int32_t* __restrict__ sorted,
                                               const int32_t* __restrict__ block_expert,
@@ -192,7 +172,7 @@ __device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16
                                               const float* __restrict__ weights, int top_k, int k_dim,
                                               int n_out, int w_rows) {
   using namespace moe;
-  constexpr int BN = Tile<BM>::BN, BK = Tile<BM>::BK, STAGES = Tile<BM>::STAGES, WARPS_M = Tile<BM>::WARPS_M;
+  static_assert(BK % 64 == 0, "rows of >= 8 swizzled 16-byte chunks");
   constexpr int WARPS_N = 4 / WARPS_M;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;
@@ -237,8 +217,12 @@ __device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16
   };
 
   const int k_tiles = (k_dim + BK - 1) / BK;
+  // ROTATE: the column block starts its k walk at its own tile, so that concurrent CTAs do not
+  // all read the same k offset of rows a power of two apart. The shift depends on the column
+  // block only, so a value's summation order does not depend on the batch.
+  const int k_shift = ROTATE ? (blockIdx.y * 5) % k_tiles : 0;
   auto load_stage = [&](int stage, int kt) {
-    const int k0 = kt * BK;
+    const int k0 = ((kt + k_shift) % k_tiles) * BK;
     bf16* sa = s_a + stage * BM * BK;
     bf16* sb = s_b + stage * BN * BK;
     for (int c = tid; c < A_CHUNKS; c += THREADS) {
@@ -337,22 +321,31 @@ __device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16
   }
 }
 
-// The instantiations: BM 16 (decode, a few tokens per expert), 32, 64 (prefill).
-#define MOE_GEMM(NAME, KIND, BM)                                                                            \
-  extern "C" __global__ void __launch_bounds__(moe::THREADS) NAME(                                          \
-      bf16* __restrict__ out, const bf16* __restrict__ a, const bf16* __restrict__ w,                       \
-      const int32_t* __restrict__ sorted, const int32_t* __restrict__ block_expert,                         \
-      const int32_t* __restrict__ n_mblocks, const float* __restrict__ weights, int top_k, int k_dim,        \
-      int n_out, int w_rows) {                                                                              \
-    moe_gemm_impl<KIND, BM>(out, a, w, sorted, block_expert, n_mblocks, weights, top_k, k_dim,     \
-                                     n_out, w_rows);                                                        \
+// The instantiations, named moe_gemm_{gate_up,down}_m{BM}_n{BN}_k{BK}_s{STAGES}_r{ROTATE} (the
+// table src/module.rs loads): 16-row m-blocks (decode) in wide and narrow weight tiles, 32 and 64
+// rows (more tokens per expert).
+#define MOE_GEMM(KIND_NAME, KIND, BM, BN, BK, STAGES, WARPS_M, ROT)                                         \
+  extern "C" __global__ void __launch_bounds__(moe::THREADS)                                                \
+      moe_gemm_##KIND_NAME##_m##BM##_n##BN##_k##BK##_s##STAGES##_r##ROT(                                    \
+          bf16* __restrict__ out, const bf16* __restrict__ a, const bf16* __restrict__ w,                   \
+          const int32_t* __restrict__ sorted, const int32_t* __restrict__ block_expert,                     \
+          const int32_t* __restrict__ n_mblocks, const float* __restrict__ weights, int top_k, int k_dim,    \
+          int n_out, int w_rows) {                                                                          \
+    moe_gemm_impl<KIND, BM, BN, BK, STAGES, WARPS_M, ROT>(out, a, w, sorted, block_expert, n_mblocks,       \
+                                                         weights, top_k, k_dim, n_out, w_rows);             \
   }
-MOE_GEMM(moe_gemm_gate_up_m16, moe::Kind::GateUp, 16)
-MOE_GEMM(moe_gemm_gate_up_m32, moe::Kind::GateUp, 32)
-MOE_GEMM(moe_gemm_gate_up_m64, moe::Kind::GateUp, 64)
-MOE_GEMM(moe_gemm_down_m16, moe::Kind::Down, 16)
-MOE_GEMM(moe_gemm_down_m32, moe::Kind::Down, 32)
-MOE_GEMM(moe_gemm_down_m64, moe::Kind::Down, 64)
+#define MOE_GEMM_BOTH(BM, BN, BK, STAGES, WARPS_M, ROT)                      \
+  MOE_GEMM(gate_up, moe::Kind::GateUp, BM, BN, BK, STAGES, WARPS_M, ROT) \
+  MOE_GEMM(down, moe::Kind::Down, BM, BN, BK, STAGES, WARPS_M, ROT)
+MOE_GEMM_BOTH(16, 128, 64, 4, 1, 0)
+MOE_GEMM_BOTH(16, 128, 64, 4, 1, 1)
+MOE_GEMM_BOTH(16, 64, 128, 4, 1, 0)
+MOE_GEMM_BOTH(16, 64, 128, 4, 1, 1)
+MOE_GEMM_BOTH(16, 64, 64, 8, 1, 1)
+MOE_GEMM_BOTH(32, 128, 64, 4, 1, 0)
+MOE_GEMM_BOTH(32, 128, 64, 4, 1, 1)
+MOE_GEMM_BOTH(64, 128, 64, 4, 2, 0)
+#undef MOE_GEMM_BOTH
 #undef MOE_GEMM
 
 // out[t, :] = bf16(sum over slots j = 0..top_k-1, in order, whose expert ids[t * top_k + j] is one

@@ -127,27 +127,58 @@ impl Kernels {
     }
 }
 
-/// Launch shape of the grouped expert GEMMs (`moe::Tile` in `kernels/moe.cuh`).
+/// Tile shapes of the grouped expert GEMMs (`MOE_GEMM_BOTH` in `kernels/moe.cuh`).
 pub mod moe_gemm {
-    /// Rows per m-block compiled (tokens of one expert per tile).
-    pub const BLOCK_MS: [usize; 3] = [16, 32, 64];
+    /// One compiled tile shape.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Tile {
+        /// Rows per m-block (tokens of one expert).
+        pub block_m: usize,
+        /// Weight rows per CTA.
+        pub block_n: usize,
+        /// k per pipeline stage.
+        pub block_k: usize,
+        pub stages: usize,
+        /// Whether the CTA's k walk starts at a tile of its own.
+        pub rotate: bool,
+    }
+
+    const fn tile(block_m: usize, block_n: usize, block_k: usize, stages: usize, rotate: bool) -> Tile {
+        Tile { block_m, block_n, block_k, stages, rotate }
+    }
+
+    /// Every compiled shape, in the kernel file's order.
+    pub const TILES: [Tile; 8] = [
+        tile(16, 128, 64, 4, false),
+        tile(16, 128, 64, 4, true),
+        tile(16, 64, 128, 4, false),
+        tile(16, 64, 128, 4, true),
+        tile(16, 64, 64, 8, true),
+        tile(32, 128, 64, 4, false),
+        tile(32, 128, 64, 4, true),
+        tile(64, 128, 64, 4, false),
+    ];
+
     /// Threads per CTA.
     pub const THREADS: u32 = 128;
 
-    /// (weight rows per tile, k per stage, stages) of the `block_m` variant.
-    fn tile(block_m: usize) -> (usize, usize, usize) {
-        if block_m == 16 { (64, 128, 4) } else { (128, 64, 4) }
-    }
+    impl Tile {
+        /// Dynamic shared memory of one CTA: its stages of an A and a weight tile.
+        pub fn smem_bytes(&self) -> usize {
+            self.stages * (self.block_m + self.block_n) * self.block_k * 2
+        }
 
-    /// Weight rows per tile.
-    pub fn block_n(block_m: usize) -> usize {
-        tile(block_m).0
-    }
-
-    /// Dynamic shared memory of one CTA: its stages of an A and a weight tile.
-    pub fn smem_bytes(block_m: usize) -> usize {
-        let (bn, bk, stages) = tile(block_m);
-        stages * (block_m + bn) * bk * 2
+        /// The kernel's name for `kind` ("gate_up" or "down").
+        pub fn kernel_name(&self, kind: &str) -> String {
+            format!(
+                "moe_gemm_{kind}_m{}_n{}_k{}_s{}_r{}",
+                self.block_m,
+                self.block_n,
+                self.block_k,
+                self.stages,
+                u8::from(self.rotate)
+            )
+        }
     }
 }
 
@@ -155,21 +186,21 @@ pub mod moe_gemm {
 pub struct MoeKernels {
     pub(crate) topk_softmax: CudaFunction,
     pub(crate) align: CudaFunction,
-    /// Grouped GEMMs by m-block size ([`moe_gemm::BLOCK_MS`]): (gate/up + SiLU·up, down), or
-    /// the driver's refusal of their shared memory.
+    /// Grouped GEMMs by tile shape ([`moe_gemm::TILES`]): (gate/up + SiLU·up, down), or the
+    /// driver's refusal of their shared memory.
     pub(crate) gemm: Vec<Result<(CudaFunction, CudaFunction), String>>,
     pub(crate) sum_slots: CudaFunction,
 }
 
 impl MoeKernels {
     pub fn load(module: &Arc<CudaModule>) -> Result<MoeKernels, CudaError> {
-        let gemm = moe_gemm::BLOCK_MS
+        let gemm = moe_gemm::TILES
             .iter()
-            .map(|&bm| -> Result<_, CudaError> {
-                let bytes = moe_gemm::smem_bytes(bm) as i32;
+            .map(|tile| -> Result<_, CudaError> {
+                let bytes = tile.smem_bytes() as i32;
                 let pair = (
-                    module.load_function(&format!("moe_gemm_gate_up_m{bm}"))?,
-                    module.load_function(&format!("moe_gemm_down_m{bm}"))?,
+                    module.load_function(&tile.kernel_name("gate_up"))?,
+                    module.load_function(&tile.kernel_name("down"))?,
                 );
                 // Above the 48 KiB granted without opting in (every target GPU allows 99 KiB).
                 let attr = CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;

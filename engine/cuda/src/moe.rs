@@ -24,6 +24,7 @@ use llmd_models::spec::{ExpertWeights, RoutedMoeSpec, WeightSpec};
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
 use crate::launch::{cfg, check, i32_of, launch, u32_of};
+use crate::module::moe_gemm::{TILES, Tile};
 use crate::shard::Shard;
 
 /// Most routed experts the top-k kernel takes (`MOE_MAX_EXPERTS` in `kernels/moe.cuh`).
@@ -126,6 +127,22 @@ pub(crate) fn block_m(pairs: usize, experts: usize) -> usize {
     }
 }
 
+/// The tile shape for a grouped GEMM over `rows` weight rows per expert at m-block size
+/// `block_m`, when at most `touched` experts have tokens: wide tiles (128 rows × 64 k) when they
+/// make enough CTAs to fill the GPU a few times over, else narrow ones (64 × 128), which double
+/// the CTAs of a decode step that touches few experts.
+pub(crate) fn pick_tile(block_m: usize, touched: usize, rows: usize, sm_count: usize) -> Tile {
+    let want = |n: usize, k: usize, stages: usize, rotate: bool| Tile { block_m, block_n: n, block_k: k, stages, rotate };
+    let tile = match block_m {
+        16 if touched * rows.div_ceil(128) < 4 * sm_count => want(64, 128, 4, true),
+        16 => want(128, 64, 4, true),
+        32 => want(128, 64, 4, true),
+        _ => want(128, 64, 4, false),
+    };
+    debug_assert!(TILES.contains(&tile));
+    tile
+}
+
 /// Most m-blocks `pairs` pairs over `n_local` experts can need at `bm` rows per block:
 /// Σₑ ⌈cₑ / bm⌉ ≤ (Σₑ cₑ + touched·(bm − 1)) / bm with touched ≤ min(n_local, pairs).
 pub(crate) fn max_mblocks(pairs: usize, n_local: usize, bm: usize) -> usize {
@@ -186,11 +203,14 @@ impl MoeLayer {
         };
         gpu.moe_align(&groups, &ids, self.expert0, n_local)?;
         mark("moe_align")?;
+        let (touched, h, i) = (pairs.min(n_local), x.shape()[1], self.down.shape()[2]);
         let act = buf.act.rows(0, mblocks * bm)?;
-        gpu.moe_gemm_gate_up(&act, x, &self.gate_up.r(), &groups, k)?;
+        let tile = pick_tile(bm, touched, 2 * i, gpu.sm_count);
+        gpu.moe_gemm_gate_up(&act, x, &self.gate_up.r(), &groups, k, &tile)?;
         mark("moe_gate_up")?;
         let pair_out = buf.pair_out.rows(0, pairs)?;
-        gpu.moe_gemm_down(&pair_out, &act, &self.down.r(), &groups, &weights)?;
+        let tile = pick_tile(bm, touched, h, gpu.sm_count);
+        gpu.moe_gemm_down(&pair_out, &act, &self.down.r(), &groups, &weights, &tile)?;
         mark("moe_down")?;
         gpu.moe_sum_slots(out, &pair_out, &ids, self.expert0, n_local)?;
         mark("moe_sum")
@@ -225,7 +245,7 @@ impl MoeBuffers {
         let pass_tokens = max_tokens.clamp(1, MAX_PASS_TOKENS);
         let pairs = pass_tokens * k;
         // Bounds over every m-block size a pass may pick (a rank's experts are at most all E).
-        let sizes = crate::module::moe_gemm::BLOCK_MS;
+        let sizes = [16, 32, 64];
         let rows = sizes.iter().map(|&bm| max_mblocks(pairs, e, bm) * bm).max().unwrap_or(0);
         let blocks = sizes.iter().map(|&bm| max_mblocks(pairs, e, bm)).max().unwrap_or(0);
         Ok(MoeBuffers {
@@ -335,11 +355,11 @@ impl Gpu {
         )
     }
 
-    fn moe_gemm_kernel(&self, block_m: usize, down: bool) -> Result<&CudaFunction, CudaError> {
-        let at = crate::module::moe_gemm::BLOCK_MS
+    fn moe_gemm_kernel(&self, tile: &Tile, groups: &ExpertGroups, down: bool) -> Result<&CudaFunction, CudaError> {
+        let at = TILES
             .iter()
-            .position(|&b| b == block_m)
-            .ok_or_else(|| CudaError::Shape(format!("no MoE GEMM with {block_m}-row blocks")))?;
+            .position(|t| t == tile && t.block_m == groups.block_m)
+            .ok_or_else(|| CudaError::Shape(format!("no MoE GEMM {tile:?} for {}-row m-blocks", groups.block_m)))?;
         match &self.kernels.moe.gemm[at] {
             Ok((gate_up, d)) => Ok(if down { d } else { gate_up }),
             Err(why) => Err(CudaError::Unsupported(why.clone())),
@@ -357,6 +377,7 @@ impl Gpu {
         gate_up: &TensorRef,
         groups: &ExpertGroups,
         top_k: usize,
+        tile: &Tile,
     ) -> Result<(), CudaError> {
         let blocks = groups.check()?;
         let (t, h) = (x.shape()[0], x.shape()[1]);
@@ -370,12 +391,12 @@ impl Gpu {
         if !h.is_multiple_of(8) || !i.is_multiple_of(8) || top_k == 0 {
             return Err(CudaError::Shape(format!("MoE hidden {h} and intermediate {i} must be multiples of 8")));
         }
-        let f = self.moe_gemm_kernel(groups.block_m, false)?;
-        let bn = crate::module::moe_gemm::block_n(groups.block_m);
+        let f = self.moe_gemm_kernel(tile, groups, false)?;
+        let bn = tile.block_n;
         let launch = LaunchConfig {
             grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(i.div_ceil(bn / 2), "n-blocks")?, 1),
             block_dim: (crate::module::moe_gemm::THREADS, 1, 1),
-            shared_mem_bytes: crate::module::moe_gemm::smem_bytes(groups.block_m) as u32,
+            shared_mem_bytes: tile.smem_bytes() as u32,
         };
         let (k_i, h_i, i_i, rows_i) =
             (i32_of(top_k, "top_k")?, i32_of(h, "hidden")?, i32_of(i, "moe_intermediate")?, i32_of(2 * i, "rows")?);
@@ -409,6 +430,7 @@ impl Gpu {
         down: &TensorRef,
         groups: &ExpertGroups,
         weights: &TensorRef,
+        tile: &Tile,
     ) -> Result<(), CudaError> {
         let blocks = groups.check()?;
         let (pairs, h) = (pair_out.shape()[0], pair_out.shape()[1]);
@@ -423,12 +445,12 @@ impl Gpu {
         if !h.is_multiple_of(8) || !i.is_multiple_of(8) {
             return Err(CudaError::Shape(format!("MoE hidden {h} and intermediate {i} must be multiples of 8")));
         }
-        let f = self.moe_gemm_kernel(groups.block_m, true)?;
-        let bn = crate::module::moe_gemm::block_n(groups.block_m);
+        let f = self.moe_gemm_kernel(tile, groups, true)?;
+        let bn = tile.block_n;
         let launch = LaunchConfig {
             grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(h.div_ceil(bn), "n-blocks")?, 1),
             block_dim: (crate::module::moe_gemm::THREADS, 1, 1),
-            shared_mem_bytes: crate::module::moe_gemm::smem_bytes(groups.block_m) as u32,
+            shared_mem_bytes: tile.smem_bytes() as u32,
         };
         let (one, i_i, h_i) = (1i32, i32_of(i, "moe_intermediate")?, i32_of(h, "hidden")?);
         launch!(
@@ -546,6 +568,13 @@ mod tests {
         }
         assert_eq!(max_mblocks(8, 128, 16), 8);
         assert_eq!((block_m(8, 128), block_m(512, 128), block_m(4096, 128)), (16, 32, 64));
+        for bm in [16, 32, 64] {
+            for touched in [1, 8, 128, 1024] {
+                for rows in [64, 1536, 7168] {
+                    assert!(TILES.contains(&pick_tile(bm, touched, rows, 132)), "{bm} {touched} {rows}");
+                }
+            }
+        }
     }
 
     /// Writes a safetensors file with zero-filled f32 tensors of the given shapes.

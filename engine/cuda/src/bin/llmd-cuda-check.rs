@@ -744,7 +744,7 @@ impl Profiled for llmd_cuda::tp::TpRunner {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N] | kernels [--gpu N] | allreduce --gpus 0,1 [--hidden H] [--rows 1,64] | logits <model_dir> --tokens FILE --out FILE [--gpus 0,1]";
+    let usage = "usage: llmd-cuda-check check <model_dir> [--gpus 0,1] | bench <model_dir> [--gpus 0,1] [--batch 1,8] [--prompt N] [--gen N] [--temperature T] [--top-p P] | pick | attention [--gpu N] | kernels [--gpu N] | moe-bench [--experts E --top-k K --hidden H --inter I --tokens 1,8,64] | allreduce --gpus 0,1 [--hidden H] [--rows 1,64] | logits <model_dir> --tokens FILE --out FILE [--gpus 0,1]";
     if args.get(1).map(String::as_str) == Some("allreduce") {
         if let Err(msg) = all_reduce_bench(&args) {
             eprintln!("error: {msg}");
@@ -754,6 +754,26 @@ fn main() {
     }
     if args.get(1).map(String::as_str) == Some("gemv") {
         if let Err(msg) = gemv_bench() {
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
+    if args.get(1).map(String::as_str) == Some("moe-bench") {
+        let num = |flag: &str, default: &str| arg(&args, flag, default).parse::<usize>().map_err(|_| flag.to_string());
+        let run = || -> Result<(), String> {
+            let shape = llmd_cuda::checks::moe_bench::MoeShape {
+                experts: num("--experts", "128")?,
+                top_k: num("--top-k", "8")?,
+                hidden: num("--hidden", "2048")?,
+                inter: num("--inter", "768")?,
+            };
+            let tokens: Vec<usize> =
+                arg(&args, "--tokens", "1,2,4,8,16,32,64,128,256,512,2048").split(',').filter_map(|s| s.parse().ok()).collect();
+            let gpu = llmd_cuda::Gpu::open(0).map_err(|e| e.to_string())?;
+            llmd_cuda::checks::moe_bench::run(&gpu, shape, &tokens, &mut |line| println!("{line}")).map_err(|e| e.to_string())
+        };
+        if let Err(msg) = run() {
             eprintln!("error: {msg}");
             std::process::exit(1);
         }

@@ -4,3 +4,4 @@
 
 pub mod attention;
 pub mod kernels;
+pub mod moe_bench;
