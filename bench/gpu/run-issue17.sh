@@ -7,6 +7,8 @@
 #                                         # .bin/llmd-cuda-check.xz (and of .bin/base/ when present)
 #   bash bench/gpu/run-issue17.sh bench   # run-issue6.sh's llmd phase on that checkpoint
 #                                         # (ISSUE6_SHAPE=qwen3-30b-a3b), results under $OUT/moe
+#   bash bench/gpu/run-issue17.sh quick   # kernel checks and moe-bench, then `bench` with a shorter
+#                                         # budget (ISSUE6_BUDGET_S, default 380 s), in one command
 #
 # .bin/*.xz: this tree's binaries (llmd with --features cuda, llmctl, llmd-loadgen, llmd-cuda-check
 # with require-kernels,checks); .bin/base/*.xz: the same from the commit before the work, for the
@@ -29,6 +31,9 @@ case $phase in
     log "kernel checks"
     /tmp/llmd-cuda-check kernels > "$OUT/kernel-checks.txt" 2>&1 || status=1
     grep -iE "moe|FAIL|summary|passed" "$OUT/kernel-checks.txt" | tail -30
+    log "moe-bench (Qwen3-30B-A3B layer shapes)"
+    /tmp/llmd-cuda-check moe-bench 2>&1 | tee "$OUT/moe-bench.txt"
+    [ "${CHECK_ONLY_MOE:-0}" = 1 ] && exit $status
     log "small check models"
     python3 bench/gpu/make_checkpoints.py /tmp/ck 2>&1 | tail -3
     /tmp/llmd-cuda-check attention > "$OUT/attention-check.txt" 2>&1 || status=1
@@ -57,5 +62,10 @@ case $phase in
   bench)
     ISSUE6_SHAPE=qwen3-30b-a3b bash bench/gpu/run-issue6.sh llmd
     ;;
-  *) echo "usage: $0 check|bench" >&2; exit 2 ;;
+  quick)
+    # Kernel checks and moe-bench, then the HTTP benchmark, in one device command.
+    CHECK_ONLY_MOE=1 bash "$0" check
+    ISSUE6_SHAPE=qwen3-30b-a3b ISSUE6_BUDGET_S=${ISSUE6_BUDGET_S:-380} bash bench/gpu/run-issue6.sh llmd
+    ;;
+  *) echo "usage: $0 check|bench|quick" >&2; exit 2 ;;
 esac
