@@ -240,6 +240,17 @@ impl DeviceTensor {
         let bytes = self.download_bytes(gpu, DType::U32, n)?;
         Ok(bytes.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
+
+    pub fn download_i32(&self, gpu: &Gpu, n: usize) -> Result<Vec<i32>, CudaError> {
+        let bytes = self.download_bytes(gpu, DType::I32, n)?;
+        Ok(bytes.chunks_exact(4).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// The first `n` bf16 elements, widened to f32.
+    pub fn download_bf16(&self, gpu: &Gpu, n: usize) -> Result<Vec<f32>, CudaError> {
+        let bytes = self.download_bytes(gpu, DType::BF16, n)?;
+        Ok(bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32()).collect())
+    }
 }
 
 impl Drop for DeviceTensor {

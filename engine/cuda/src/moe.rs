@@ -109,10 +109,12 @@ pub(crate) struct MoeLayer {
     pub renormalize: bool,
 }
 
-/// Most tokens one pass of the expert kernels takes; a longer batch (a long prefill chunk) runs
-/// in passes of this many, which bounds the scratch at a cost of one more read of the touched
-/// experts per pass.
-pub(crate) const MAX_PASS_TOKENS: usize = 2048;
+/// Most tokens one pass of the expert kernels takes; a longer batch runs in passes of this many,
+/// which bounds the scratch (about 400 MB at Qwen3-30B-A3B's shapes) at a cost of one more read of
+/// the touched experts per pass. As large as the default `max_num_batched_tokens`, because a
+/// pass reads every expert (~60 GB over that model's layers): at 2,048 a mixed step of 8,192
+/// tokens read them four times.
+pub(crate) const MAX_PASS_TOKENS: usize = 8192;
 
 /// The m-block size for `pairs` (token, slot) pairs routed over `experts` experts: the smallest
 /// tile that still holds an expert's average share in about one block, so decode reads each

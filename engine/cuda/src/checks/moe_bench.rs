@@ -91,9 +91,9 @@ pub fn run(gpu: &Gpu, shape: MoeShape, tokens: &[usize], print: &mut dyn FnMut(S
             };
             let g = groups(&r, bm)?;
             gpu.moe_align(&g, &r.ids.r().reshape(&[pairs])?, 0, e)?;
-            let host = r.ids.download_u32(gpu, pairs)?;
+            let host = r.ids.download_i32(gpu, pairs)?;
             let mut seen = vec![false; e];
-            host.iter().for_each(|&id| seen[(id as usize).min(e - 1)] = true);
+            host.iter().for_each(|&id| seen[(id.max(0) as usize).min(e - 1)] = true);
             routed.push(Routed { touched: seen.iter().filter(|&&s| s).count(), ..r });
         }
         let touched = routed.iter().map(|r| r.touched).sum::<usize>() as f64 / routed.len() as f64;
@@ -117,14 +117,7 @@ pub fn run(gpu: &Gpu, shape: MoeShape, tokens: &[usize], print: &mut dyn FnMut(S
             let w = r.weights.r().reshape(&[pairs])?;
             gpu.moe_gemm_gate_up(&act.r(), &r.x.r(), &gate_up.r(), &groups(r, bm)?, k, gu)?;
             gpu.moe_gemm_down(&pair_out.r(), &act.r(), &down.r(), &groups(r, bm)?, &w, dn)?;
-            let words = pair_out.download_u32(gpu, pairs * h / 2)?;
-            Ok::<Vec<f32>, CudaError>(
-                words
-                    .iter()
-                    .flat_map(|w| [w & 0xffff, w >> 16])
-                    .map(|b| half::bf16::from_bits(b as u16).to_f32())
-                    .collect(),
-            )
+            pair_out.download_bf16(gpu, pairs * h)
         };
         let reference = pair_outputs(&picked.0, &picked.1)?;
         for tile in TILES.iter().filter(|t| t.block_m == bm) {
