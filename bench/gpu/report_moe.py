@@ -5,7 +5,7 @@ usage: python3 report_moe.py LLMD_JSON [--label TEXT] > report.md
 
 Limits per decode step at concurrency c (bandwidth and GEMM rate measured in the same run):
 - bandwidth: weight bytes read + KV bytes read. Weights: every non-expert tensor (attention, norms,
-  routers, lm_head) plus, per MoE layer, the experts some token of the step chose. With random
+  routers, the LM head; of the embedding only the step's rows, left out) plus, per MoE layer, the experts some token of the step chose. With random
   routing the expected distinct experts of a layer are E·(1 − (1 − k/E)^c): k at c = 1 (the
   active-weight roofline), nearly all E from c = 64 (the all-experts roofline). KV: c sequences at
   the mean context of a request (prompt + half the output), K and V of every layer.
@@ -25,7 +25,9 @@ def limits(cfg, bw_gb_s, tflops, c, prompt, gen):
     attn = h * heads * hd * 2 + 2 * h * kv * hd + 2 * h + 2 * hd  # q,o + k,v + 2 norms + q/k norms
     router = e * h
     expert = 3 * h * inter
-    non_expert = layers * (attn + router) + vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + h
+    # The LM head (or the tied embedding as head) is read whole every step; of the embedding only
+    # the step's rows, which is negligible.
+    non_expert = layers * (attn + router) + vocab * h + h
     active = layers * (attn + router + k * expert) + vocab * h  # lm_head once; embedding is a row read
     distinct = e * (1 - (1 - k / e) ** c)
     weight_bytes = 2 * (non_expert + layers * distinct * expert)
