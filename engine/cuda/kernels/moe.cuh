@@ -144,8 +144,6 @@ using prefill::mma_16816;
 using prefill::smem_addr;
 using prefill::swizzle;
 
-constexpr int THREADS = 128;
-
 enum class Kind { GateUp, Down };
 }  // namespace moe
 
@@ -162,9 +160,9 @@ enum class Kind { GateUp, Down };
 //   act[r, i] = bf16(bf16(silu(bf16 g)) * bf16 u)   (the dense path's rounding), rows r < n_mblocks * bm.
 // Kind::Down: K = inter, A row r = act[r]; W = down [n_local, hidden, inter], N = hidden;
 //   pair_out[sorted[r], n] = bf16(bf16(c) * weights[sorted[r]]).
-// grid = (max_mblocks, ceil(N_rows / BN)), block = 128,
+// grid = (max_mblocks, ceil(N_rows / BN)), block = 32 * WARPS_M * WARPS_N,
 // dynamic shared memory = STAGES * (BM + BN) * BK * 2 bytes.
-template <moe::Kind KIND, int BM, int BN, int BK, int STAGES, int WARPS_M, bool ROTATE>
+template <moe::Kind KIND, int BM, int BN, int BK, int STAGES, int WARPS_M, int WARPS_N>
 __device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16* __restrict__ a,
                                               const bf16* __restrict__ w, const int32_t* __restrict__ sorted,
                                               const int32_t* __restrict__ block_expert,
@@ -173,7 +171,8 @@ __device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16
                                               int n_out, int w_rows) {
   using namespace moe;
   static_assert(BK % 64 == 0, "rows of >= 8 swizzled 16-byte chunks");
-  constexpr int WARPS_N = 4 / WARPS_M;
+  constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  static_assert(THREADS >= BM, "one thread per row reads the m-block's pair indices");
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;
   static_assert(MT >= 1 && NT % 2 == 0, "warp tile of whole m16 x n16 pieces");
@@ -217,12 +216,8 @@ __device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16
   };
 
   const int k_tiles = (k_dim + BK - 1) / BK;
-  // ROTATE: the column block starts its k walk at its own tile, so that concurrent CTAs do not
-  // all read the same k offset of rows a power of two apart. The shift depends on the column
-  // block only, so a value's summation order does not depend on the batch.
-  const int k_shift = ROTATE ? (blockIdx.y * 5) % k_tiles : 0;
   auto load_stage = [&](int stage, int kt) {
-    const int k0 = ((kt + k_shift) % k_tiles) * BK;
+    const int k0 = kt * BK;
     bf16* sa = s_a + stage * BM * BK;
     bf16* sb = s_b + stage * BN * BK;
     for (int c = tid; c < A_CHUNKS; c += THREADS) {
@@ -321,30 +316,32 @@ __device__ __forceinline__ void moe_gemm_impl(bf16* __restrict__ out, const bf16
   }
 }
 
-// The instantiations, named moe_gemm_{gate_up,down}_m{BM}_n{BN}_k{BK}_s{STAGES}_r{ROTATE} (the
-// table src/module.rs loads): 16-row m-blocks (decode) in wide and narrow weight tiles, 32 and 64
-// rows (more tokens per expert).
-#define MOE_GEMM(KIND_NAME, KIND, BM, BN, BK, STAGES, WARPS_M, ROT)                                         \
-  extern "C" __global__ void __launch_bounds__(moe::THREADS)                                                \
-      moe_gemm_##KIND_NAME##_m##BM##_n##BN##_k##BK##_s##STAGES##_r##ROT(                                    \
-          bf16* __restrict__ out, const bf16* __restrict__ a, const bf16* __restrict__ w,                   \
-          const int32_t* __restrict__ sorted, const int32_t* __restrict__ block_expert,                     \
-          const int32_t* __restrict__ n_mblocks, const float* __restrict__ weights, int top_k, int k_dim,    \
-          int n_out, int w_rows) {                                                                          \
-    moe_gemm_impl<KIND, BM, BN, BK, STAGES, WARPS_M, ROT>(out, a, w, sorted, block_expert, n_mblocks,       \
-                                                         weights, top_k, k_dim, n_out, w_rows);             \
+// The instantiations, named moe_gemm_{gate_up,down}_m{BM}_n{BN}_k{BK}_s{STAGES}_w{WARPS_M}x{WARPS_N}
+// (the table src/module.rs loads). Measured on an H200 at Qwen3-30B-A3B shapes
+// (bench/results/2026-12-02-h200-moe/): with one token, 8 experts touched, the narrow 64 x 128
+// tile streams 1.8 TB/s where the wide 128 x 64 one makes too few CTAs (1.1 TB/s); from two
+// tokens on the wide one is faster (3.4 TB/s at 64 tokens). Larger m-blocks carry more stages
+// in flight per SM (32) or more warps (128, for prefill, where the GEMMs are compute-bound).
+// At most 128 registers per thread (launch bounds), so that two 8-warp CTAs fit an SM.
+#define MOE_GEMM(KIND_NAME, KIND, BM, BN, BK, STAGES, WM, WN)                                              \
+  extern "C" __global__ void __launch_bounds__(32 * WM * WN, 512 / (32 * WM * WN))                         \
+      moe_gemm_##KIND_NAME##_m##BM##_n##BN##_k##BK##_s##STAGES##_w##WM##x##WN(                             \
+          bf16* __restrict__ out, const bf16* __restrict__ a, const bf16* __restrict__ w,                  \
+          const int32_t* __restrict__ sorted, const int32_t* __restrict__ block_expert,                    \
+          const int32_t* __restrict__ n_mblocks, const float* __restrict__ weights, int top_k, int k_dim,   \
+          int n_out, int w_rows) {                                                                         \
+    moe_gemm_impl<KIND, BM, BN, BK, STAGES, WM, WN>(out, a, w, sorted, block_expert, n_mblocks, weights,  \
+                                                    top_k, k_dim, n_out, w_rows);                          \
   }
-#define MOE_GEMM_BOTH(BM, BN, BK, STAGES, WARPS_M, ROT)                      \
-  MOE_GEMM(gate_up, moe::Kind::GateUp, BM, BN, BK, STAGES, WARPS_M, ROT) \
-  MOE_GEMM(down, moe::Kind::Down, BM, BN, BK, STAGES, WARPS_M, ROT)
-MOE_GEMM_BOTH(16, 128, 64, 4, 1, 0)
-MOE_GEMM_BOTH(16, 128, 64, 4, 1, 1)
-MOE_GEMM_BOTH(16, 64, 128, 4, 1, 0)
-MOE_GEMM_BOTH(16, 64, 128, 4, 1, 1)
-MOE_GEMM_BOTH(16, 64, 64, 8, 1, 1)
-MOE_GEMM_BOTH(32, 128, 64, 4, 1, 0)
-MOE_GEMM_BOTH(32, 128, 64, 4, 1, 1)
-MOE_GEMM_BOTH(64, 128, 64, 4, 2, 0)
+#define MOE_GEMM_BOTH(BM, BN, BK, STAGES, WM, WN)                      \
+  MOE_GEMM(gate_up, moe::Kind::GateUp, BM, BN, BK, STAGES, WM, WN) \
+  MOE_GEMM(down, moe::Kind::Down, BM, BN, BK, STAGES, WM, WN)
+MOE_GEMM_BOTH(16, 128, 64, 4, 1, 4)
+MOE_GEMM_BOTH(16, 64, 128, 4, 1, 4)
+MOE_GEMM_BOTH(32, 128, 64, 4, 1, 4)
+MOE_GEMM_BOTH(32, 128, 64, 5, 2, 2)
+MOE_GEMM_BOTH(64, 128, 64, 4, 2, 2)
+MOE_GEMM_BOTH(128, 128, 64, 3, 2, 4)
 #undef MOE_GEMM_BOTH
 #undef MOE_GEMM
 

@@ -139,28 +139,25 @@ pub mod moe_gemm {
         /// k per pipeline stage.
         pub block_k: usize,
         pub stages: usize,
-        /// Whether the CTA's k walk starts at a tile of its own.
-        pub rotate: bool,
+        /// Warps along m and along n.
+        pub warps: (usize, usize),
     }
 
-    const fn tile(block_m: usize, block_n: usize, block_k: usize, stages: usize, rotate: bool) -> Tile {
-        Tile { block_m, block_n, block_k, stages, rotate }
+    const fn tile(block_m: usize, block_n: usize, block_k: usize, stages: usize, warps: (usize, usize)) -> Tile {
+        Tile { block_m, block_n, block_k, stages, warps }
     }
+
+    /// 16-row m-blocks in 128 x 64 weight tiles (decode from two tokens on).
+    pub const M16_WIDE: Tile = tile(16, 128, 64, 4, (1, 4));
+    /// 16-row m-blocks in 64 x 128 weight tiles (twice the CTAs, for steps touching few experts).
+    pub const M16_NARROW: Tile = tile(16, 64, 128, 4, (1, 4));
+    pub const M32: Tile = tile(32, 128, 64, 5, (2, 2));
+    pub const M64: Tile = tile(64, 128, 64, 4, (2, 2));
+    /// Prefill: 8 warps on a 128 x 128 tile.
+    pub const M128: Tile = tile(128, 128, 64, 3, (2, 4));
 
     /// Every compiled shape, in the kernel file's order.
-    pub const TILES: [Tile; 8] = [
-        tile(16, 128, 64, 4, false),
-        tile(16, 128, 64, 4, true),
-        tile(16, 64, 128, 4, false),
-        tile(16, 64, 128, 4, true),
-        tile(16, 64, 64, 8, true),
-        tile(32, 128, 64, 4, false),
-        tile(32, 128, 64, 4, true),
-        tile(64, 128, 64, 4, false),
-    ];
-
-    /// Threads per CTA.
-    pub const THREADS: u32 = 128;
+    pub const TILES: [Tile; 6] = [M16_WIDE, M16_NARROW, tile(32, 128, 64, 4, (1, 4)), M32, M64, M128];
 
     impl Tile {
         /// Dynamic shared memory of one CTA: its stages of an A and a weight tile.
@@ -168,15 +165,16 @@ pub mod moe_gemm {
             self.stages * (self.block_m + self.block_n) * self.block_k * 2
         }
 
+        /// Threads per CTA.
+        pub fn threads(&self) -> u32 {
+            (32 * self.warps.0 * self.warps.1) as u32
+        }
+
         /// The kernel's name for `kind` ("gate_up" or "down").
         pub fn kernel_name(&self, kind: &str) -> String {
             format!(
-                "moe_gemm_{kind}_m{}_n{}_k{}_s{}_r{}",
-                self.block_m,
-                self.block_n,
-                self.block_k,
-                self.stages,
-                u8::from(self.rotate)
+                "moe_gemm_{kind}_m{}_n{}_k{}_s{}_w{}x{}",
+                self.block_m, self.block_n, self.block_k, self.stages, self.warps.0, self.warps.1
             )
         }
     }

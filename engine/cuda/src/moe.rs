@@ -24,7 +24,7 @@ use llmd_models::spec::{ExpertWeights, RoutedMoeSpec, WeightSpec};
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
 use crate::launch::{cfg, check, i32_of, launch, u32_of};
-use crate::module::moe_gemm::{TILES, Tile};
+use crate::module::moe_gemm::{M16_NARROW, M16_WIDE, M32, M64, M128, TILES, Tile};
 use crate::shard::Shard;
 
 /// Most routed experts the top-k kernel takes (`MOE_MAX_EXPERTS` in `kernels/moe.cuh`).
@@ -116,33 +116,30 @@ pub(crate) struct MoeLayer {
 /// tokens read them four times.
 pub(crate) const MAX_PASS_TOKENS: usize = 8192;
 
-/// The m-block size for `pairs` (token, slot) pairs routed over `experts` experts: the smallest
-/// tile that still holds an expert's average share in about one block, so decode reads each
-/// touched expert once without computing mostly-empty 64-row tiles.
+/// The m-block size for `pairs` (token, slot) pairs routed over `experts` experts: about the
+/// average share of an expert, so that most experts take one m-block (decode reads each
+/// touched expert once) without computing mostly-empty tiles, and large tiles for prefill.
 pub(crate) fn block_m(pairs: usize, experts: usize) -> usize {
-    if pairs < 6 * experts {
-        16
-    } else if pairs < 20 * experts {
-        32
-    } else {
-        64
+    match pairs / experts.max(1) {
+        0..6 => 16,
+        6..20 => 32,
+        20..80 => 64,
+        _ => 128,
     }
 }
 
 /// The tile shape for a grouped GEMM over `rows` weight rows per expert at m-block size
-/// `block_m`, when at most `touched` experts have tokens: wide tiles (128 rows × 64 k) when they
-/// make enough CTAs to fill the GPU a few times over, else narrow ones (64 × 128), which double
-/// the CTAs of a decode step that touches few experts.
+/// `block_m`, when at most `touched` experts have tokens: for 16-row m-blocks the wide tile
+/// unless it makes fewer CTAs than the GPU has SMs (a one-token step), then the narrow one
+/// (measured: bench/results/2026-12-02-h200-moe/moe-bench-*.txt).
 pub(crate) fn pick_tile(block_m: usize, touched: usize, rows: usize, sm_count: usize) -> Tile {
-    let want = |n: usize, k: usize, stages: usize, rotate: bool| Tile { block_m, block_n: n, block_k: k, stages, rotate };
-    let tile = match block_m {
-        16 if touched * rows.div_ceil(128) < 4 * sm_count => want(64, 128, 4, true),
-        16 => want(128, 64, 4, true),
-        32 => want(128, 64, 4, true),
-        _ => want(128, 64, 4, false),
-    };
-    debug_assert!(TILES.contains(&tile));
-    tile
+    match block_m {
+        16 if touched * rows.div_ceil(M16_WIDE.block_n) < sm_count => M16_NARROW,
+        16 => M16_WIDE,
+        32 => M32,
+        64 => M64,
+        _ => M128,
+    }
 }
 
 /// Most m-blocks `pairs` pairs over `n_local` experts can need at `bm` rows per block:
@@ -247,7 +244,7 @@ impl MoeBuffers {
         let pass_tokens = max_tokens.clamp(1, MAX_PASS_TOKENS);
         let pairs = pass_tokens * k;
         // Bounds over every m-block size a pass may pick (a rank's experts are at most all E).
-        let sizes = [16, 32, 64];
+        let sizes = [16, 32, 64, 128];
         let rows = sizes.iter().map(|&bm| max_mblocks(pairs, e, bm) * bm).max().unwrap_or(0);
         let blocks = sizes.iter().map(|&bm| max_mblocks(pairs, e, bm)).max().unwrap_or(0);
         Ok(MoeBuffers {
@@ -397,7 +394,7 @@ impl Gpu {
         let bn = tile.block_n;
         let launch = LaunchConfig {
             grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(i.div_ceil(bn / 2), "n-blocks")?, 1),
-            block_dim: (crate::module::moe_gemm::THREADS, 1, 1),
+            block_dim: (tile.threads(), 1, 1),
             shared_mem_bytes: tile.smem_bytes() as u32,
         };
         let (k_i, h_i, i_i, rows_i) =
@@ -451,7 +448,7 @@ impl Gpu {
         let bn = tile.block_n;
         let launch = LaunchConfig {
             grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(h.div_ceil(bn), "n-blocks")?, 1),
-            block_dim: (crate::module::moe_gemm::THREADS, 1, 1),
+            block_dim: (tile.threads(), 1, 1),
             shared_mem_bytes: tile.smem_bytes() as u32,
         };
         let (one, i_i, h_i) = (1i32, i32_of(i, "moe_intermediate")?, i32_of(h, "hidden")?);
@@ -569,11 +566,12 @@ mod tests {
             }
         }
         assert_eq!(max_mblocks(8, 128, 16), 8);
-        assert_eq!((block_m(8, 128), block_m(512, 128), block_m(4096, 128)), (16, 32, 64));
-        for bm in [16, 32, 64] {
+        assert_eq!((block_m(8, 128), block_m(1024, 128), block_m(4096, 128), block_m(16384, 128)), (16, 32, 64, 128));
+        for bm in [16, 32, 64, 128] {
             for touched in [1, 8, 128, 1024] {
                 for rows in [64, 1536, 7168] {
-                    assert!(TILES.contains(&pick_tile(bm, touched, rows, 132)), "{bm} {touched} {rows}");
+                    let tile = pick_tile(bm, touched, rows, 132);
+                    assert!(TILES.contains(&tile) && tile.block_m == bm, "{bm} {touched} {rows}");
                 }
             }
         }

@@ -927,10 +927,11 @@ fn moe(rec: &mut Recorder) {
         case(64, 128, 8, 256, 64, true, 1),
         case(7, 16, 4, 256, 128, true, 2),
         case(64, 64, 8, 256, 128, false, 4),
-        // Grouped GEMM tiles: 32- and 64-row m-blocks, several m-blocks per expert, hidden and
-        // intermediate sizes that are not whole 128/64-wide tiles, and a batch over
-        // MAX_PASS_TOKENS (two passes).
+        // Grouped GEMM tiles: 16-row m-blocks in wide tiles (enough CTAs), 32-, 64- and 128-row
+        // m-blocks, several m-blocks per expert, hidden and intermediate sizes that are not whole
+        // tiles.
         case(48, 16, 4, 256, 128, true, 1),
+        case(64, 128, 8, 512, 512, true, 1),
         case(300, 16, 4, 264, 200, true, 1),
         case(700, 32, 8, 512, 96, false, 2),
         case(2100, 8, 2, 128, 64, true, 1),

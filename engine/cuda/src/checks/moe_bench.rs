@@ -144,11 +144,12 @@ pub fn run(gpu: &Gpu, shape: MoeShape, tokens: &[usize], print: &mut dyn FnMut(S
                 _ => "",
             };
             print(format!(
-                "| {t} | {bm} | {touched:.1} | {}x{} k-stages {} rotate {}{mark} | {:.1} | {:.1} | {:.1} | {:.0} | {rel:.1e} |",
+                "| {t} | {bm} | {touched:.1} | {}x{}, {} stages, {}x{} warps{mark} | {:.1} | {:.1} | {:.1} | {:.0} | {rel:.1e} |",
                 tile.block_n,
                 tile.block_k,
                 tile.stages,
-                tile.rotate,
+                tile.warps.0,
+                tile.warps.1,
                 small * 1e3,
                 gu * 1e3,
                 dn * 1e3,
