@@ -1,7 +1,7 @@
 // Routed experts (Qwen3-MoE). Included at the end of llmd.cu: uses its bf16 typedef and warp helpers.
 //
 // One sparse layer on one rank: router GEMM (cuBLAS / GEMV, f32 logits [n_tokens, n_experts]) ->
-// moe_topk_softmax_f32 -> moe_align (group the (token, slot) pairs by expert, padded to whole
+// moe_route_f32 -> moe_align (group the (token, slot) pairs by expert, padded to whole
 // tiles of BM rows) -> moe_gemm_gate_up_* (grouped tensor-core GEMM, SiLU·up in the epilogue) ->
 // moe_gemm_down_* (grouped GEMM, routing weight in the epilogue) -> moe_sum_slots_bf16 (each
 // token's slots summed in slot order). This rank's experts are stacked as
@@ -15,41 +15,100 @@
 
 #define MOE_MAX_EXPERTS 1024
 
-// Routing of one token, as the CPU reference (engine/models/src/models/qwen3_moe.rs) computes it:
-// p = softmax(logits) in f32; the top_k largest p in descending order, ties to the lower expert id;
-// weights = p / (sum of the chosen p, in the order chosen) when `renormalize`, else p.
+// Routing of one token, as llmd_models::models::routing::route computes it:
+//   scores p = softmax(logits) or sigmoid(logits) in f32; choice c = p + bias (bias: [n_experts]
+//   f32 or null); with n_group > 1 the experts form n_group equal groups in id order, ranked by
+//   their best c (group_top2 = 0) or the sum of their two best (1); the best keep_group groups
+//   stay and the other groups' c become 0 (they still compete, with 0). The top_k largest c in
+//   descending order, ties to the lower expert id; weight = p of the chosen expert, divided by
+//   (sum of the chosen weights, in the order chosen, + 1e-20) when `renormalize`, times `scaling`.
 //   logits: [n_tokens, n_experts] f32;  ids: [n_tokens, top_k] int32;  weights: [n_tokens, top_k] f32.
-// A token whose probabilities are NaN gets id n_experts, which no rank holds (its MLP output is 0).
-// grid = n_tokens, block = 32. n_experts <= MOE_MAX_EXPERTS, top_k <= n_experts.
-// Lane l owns experts l, l + 32, ...: it alone writes and reads their p, so no barrier is needed.
-extern "C" __global__ void __launch_bounds__(32) moe_topk_softmax_f32(int32_t* __restrict__ ids,
-                                                                     float* __restrict__ weights,
-                                                                     const float* __restrict__ logits,
-                                                                     int n_experts, int top_k, int renormalize) {
+// A choice that is NaN is never taken; a token left without a valid expert gets id n_experts,
+// which no rank holds (its MLP output is 0), and weight 0.
+// grid = n_tokens, block = 32. n_experts <= MOE_MAX_EXPERTS, top_k <= n_experts, n_group <= 32.
+// Lane l owns experts l, l + 32, ...: it alone writes their p and c; reads of other lanes'
+// values come after a __syncwarp.
+extern "C" __global__ void __launch_bounds__(32) moe_route_f32(int32_t* __restrict__ ids, float* __restrict__ weights,
+                                                              const float* __restrict__ logits,
+                                                              const float* __restrict__ bias, int n_experts,
+                                                              int top_k, int sigmoid, int n_group, int keep_group,
+                                                              int group_top2, int renormalize, float scaling) {
   __shared__ float p[MOE_MAX_EXPERTS];
+  __shared__ float c[MOE_MAX_EXPERTS];
   const int lane = threadIdx.x;
   const size_t t = blockIdx.x;
   const float* row = logits + t * n_experts;
-  float m = -INFINITY;
-  for (int e = lane; e < n_experts; e += 32) m = fmaxf(m, row[e]);
-  m = warp_max(m);
-  float s = 0.f;
-  for (int e = lane; e < n_experts; e += 32) {
-    const float v = expf(row[e] - m);
-    p[e] = v;
-    s += v;
+  if (sigmoid) {
+    for (int e = lane; e < n_experts; e += 32) p[e] = 1.f / (1.f + expf(-row[e]));
+  } else {
+    float m = -INFINITY;
+    for (int e = lane; e < n_experts; e += 32) m = fmaxf(m, row[e]);
+    m = warp_max(m);
+    float s = 0.f;
+    for (int e = lane; e < n_experts; e += 32) {
+      const float v = expf(row[e] - m);
+      p[e] = v;
+      s += v;
+    }
+    s = warp_sum(s);
+    for (int e = lane; e < n_experts; e += 32) p[e] = p[e] / s;
   }
-  s = warp_sum(s);
-  for (int e = lane; e < n_experts; e += 32) p[e] = p[e] / s;
+  for (int e = lane; e < n_experts; e += 32) c[e] = bias != nullptr ? p[e] + bias[e] : p[e];
+  __syncwarp();
+  if (n_group > 1) {
+    const int size = n_experts / n_group;
+    float g = -INFINITY;
+    if (lane < n_group) {
+      float a = -INFINITY, b = -INFINITY;
+      for (int e = lane * size; e < (lane + 1) * size; e++) {
+        const float v = c[e];
+        if (v > a) {
+          b = a;
+          a = v;
+        } else if (v > b) {
+          b = v;
+        }
+      }
+      g = group_top2 ? a + b : a;
+    }
+    unsigned kept = 0;
+    bool taken = lane >= n_group;
+    for (int j = 0; j < keep_group; j++) {
+      float best = -INFINITY;
+      int best_i = 32;
+      if (!taken) {
+        best = g;
+        best_i = lane;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, best, o);
+        const int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
+        if (ov > best || (ov == best && oi < best_i)) {
+          best = ov;
+          best_i = oi;
+        }
+      }
+      if (best_i < 32) {
+        kept |= 1u << best_i;
+        if (lane == best_i) taken = true;
+      }
+    }
+    __syncwarp();  // every lane has read c for its group
+    for (int e = lane; e < n_experts; e += 32) {
+      if (!((kept >> (e / size)) & 1u)) c[e] = 0.f;
+    }
+  }
   int32_t* out_ids = ids + t * top_k;
   float* out_w = weights + t * top_k;
   float norm = 0.f;
   for (int j = 0; j < top_k; j++) {
-    float best = -1.f;  // probabilities are >= 0; taken experts hold -2
+    float best = -INFINITY;
     int best_i = n_experts;
     for (int e = lane; e < n_experts; e += 32) {
-      if (p[e] > best) {  // strict: the lowest id of this lane wins ties
-        best = p[e];
+      const float v = c[e];  // taken experts hold NaN, which compares false
+      if (v > best || (v == best && e < best_i)) {
+        best = v;
         best_i = e;
       }
     }
@@ -62,15 +121,17 @@ extern "C" __global__ void __launch_bounds__(32) moe_topk_softmax_f32(int32_t* _
         best_i = oi;
       }
     }
-    if (best_i < n_experts && (best_i & 31) == lane) p[best_i] = -2.f;
+    if (best_i < n_experts && (best_i & 31) == lane) c[best_i] = NAN;
     if (lane == 0) {
+      const float w = best_i < n_experts ? p[best_i] : 0.f;
       out_ids[j] = best_i;
-      out_w[j] = best;
-      norm += best;
+      out_w[j] = w;
+      norm += w;
     }
   }
-  if (lane == 0 && renormalize) {
-    for (int j = 0; j < top_k; j++) out_w[j] = out_w[j] / norm;
+  if (lane == 0) {
+    const float d = renormalize ? norm + 1e-20f : 1.f;
+    for (int j = 0; j < top_k; j++) out_w[j] = out_w[j] / d * scaling;
   }
 }
 

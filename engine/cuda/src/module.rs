@@ -182,7 +182,7 @@ pub mod moe_gemm {
 
 /// The routed-expert kernels (`kernels/moe.cuh`).
 pub struct MoeKernels {
-    pub(crate) topk_softmax: CudaFunction,
+    pub(crate) route: CudaFunction,
     pub(crate) align: CudaFunction,
     /// Grouped GEMMs by tile shape ([`moe_gemm::TILES`]): (gate/up + SiLU·up, down), or the
     /// driver's refusal of their shared memory.
@@ -209,7 +209,7 @@ impl MoeKernels {
             })
             .collect::<Result<_, _>>()?;
         Ok(MoeKernels {
-            topk_softmax: module.load_function("moe_topk_softmax_f32")?,
+            route: module.load_function("moe_route_f32")?,
             align: module.load_function("moe_align")?,
             gemm,
             sum_slots: module.load_function("moe_sum_slots_bf16")?,

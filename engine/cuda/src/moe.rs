@@ -1,7 +1,8 @@
 //! Routed experts of Qwen3-MoE on the GPU (kernels in `kernels/moe.cuh`).
 //!
-//! A sparse layer runs as: router GEMM (the existing [`Gpu::linear`], f32 logits) → top-k
-//! softmax routing → `moe_align`, which groups the (token, slot) pairs by expert into m-blocks
+//! A sparse layer runs as: router GEMM (the existing [`Gpu::linear`], f32 logits) → routing
+//! (softmax or sigmoid scores, optional correction bias and group limit, top-k, renormalised
+//! and scaled weights: the architecture's rule, [`MoeRouting`]) → `moe_align`, which groups the (token, slot) pairs by expert into m-blocks
 //! of a fixed row count → a grouped tensor-core GEMM over every expert's m-blocks at once for
 //! gate/up, SiLU·up fused in its epilogue → the same for down, the routing weight fused in its
 //! epilogue → each token's slots summed in slot order. An expert's weights are thus read once
@@ -19,7 +20,7 @@ use std::ops::Range;
 
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use llmd_models::config::MoeConfig;
-use llmd_models::spec::{ExpertWeights, RoutedMoeSpec, WeightSpec};
+use llmd_models::spec::{ExpertWeights, GroupLimit, GroupRank, RoutedMoeSpec, Routing, Scoring, WeightSpec};
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
@@ -105,8 +106,68 @@ pub(crate) struct MoeLayer {
     /// Global id of this rank's first expert.
     pub expert0: usize,
     pub top_k: usize,
-    /// `norm_topk_prob`.
+    pub routing: MoeRouting,
+}
+
+/// A sparse layer's routing rule on the GPU (the spec's [`Routing`], with the correction bias
+/// in device memory).
+pub(crate) struct MoeRouting {
+    pub scoring: Scoring,
+    /// `e_score_correction_bias`, f32 [E].
+    pub bias: Option<DeviceTensor>,
+    pub group_limit: Option<GroupLimit>,
     pub renormalize: bool,
+    pub scaling: f32,
+}
+
+impl MoeRouting {
+    /// `routing` of a block of `experts` experts, `bias` the values of its correction bias;
+    /// refuses group limits the kernel does not take.
+    pub fn new(gpu: &Gpu, routing: &Routing, experts: usize, bias: Option<&[f32]>) -> Result<MoeRouting, CudaError> {
+        if let Some(g) = routing.group_limit {
+            let size = if g.groups == 0 { 0 } else { experts / g.groups };
+            let top2 = g.rank == GroupRank::TopTwoSum;
+            if g.groups == 0
+                || g.groups > 32
+                || !experts.is_multiple_of(g.groups)
+                || g.keep == 0
+                || g.keep > g.groups
+                || (top2 && size < 2)
+            {
+                return Err(CudaError::Unsupported(format!(
+                    "expert groups: n_group {} over {experts} experts keeping topk_group {} (the GPU routes at most 32 equal groups{})",
+                    g.groups,
+                    g.keep,
+                    if top2 { " of at least 2 experts" } else { "" }
+                )));
+            }
+        }
+        let bias = match (routing.correction_bias.is_some(), bias) {
+            (false, _) => None,
+            (true, Some(v)) if v.len() == experts => {
+                let mut t = DeviceTensor::zeros(gpu, &[experts], DType::F32)?;
+                t.upload(gpu, v)?;
+                Some(t)
+            }
+            (true, v) => {
+                return Err(CudaError::Shape(format!(
+                    "correction bias of {} values for {experts} experts",
+                    v.map_or(0, <[f32]>::len)
+                )));
+            }
+        };
+        Ok(MoeRouting {
+            scoring: routing.scoring,
+            bias,
+            group_limit: routing.group_limit,
+            renormalize: routing.renormalize,
+            scaling: routing.scaling,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bias.as_ref().map_or(0, DeviceTensor::bytes)
+    }
 }
 
 /// Most tokens one pass of the expert kernels takes; a longer batch runs in passes of this many,
@@ -150,7 +211,7 @@ pub(crate) fn max_mblocks(pairs: usize, n_local: usize, bm: usize) -> usize {
 
 impl MoeLayer {
     pub fn bytes(&self) -> usize {
-        self.router.bytes() + self.gate_up.bytes() + self.down.bytes()
+        self.router.bytes() + self.gate_up.bytes() + self.down.bytes() + self.routing.bytes()
     }
 
     /// out[T, H] = this rank's share of the layer's expert MLP of x[T, H] (both bf16), using
@@ -189,8 +250,8 @@ impl MoeLayer {
         let (ids, weights) = (buf.ids.rows(0, t)?, buf.weights.rows(0, t)?);
         gpu.linear(&logits, x, &self.router.r())?;
         mark("moe_router")?;
-        gpu.moe_topk_softmax(&ids, &weights, &logits, self.renormalize)?;
-        mark("moe_topk")?;
+        gpu.moe_route(&ids, &weights, &logits, &self.routing)?;
+        mark("moe_route")?;
         let (ids, weights) = (ids.reshape(&[pairs])?, weights.reshape(&[pairs])?);
         let bm = block_m(pairs, experts);
         let mblocks = max_mblocks(pairs, n_local, bm);
@@ -282,16 +343,16 @@ impl ExpertGroups {
 }
 
 impl Gpu {
-    /// Top-k softmax routing of T tokens over E experts: ids[T, k] (global expert ids, best
-    /// first, ties to the lower id) and weights[T, k] (softmax probabilities, divided by their
-    /// sum over the k chosen when `renormalize`).
+    /// Routing of T tokens over E experts by `routing` (the rule of
+    /// `llmd_models::models::routing::route`): ids[T, k] (global expert ids, best first, ties
+    /// to the lower id) and weights[T, k].
     /// logits: f32 [T, E] (E <= [`MAX_EXPERTS`]); ids: i32 [T, k]; weights: f32 [T, k]; k <= E.
-    pub fn moe_topk_softmax(
+    pub(crate) fn moe_route(
         &self,
         ids: &TensorRef,
         weights: &TensorRef,
         logits: &TensorRef,
-        renormalize: bool,
+        routing: &MoeRouting,
     ) -> Result<(), CudaError> {
         let (t, e, k) = (logits.shape()[0], logits.shape()[1], ids.shape()[1]);
         check(logits, "logits", DType::F32, &[t, e])?;
@@ -300,17 +361,44 @@ impl Gpu {
         if e > MAX_EXPERTS || k == 0 || k > e {
             return Err(CudaError::Shape(format!("top-{k} routing over {e} experts (at most {MAX_EXPERTS})")));
         }
-        let (e_i, k_i, norm) = (i32_of(e, "experts")?, i32_of(k, "top_k")?, i32::from(renormalize));
+        let bias = match &routing.bias {
+            Some(b) => {
+                check(&b.r(), "correction bias", DType::F32, &[e])?;
+                b.addr()
+            }
+            None => 0,
+        };
+        let (groups, keep, top2) = match routing.group_limit {
+            Some(g) if e.is_multiple_of(g.groups) && g.groups <= 32 && g.keep <= g.groups => {
+                (g.groups, g.keep, g.rank == GroupRank::TopTwoSum)
+            }
+            Some(g) => return Err(CudaError::Shape(format!("{} expert groups over {e} experts", g.groups))),
+            None => (1, 1, false),
+        };
+        let (e_i, k_i) = (i32_of(e, "experts")?, i32_of(k, "top_k")?);
+        let (sig, g_i, keep_i, top2_i, norm) = (
+            i32::from(routing.scoring == Scoring::Sigmoid),
+            i32_of(groups, "n_group")?,
+            i32_of(keep, "topk_group")?,
+            i32::from(top2),
+            i32::from(routing.renormalize),
+        );
         launch!(
             self,
-            &self.kernels.moe.topk_softmax,
+            &self.kernels.moe.route,
             cfg((u32_of(t, "tokens")?, 1, 1), 32),
             ids.arg(),
             weights.arg(),
             logits.arg(),
+            &bias,
             &e_i,
             &k_i,
-            &norm
+            &sig,
+            &g_i,
+            &keep_i,
+            &top2_i,
+            &norm,
+            &routing.scaling
         )
     }
 

@@ -14,7 +14,7 @@ use llmd_models::loader::Checkpoint;
 use llmd_models::models::layers::Rope;
 use llmd_models::pick::TokenPick;
 use llmd_models::runner::{ForwardBatch, KvCacheLayout, Launched, ModelRunner, RowOutput, RowRequest, StepLogits};
-use llmd_models::spec::{DecoderSpec, MlpSpec, RouterScoring, SpecFeature, WeightSpec, WeightStorage};
+use llmd_models::spec::{DecoderSpec, MlpSpec, SpecFeature, WeightSpec, WeightStorage};
 use safetensors::Dtype;
 
 use crate::allreduce::{PeerAllReduce, PeerBuffers, Site};
@@ -508,14 +508,22 @@ pub(crate) fn load_rank(
                 let parts = |v: Vec<crate::moe::TensorRows>| -> Vec<Part> {
                     v.into_iter().map(|s| Part::rows(s.name, &s.shape, s.rows)).collect()
                 };
-                let RouterScoring::Softmax { renormalize } = r.scoring;
+                let bias = r
+                    .routing
+                    .correction_bias
+                    .as_ref()
+                    .map(|b| -> Result<Vec<f32>, CudaError> {
+                        let t = ckpt.load_f32(&b.name, &b.shape)?;
+                        Ok(t.to_vec1::<f32>().map_err(llmd_models::ModelError::from)?)
+                    })
+                    .transpose()?;
                 Mlp::Sparse(crate::moe::MoeLayer {
                     router: load_parts(&gpu, &ckpt, &[part_whole(&r.router)], &[r.num_experts, h])?,
                     gate_up: load_parts(&gpu, &ckpt, &parts(src.gate_up), &[el, 2 * mi, h])?,
                     down: load_parts(&gpu, &ckpt, &parts(src.down), &[el, h, mi])?,
                     expert0: experts.start,
                     top_k: r.top_k,
-                    renormalize,
+                    routing: crate::moe::MoeRouting::new(&gpu, &r.routing, r.num_experts, bias.as_deref())?,
                 })
             }
             MlpSpec::Dense(m) => Mlp::Dense {

@@ -144,15 +144,52 @@ pub enum ExpertWeights {
     Fused { gate_up: WeightSpec, down: WeightSpec },
 }
 
-/// How routing scores become expert weights.
+/// How router logits become each token's experts and their weights, as transformers routes for
+/// the architecture; [`crate::models::routing::route`] is the rule, the GPU kernel its copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub scoring: Scoring,
+    /// `e_score_correction_bias` `[E]` (DeepSeek-V3): added to the scores for choosing only.
+    pub correction_bias: Option<WeightSpec>,
+    /// Only the experts of the best groups compete (DeepSeek's `n_group` / `topk_group`).
+    pub group_limit: Option<GroupLimit>,
+    /// Divide the chosen experts' weights by their sum (`norm_topk_prob`).
+    pub renormalize: bool,
+    /// Multiplies the weights after renormalising (`routed_scaling_factor`; 1 for Qwen3-MoE).
+    pub scaling: f32,
+}
+
+/// Router logits to scores, in f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouterScoring {
-    /// Softmax over all experts in f32, top-k, optional renormalisation (Qwen3-MoE).
-    Softmax { renormalize: bool },
+pub enum Scoring {
+    /// Softmax over all experts (Qwen3-MoE, DeepSeek-V2).
+    Softmax,
+    /// Independent sigmoids (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// Group-limited choice: the experts form `groups` equal groups in id order, each group is
+/// ranked by `rank` over its choice scores, the best `keep` groups stay, and the choice scores
+/// of the other groups' experts become 0 (transformers' `masked_fill(…, 0.0)`: they still
+/// compete, with 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimit {
+    pub groups: usize,
+    pub keep: usize,
+    pub rank: GroupRank,
+}
+
+/// How a group of experts is ranked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupRank {
+    /// Its best expert's score (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// The sum of its two best (DeepSeek-V3 `noaux_tc`).
+    TopTwoSum,
 }
 
 /// A routed-expert block.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RoutedMoeSpec {
     /// `[num_experts, hidden]`.
     pub router: WeightSpec,
@@ -160,21 +197,21 @@ pub struct RoutedMoeSpec {
     pub top_k: usize,
     /// Hidden size of one expert's MLP.
     pub intermediate: usize,
-    pub scoring: RouterScoring,
+    pub routing: Routing,
     pub experts: ExpertWeights,
     /// Experts every token goes through besides the routed ones (DeepSeekMoE); none today.
     pub shared: Option<GatedMlpWeights>,
 }
 
 /// The feed-forward block of one layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum MlpSpec {
     Dense(GatedMlpWeights),
     Routed(RoutedMoeSpec),
 }
 
 /// One decoder layer: `x += attn(norm(x)); x += mlp(norm(x))`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LayerSpec {
     pub input_norm: WeightSpec,
     pub attention: AttentionWeights,
@@ -428,7 +465,13 @@ fn routed(ix: &Index, prefix: &str, h: usize, m: &MoeConfig) -> Result<RoutedMoe
         num_experts: e,
         top_k: m.num_experts_per_tok,
         intermediate: i,
-        scoring: RouterScoring::Softmax { renormalize: m.norm_topk_prob },
+        routing: Routing {
+            scoring: Scoring::Softmax,
+            correction_bias: None,
+            group_limit: None,
+            renormalize: m.norm_topk_prob,
+            scaling: 1.0,
+        },
         experts,
         shared: None,
     })

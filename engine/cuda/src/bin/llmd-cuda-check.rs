@@ -768,10 +768,13 @@ fn main() {
                 hidden: num("--hidden", "2048")?,
                 inter: num("--inter", "768")?,
             };
-            let tokens: Vec<usize> =
-                arg(&args, "--tokens", "1,2,4,8,16,32,64,128,256,512,2048").split(',').filter_map(|s| s.parse().ok()).collect();
+            let tokens: Vec<usize> = arg(&args, "--tokens", "1,2,4,8,16,32,64,128,256,512,2048")
+                .split(',')
+                .filter_map(|s| s.parse().ok())
+                .collect();
             let gpu = llmd_cuda::Gpu::open(0).map_err(|e| e.to_string())?;
-            llmd_cuda::checks::moe_bench::run(&gpu, shape, &tokens, &mut |line| println!("{line}")).map_err(|e| e.to_string())
+            llmd_cuda::checks::moe_bench::run(&gpu, shape, &tokens, &mut |line| println!("{line}"))
+                .map_err(|e| e.to_string())
         };
         if let Err(msg) = run() {
             eprintln!("error: {msg}");

@@ -44,7 +44,9 @@ use llmd_models::runner::{ForwardBatch, KvCacheLayout, SeqSlice};
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
 use crate::module::GEMV_MAX_T;
-use crate::moe::{MoeBuffers, MoeLayer};
+use crate::moe::{MoeBuffers, MoeLayer, MoeRouting};
+use llmd_models::models::routing::route;
+use llmd_models::spec::{GroupLimit, GroupRank, Routing, Scoring, WeightSpec, WeightStorage};
 
 /// Largest relative errors a case allows; zero means bit for bit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -144,6 +146,7 @@ pub fn run(gpu_ordinal: usize, on_case: &mut dyn FnMut(&CaseResult)) -> Result<b
     gather_rows(&mut rec);
     to_bf16(&mut rec);
     linear(&mut rec);
+    moe_route(&mut rec);
     moe(&mut rec);
     Ok(rec.passed)
 }
@@ -897,6 +900,99 @@ fn linear(rec: &mut Recorder) {
     }
 }
 
+/// One routing rule on random logits.
+struct RouteCase {
+    name: &'static str,
+    tokens: usize,
+    experts: usize,
+    top_k: usize,
+    routing: Routing,
+}
+
+fn moe_route(rec: &mut Recorder) {
+    let bias = |e: usize| {
+        Some(WeightSpec {
+            name: "e_score_correction_bias".into(),
+            shape: vec![e],
+            storage: WeightStorage::Float(llmd_models::Dtype::Float32),
+        })
+    };
+    let groups = |groups, keep, rank| Some(GroupLimit { groups, keep, rank });
+    let routing = |scoring, correction_bias, group_limit, renormalize, scaling| Routing {
+        scoring,
+        correction_bias,
+        group_limit,
+        renormalize,
+        scaling,
+    };
+    let cases = [
+        RouteCase {
+            name: "Qwen3-MoE: softmax, top-8 of 128, renormalised",
+            tokens: 64,
+            experts: 128,
+            top_k: 8,
+            routing: routing(Scoring::Softmax, None, None, true, 1.0),
+        },
+        RouteCase {
+            name: "DeepSeek-V2: softmax, 8 groups by their best, keep 3, top-6 of 160, scaled 16",
+            tokens: 64,
+            experts: 160,
+            top_k: 6,
+            routing: routing(Scoring::Softmax, None, groups(8, 3, GroupRank::Max), false, 16.0),
+        },
+        RouteCase {
+            name: "DeepSeek-V3: sigmoid + correction bias, 8 groups by their two best, keep 4, top-8 of 256, renormalised, scaled 2.5",
+            tokens: 64,
+            experts: 256,
+            top_k: 8,
+            routing: routing(Scoring::Sigmoid, bias(256), groups(8, 4, GroupRank::TopTwoSum), true, 2.5),
+        },
+        RouteCase {
+            name: "sigmoid + correction bias, one group kept of 4 (dropped groups compete with 0), top-4 of 64",
+            tokens: 64,
+            experts: 64,
+            top_k: 4,
+            routing: routing(Scoring::Sigmoid, bias(64), groups(4, 1, GroupRank::Max), false, 1.0),
+        },
+    ];
+    for c in &cases {
+        rec.case("moe_route", c.name, |gpu, rng| route_case(gpu, rng, c));
+    }
+}
+
+/// Logits on a grid of 1/16 (and a bias on a grid of 1/8): distinct choice scores are far
+/// apart, equal ones are equal on both sides, so the expert ids must match exactly.
+fn route_case(gpu: &Gpu, rng: &mut Rng, c: &RouteCase) -> Result<Vec<CaseResult>, CudaError> {
+    let (t, e, k) = (c.tokens, c.experts, c.top_k);
+    let logits: Vec<f32> = (0..t * e).map(|_| (rng.uniform() * 64.0).round() / 16.0).collect();
+    let bias: Option<Vec<f32>> =
+        c.routing.correction_bias.as_ref().map(|_| (0..e).map(|_| (rng.uniform() * 4.0).round() / 8.0).collect());
+    let want: Vec<Vec<(usize, f32)>> =
+        logits.chunks_exact(e).map(|row| route(row, &c.routing, bias.as_deref(), k)).collect();
+    let logits_d = tensor(gpu, &logits, f32::to_ne_bytes, &[t, e], DType::F32)?;
+    let ids = DeviceTensor::zeros(gpu, &[t, k], DType::I32)?;
+    let weights = DeviceTensor::zeros(gpu, &[t, k], DType::F32)?;
+    let routing = MoeRouting::new(gpu, &c.routing, e, bias.as_deref())?;
+    gpu.moe_route(&ids.r(), &weights.r(), &logits_d.r(), &routing)?;
+    let (got_ids, got_w) = (ids.download_i32(gpu, t * k)?, weights.download_f32(gpu, t * k)?);
+    let mut err = Errors::default();
+    let mut rerouted = 0;
+    for (ti, w) in want.iter().enumerate() {
+        let row = ti * k..(ti + 1) * k;
+        let ids_ok = w.iter().zip(&got_ids[row.clone()]).all(|((i, _), g)| *i as i32 == *g);
+        rerouted += usize::from(!ids_ok);
+        for ((_, wv), g) in w.iter().zip(&got_w[row]) {
+            err.push(*g, false, *wv);
+        }
+    }
+    let mut r = outcome("moe_route", c.name, F32, &err);
+    if rerouted > 0 {
+        r.passed = false;
+        r.note = format!("{rerouted} of {t} tokens chose other experts than the CPU rule");
+    }
+    Ok(vec![r])
+}
+
 /// One MoE layer shape.
 struct MoeCase {
     t: usize,
@@ -1010,7 +1106,18 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
             down: bf16_tensor(gpu, &down, &[per, h, i])?,
             expert0: rank * per,
             top_k: k,
-            renormalize: c.renormalize,
+            routing: MoeRouting::new(
+                gpu,
+                &Routing {
+                    scoring: Scoring::Softmax,
+                    correction_bias: None,
+                    group_limit: None,
+                    renormalize: c.renormalize,
+                    scaling: 1.0,
+                },
+                e,
+                None,
+            )?,
         };
         let out = Output::new(gpu, &[t, h], DType::BF16)?;
         layer.forward(gpu, &out.r()?, &x_d.r(), &buffers, &|_| Ok(()))?;

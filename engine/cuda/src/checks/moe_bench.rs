@@ -11,7 +11,8 @@ use crate::checks::kernels::Rng;
 use crate::device::{DType, DeviceTensor, Gpu};
 use crate::error::CudaError;
 use crate::module::moe_gemm::TILES;
-use crate::moe::{ExpertGroups, block_m, max_mblocks, pick_tile};
+use crate::moe::{ExpertGroups, MoeRouting, block_m, max_mblocks, pick_tile};
+use llmd_models::spec::{Routing, Scoring};
 
 /// The shape benchmarked.
 #[derive(Debug, Clone, Copy)]
@@ -51,15 +52,26 @@ struct Routed {
 pub fn run(gpu: &Gpu, shape: MoeShape, tokens: &[usize], print: &mut dyn FnMut(String)) -> Result<(), CudaError> {
     let MoeShape { experts: e, top_k: k, hidden: h, inter: i } = shape;
     let mut rng = Rng(7);
-    let bits = |rng: &mut Rng, n: usize, amp: f32| -> Vec<u8> {
-        (0..n).flat_map(|_| rng.bf16(amp).to_ne_bytes()).collect()
-    };
+    let bits =
+        |rng: &mut Rng, n: usize, amp: f32| -> Vec<u8> { (0..n).flat_map(|_| rng.bf16(amp).to_ne_bytes()).collect() };
     let router = DeviceTensor::from_bytes(gpu, &bits(&mut rng, e * h, 0.05), &[e, h], DType::BF16)?;
     // Random weights, so that every tile's output can be compared with the picked tile's (which
     // `llmd-cuda-check kernels` compares with the CPU).
     let gate_up = DeviceTensor::from_bytes(gpu, &bits(&mut rng, e * 2 * i * h, 0.05), &[e, 2 * i, h], DType::BF16)?;
     let down = DeviceTensor::from_bytes(gpu, &bits(&mut rng, e * h * i, 0.05), &[e, h, i], DType::BF16)?;
     let expert_bytes = (3 * h * i * 2) as f64;
+    let routing = MoeRouting::new(
+        gpu,
+        &Routing {
+            scoring: Scoring::Softmax,
+            correction_bias: None,
+            group_limit: None,
+            renormalize: true,
+            scaling: 1.0,
+        },
+        e,
+        None,
+    )?;
     print(format!(
         "MoE layer: {e} experts, top-{k}, hidden {h}, intermediate {i}; {:.1} MB per expert; GPU {} ({} SMs)",
         expert_bytes / 1e6,
@@ -79,7 +91,7 @@ pub fn run(gpu: &Gpu, shape: MoeShape, tokens: &[usize], print: &mut dyn FnMut(S
             let ids = DeviceTensor::zeros(gpu, &[t, k], DType::I32)?;
             let weights = DeviceTensor::zeros(gpu, &[t, k], DType::F32)?;
             gpu.linear(&logits.r(), &x.r(), &router.r())?;
-            gpu.moe_topk_softmax(&ids.r(), &weights.r(), &logits.r(), true)?;
+            gpu.moe_route(&ids.r(), &weights.r(), &logits.r(), &routing)?;
             let r = Routed {
                 x,
                 ids,
@@ -102,11 +114,11 @@ pub fn run(gpu: &Gpu, shape: MoeShape, tokens: &[usize], print: &mut dyn FnMut(S
         let out = DeviceTensor::zeros(gpu, &[t, h], DType::BF16)?;
         let logits = DeviceTensor::zeros(gpu, &[t, e], DType::F32)?;
         let reps = 40;
-        // The small kernels around the GEMMs: router, top-k, align, slot sum.
+        // The small kernels around the GEMMs: router, routing, align, slot sum.
         let small = time_ms(gpu, reps, |n| {
             let r = &routed[n % routed.len()];
             gpu.linear(&logits.r(), &r.x.r(), &router.r())?;
-            gpu.moe_topk_softmax(&r.ids.r(), &r.weights.r(), &logits.r(), true)?;
+            gpu.moe_route(&r.ids.r(), &r.weights.r(), &logits.r(), &routing)?;
             gpu.moe_align(&groups(r, bm)?, &r.ids.r().reshape(&[pairs])?, 0, e)?;
             gpu.moe_sum_slots(&out.r(), &pair_out.r(), &r.ids.r().reshape(&[pairs])?, 0, e)
         })?;

@@ -4,5 +4,6 @@
 
 pub mod layers;
 pub mod qwen3_moe;
+pub mod routing;
 
 pub use layers::CausalLm;

@@ -1,8 +1,8 @@
 //! The routed-expert block on the CPU (Qwen3-MoE's `Qwen3MoeSparseMoeBlock`), built from a
 //! [`RoutedMoeSpec`] in either expert layout the spec resolves (per-expert tensors of the hub
 //! layout, or transformers 5's fused `gate_up_proj` `[E, 2I, H]` and `down_proj` `[E, H, I]`).
-//! Routing follows transformers: softmax over all experts in f32, top-k, optional
-//! renormalisation of the k weights (`norm_topk_prob`), weighted sum of the expert outputs.
+//! Routing is [`super::routing::route`] (transformers' rule for the architecture), then the
+//! weighted sum of the expert outputs.
 
 use rayon::prelude::*;
 
@@ -10,7 +10,7 @@ use crate::ModelError;
 use crate::config::MoeConfig;
 use crate::loader::Weights;
 use crate::models::layers::{Linear, Mlp};
-use crate::spec::{ExpertWeights, RoutedMoeSpec, RouterScoring};
+use crate::spec::{ExpertWeights, RoutedMoeSpec, Routing};
 
 /// One expert's tokens `(row, routing weight)` and its output rows.
 type ExpertOutput = (Vec<(usize, f32)>, Vec<f32>);
@@ -21,7 +21,9 @@ pub struct SparseMoe {
     router: Linear,
     experts: Vec<Mlp>,
     top_k: usize,
-    norm_topk_prob: bool,
+    routing: Routing,
+    /// The values of `routing.correction_bias`.
+    bias: Option<Vec<f32>>,
 }
 
 impl SparseMoe {
@@ -34,7 +36,6 @@ impl SparseMoe {
                 backend: "the CPU backend".into(),
             });
         }
-        let RouterScoring::Softmax { renormalize } = spec.scoring;
         let i = spec.intermediate;
         let experts = match &spec.experts {
             ExpertWeights::Fused { gate_up, down } => {
@@ -57,7 +58,13 @@ impl SparseMoe {
             router: Linear::from_weight(w.load(&spec.router)?)?,
             experts,
             top_k: spec.top_k,
-            norm_topk_prob: renormalize,
+            routing: spec.routing.clone(),
+            bias: spec
+                .routing
+                .correction_bias
+                .as_ref()
+                .map(|b| -> Result<Vec<f32>, ModelError> { Ok(w.load(b)?.to_vec1::<f32>()?) })
+                .transpose()?,
         })
     }
 
@@ -76,18 +83,8 @@ impl SparseMoe {
         // Per expert: (token row, routing weight).
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
         for (r, row) in logits.chunks_exact(e).enumerate() {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
-            let sum: f32 = exps.iter().sum();
-            let probs: Vec<f32> = exps.iter().map(|v| v / sum).collect();
-            let mut order: Vec<usize> = (0..e).collect();
-            // Stable sort by descending probability: ties go to the lower expert index, as
-            // torch.topk does on CPU.
-            order.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
-            let top = &order[..self.top_k];
-            let norm: f32 = if self.norm_topk_prob { top.iter().map(|&i| probs[i]).sum() } else { 1.0 };
-            for &i in top {
-                assigned[i].push((r, probs[i] / norm));
+            for (i, weight) in super::routing::route(row, &self.routing, self.bias.as_deref(), self.top_k) {
+                assigned[i].push((r, weight));
             }
         }
         let partial: Vec<Result<Option<ExpertOutput>, ModelError>> = assigned
