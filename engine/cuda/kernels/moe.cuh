@@ -22,7 +22,9 @@
 //   stay and the other groups' c become 0 (they still compete, with 0). The top_k largest c in
 //   descending order, ties to the lower expert id; weight = p of the chosen expert, divided by
 //   (sum of the chosen weights, in the order chosen, + 1e-20) when `renormalize`, times `scaling`.
-//   logits: [n_tokens, n_experts] f32;  ids: [n_tokens, top_k] int32;  weights: [n_tokens, top_k] f32.
+//   Then n_shared more slots: the shared-expert slices n_experts .. n_experts + n_shared - 1, weight 1
+//   (DeepSeekMoE's shared experts, added unweighted).
+//   logits: [n_tokens, n_experts] f32;  ids, weights: [n_tokens, top_k + n_shared] int32 / f32.
 // A choice that is NaN is never taken; a token left without a valid expert gets id n_experts,
 // which no rank holds (its MLP output is 0), and weight 0.
 // grid = n_tokens, block = 32. n_experts <= MOE_MAX_EXPERTS, top_k <= n_experts, n_group <= 32.
@@ -31,8 +33,9 @@
 extern "C" __global__ void __launch_bounds__(32) moe_route_f32(int32_t* __restrict__ ids, float* __restrict__ weights,
                                                               const float* __restrict__ logits,
                                                               const float* __restrict__ bias, int n_experts,
-                                                              int top_k, int sigmoid, int n_group, int keep_group,
-                                                              int group_top2, int renormalize, float scaling) {
+                                                              int top_k, int n_shared, int sigmoid, int n_group,
+                                                              int keep_group, int group_top2, int renormalize,
+                                                              float scaling) {
   __shared__ float p[MOE_MAX_EXPERTS];
   __shared__ float c[MOE_MAX_EXPERTS];
   const int lane = threadIdx.x;
@@ -99,8 +102,8 @@ extern "C" __global__ void __launch_bounds__(32) moe_route_f32(int32_t* __restri
       if (!((kept >> (e / size)) & 1u)) c[e] = 0.f;
     }
   }
-  int32_t* out_ids = ids + t * top_k;
-  float* out_w = weights + t * top_k;
+  int32_t* out_ids = ids + t * (top_k + n_shared);
+  float* out_w = weights + t * (top_k + n_shared);
   float norm = 0.f;
   for (int j = 0; j < top_k; j++) {
     float best = -INFINITY;
@@ -132,6 +135,10 @@ extern "C" __global__ void __launch_bounds__(32) moe_route_f32(int32_t* __restri
   if (lane == 0) {
     const float d = renormalize ? norm + 1e-20f : 1.f;
     for (int j = 0; j < top_k; j++) out_w[j] = out_w[j] / d * scaling;
+    for (int j = 0; j < n_shared; j++) {
+      out_ids[top_k + j] = n_experts + j;
+      out_w[top_k + j] = 1.f;
+    }
   }
 }
 

@@ -20,7 +20,9 @@ use std::ops::Range;
 
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use llmd_models::config::MoeConfig;
-use llmd_models::spec::{ExpertWeights, GroupLimit, GroupRank, RoutedMoeSpec, Routing, Scoring, WeightSpec};
+use llmd_models::spec::{
+    DecoderSpec, ExpertWeights, GroupLimit, GroupRank, MlpSpec, RoutedMoeSpec, Routing, Scoring, WeightSpec,
+};
 
 use crate::device::{DType, DeviceTensor, Gpu, TensorRef};
 use crate::error::CudaError;
@@ -32,8 +34,14 @@ use crate::shard::Shard;
 pub const MAX_EXPERTS: usize = 1024;
 
 /// The experts rank `shard` holds, after checking that the model's MoE can run on the GPU
-/// split that way.
-pub(crate) fn local_experts(moe: &MoeConfig, hidden: usize, shard: Shard) -> Result<Range<usize>, CudaError> {
+/// split that way: E/tp routed experts each, and the last rank also the `shared` shared-expert
+/// slices (global ids E .. E + shared, see [`shared_slices`]).
+pub(crate) fn local_experts(
+    moe: &MoeConfig,
+    hidden: usize,
+    shard: Shard,
+    shared: usize,
+) -> Result<Range<usize>, CudaError> {
     let (e, tp) = (moe.num_experts, shard.world);
     if !e.is_multiple_of(tp) {
         return Err(CudaError::Unsupported(format!(
@@ -50,16 +58,47 @@ pub(crate) fn local_experts(moe: &MoeConfig, hidden: usize, shard: Shard) -> Res
         )));
     }
     let per = e / tp;
-    Ok(shard.rank * per..(shard.rank + 1) * per)
+    let extra = if shard.rank + 1 == tp { shared } else { 0 };
+    Ok(shard.rank * per..(shard.rank + 1) * per + extra)
 }
 
-/// Rows `rows` of checkpoint tensor `name` of `shape`, seen as a matrix
-/// [product of all dimensions but the last, last dimension].
+/// How many expert-sized slices the shared experts of `spec`'s routed blocks make: the shared
+/// MLP of intermediate size n·I runs as n extra experts of size I that every token takes with
+/// weight 1 (rows of its gate and up projections, columns of its down projection), so the same
+/// grouped GEMMs serve it. 0 without shared experts.
+pub(crate) fn shared_slices(spec: &DecoderSpec) -> Result<usize, CudaError> {
+    let mut found: Option<usize> = None;
+    for layer in &spec.layers {
+        let MlpSpec::Routed(r) = &layer.mlp else { continue };
+        let n = match &r.shared {
+            None => 0,
+            Some(m) => {
+                let rows = m.gate_proj.weight.shape[0];
+                if !rows.is_multiple_of(r.intermediate) || m.gate_proj.bias.is_some() || m.down_proj.bias.is_some() {
+                    return Err(CudaError::Unsupported(format!(
+                        "shared experts of intermediate size {rows} (the GPU runs them as slices of moe_intermediate_size {}, without biases)",
+                        r.intermediate
+                    )));
+                }
+                rows / r.intermediate
+            }
+        };
+        if found.is_some_and(|f| f != n) {
+            return Err(CudaError::Unsupported("shared experts that differ between layers".into()));
+        }
+        found = Some(n);
+    }
+    Ok(found.unwrap_or(0))
+}
+
+/// Rows `rows` (and columns `cols`, all when `None`) of checkpoint tensor `name` of `shape`,
+/// seen as a matrix [product of all dimensions but the last, last dimension].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TensorRows {
     pub name: String,
     pub shape: Vec<usize>,
     pub rows: Range<usize>,
+    pub cols: Option<Range<usize>>,
 }
 
 /// Where the stacked expert weights of one rank come from, in stacking order.
@@ -73,26 +112,43 @@ pub(crate) struct ExpertSources {
 
 /// The checkpoint tensors of `experts` of the routed block `r`, in stacking order, from
 /// whichever expert layout the spec resolved: one tensor per expert and projection (hub
-/// layout), or rows of transformers 5's fused `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I].
+/// layout), or rows of transformers 5's fused `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I];
+/// ids from E on are slices of the shared experts' MLP ([`shared_slices`]).
 pub(crate) fn expert_sources(r: &RoutedMoeSpec, hidden: usize, experts: Range<usize>) -> ExpertSources {
-    let (i, h) = (r.intermediate, hidden);
-    let rows = |w: &WeightSpec, rows: Range<usize>| TensorRows { name: w.name.clone(), shape: w.shape.clone(), rows };
-    match &r.experts {
-        ExpertWeights::Fused { gate_up, down } => ExpertSources {
-            gate_up: vec![rows(gate_up, experts.start * 2 * i..experts.end * 2 * i)],
-            down: vec![rows(down, experts.start * h..experts.end * h)],
+    let (i, h, e) = (r.intermediate, hidden, r.num_experts);
+    let rows = |w: &WeightSpec, rows: Range<usize>| TensorRows {
+        name: w.name.clone(),
+        shape: w.shape.clone(),
+        rows,
+        cols: None,
+    };
+    let routed = experts.start.min(e)..experts.end.min(e);
+    let mut src = match &r.experts {
+        ExpertWeights::Fused { gate_up, down } if !routed.is_empty() => ExpertSources {
+            gate_up: vec![rows(gate_up, routed.start * 2 * i..routed.end * 2 * i)],
+            down: vec![rows(down, routed.start * h..routed.end * h)],
         },
-        ExpertWeights::PerExpert(e) => {
+        ExpertWeights::Fused { .. } => ExpertSources { gate_up: vec![], down: vec![] },
+        ExpertWeights::PerExpert(pe) => {
             let whole = |w: &WeightSpec| rows(w, 0..w.shape[0]);
             ExpertSources {
-                gate_up: experts
+                gate_up: routed
                     .clone()
-                    .flat_map(|x| [whole(&e[x].gate_proj.weight), whole(&e[x].up_proj.weight)])
+                    .flat_map(|x| [whole(&pe[x].gate_proj.weight), whole(&pe[x].up_proj.weight)])
                     .collect(),
-                down: experts.map(|x| whole(&e[x].down_proj.weight)).collect(),
+                down: routed.map(|x| whole(&pe[x].down_proj.weight)).collect(),
             }
         }
+    };
+    if let Some(m) = &r.shared {
+        for s in experts.start.max(e) - e..experts.end.max(e) - e {
+            src.gate_up.push(rows(&m.gate_proj.weight, s * i..(s + 1) * i));
+            src.gate_up.push(rows(&m.up_proj.weight, s * i..(s + 1) * i));
+            let w = &m.down_proj.weight;
+            src.down.push(TensorRows { cols: Some(s * i..(s + 1) * i), ..rows(w, 0..w.shape[0]) });
+        }
     }
+    src
 }
 
 /// One sparse layer's weights on one rank.
@@ -106,6 +162,9 @@ pub(crate) struct MoeLayer {
     /// Global id of this rank's first expert.
     pub expert0: usize,
     pub top_k: usize,
+    /// Shared-expert slices every token takes after its top-k (global ids E .. E + shared,
+    /// held by the last rank).
+    pub shared: usize,
     pub routing: MoeRouting,
 }
 
@@ -243,14 +302,18 @@ impl MoeLayer {
         buf: &MoeBuffers,
         mark: &dyn Fn(&'static str) -> Result<(), CudaError>,
     ) -> Result<(), CudaError> {
-        let (t, k) = (x.shape()[0], self.top_k);
-        let (experts, n_local) = (self.router.shape()[0], self.gate_up.shape()[0]);
+        // Slots per token: the top-k routed experts, then the shared-expert slices.
+        let (t, k) = (x.shape()[0], self.top_k + self.shared);
+        let (experts, n_local) = (self.router.shape()[0] + self.shared, self.gate_up.shape()[0]);
         let pairs = t * k;
+        if buf.slots != k {
+            return Err(CudaError::Shape(format!("MoE buffers for {} slots per token, the layer has {k}", buf.slots)));
+        }
         let logits = buf.logits.rows(0, t)?;
         let (ids, weights) = (buf.ids.rows(0, t)?, buf.weights.rows(0, t)?);
         gpu.linear(&logits, x, &self.router.r())?;
         mark("moe_router")?;
-        gpu.moe_route(&ids, &weights, &logits, &self.routing)?;
+        gpu.moe_route(&ids, &weights, &logits, &self.routing, self.top_k)?;
         mark("moe_route")?;
         let (ids, weights) = (ids.reshape(&[pairs])?, weights.reshape(&[pairs])?);
         let bm = block_m(pairs, experts);
@@ -281,11 +344,13 @@ impl MoeLayer {
 /// min(max_tokens, [`MAX_PASS_TOKENS`]) tokens.
 pub(crate) struct MoeBuffers {
     pass_tokens: usize,
+    /// Slots per token (top-k + shared-expert slices).
+    slots: usize,
     /// Router logits, f32 [T, E].
     logits: DeviceTensor,
-    /// Chosen experts, i32 [T, k].
+    /// Chosen experts, i32 [T, slots].
     ids: DeviceTensor,
-    /// Their routing weights, f32 [T, k].
+    /// Their routing weights, f32 [T, slots].
     weights: DeviceTensor,
     /// Pair index per grouped row (−1: padding), i32 [rows].
     sorted: DeviceTensor,
@@ -300,8 +365,15 @@ pub(crate) struct MoeBuffers {
 }
 
 impl MoeBuffers {
-    pub fn new(gpu: &Gpu, max_tokens: usize, hidden: usize, moe: &MoeConfig) -> Result<MoeBuffers, CudaError> {
-        let (e, k, i) = (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size);
+    /// For `moe`'s routed experts plus `shared` shared-expert slices per token.
+    pub fn new(
+        gpu: &Gpu,
+        max_tokens: usize,
+        hidden: usize,
+        moe: &MoeConfig,
+        shared: usize,
+    ) -> Result<MoeBuffers, CudaError> {
+        let (e, k, i) = (moe.num_experts + shared, moe.num_experts_per_tok + shared, moe.moe_intermediate_size);
         let pass_tokens = max_tokens.clamp(1, MAX_PASS_TOKENS);
         let pairs = pass_tokens * k;
         // Bounds over every m-block size a pass may pick (a rank's experts are at most all E).
@@ -310,7 +382,8 @@ impl MoeBuffers {
         let blocks = sizes.iter().map(|&bm| max_mblocks(pairs, e, bm)).max().unwrap_or(0);
         Ok(MoeBuffers {
             pass_tokens,
-            logits: DeviceTensor::zeros(gpu, &[pass_tokens, e], DType::F32)?,
+            slots: k,
+            logits: DeviceTensor::zeros(gpu, &[pass_tokens, moe.num_experts], DType::F32)?,
             ids: DeviceTensor::zeros(gpu, &[pass_tokens, k], DType::I32)?,
             weights: DeviceTensor::zeros(gpu, &[pass_tokens, k], DType::F32)?,
             sorted: DeviceTensor::zeros(gpu, &[rows.max(1)], DType::I32)?,
@@ -344,21 +417,24 @@ impl ExpertGroups {
 
 impl Gpu {
     /// Routing of T tokens over E experts by `routing` (the rule of
-    /// `llmd_models::models::routing::route`): ids[T, k] (global expert ids, best first, ties
-    /// to the lower id) and weights[T, k].
-    /// logits: f32 [T, E] (E <= [`MAX_EXPERTS`]); ids: i32 [T, k]; weights: f32 [T, k]; k <= E.
+    /// `llmd_models::models::routing::route`): ids[T, :top_k] (global expert ids, best first,
+    /// ties to the lower id) and weights[T, :top_k], then in the remaining S slots the
+    /// shared-expert slices E .. E + S with weight 1.
+    /// logits: f32 [T, E] (E <= [`MAX_EXPERTS`]); ids: i32 [T, top_k + S]; weights: f32 [T, top_k + S].
     pub(crate) fn moe_route(
         &self,
         ids: &TensorRef,
         weights: &TensorRef,
         logits: &TensorRef,
         routing: &MoeRouting,
+        top_k: usize,
     ) -> Result<(), CudaError> {
-        let (t, e, k) = (logits.shape()[0], logits.shape()[1], ids.shape()[1]);
+        let (t, e, slots) = (logits.shape()[0], logits.shape()[1], ids.shape()[1]);
+        let k = top_k;
         check(logits, "logits", DType::F32, &[t, e])?;
-        check(ids, "ids", DType::I32, &[t, k])?;
-        check(weights, "weights", DType::F32, &[t, k])?;
-        if e > MAX_EXPERTS || k == 0 || k > e {
+        check(ids, "ids", DType::I32, &[t, slots])?;
+        check(weights, "weights", DType::F32, &[t, slots])?;
+        if e > MAX_EXPERTS || k == 0 || k > e || slots < k || e + (slots - k) > MAX_EXPERTS {
             return Err(CudaError::Shape(format!("top-{k} routing over {e} experts (at most {MAX_EXPERTS})")));
         }
         let bias = match &routing.bias {
@@ -375,7 +451,7 @@ impl Gpu {
             Some(g) => return Err(CudaError::Shape(format!("{} expert groups over {e} experts", g.groups))),
             None => (1, 1, false),
         };
-        let (e_i, k_i) = (i32_of(e, "experts")?, i32_of(k, "top_k")?);
+        let (e_i, k_i, s_i) = (i32_of(e, "experts")?, i32_of(k, "top_k")?, i32_of(slots - k, "shared slices")?);
         let (sig, g_i, keep_i, top2_i, norm) = (
             i32::from(routing.scoring == Scoring::Sigmoid),
             i32_of(groups, "n_group")?,
@@ -393,6 +469,7 @@ impl Gpu {
             &bias,
             &e_i,
             &k_i,
+            &s_i,
             &sig,
             &g_i,
             &keep_i,
@@ -617,13 +694,17 @@ mod tests {
 
     #[test]
     fn experts_split_evenly_across_ranks() {
-        assert_eq!(local_experts(&moe(16), 64, Shard::SINGLE).unwrap(), 0..16);
-        assert_eq!(local_experts(&moe(16), 64, Shard { rank: 1, world: 2 }).unwrap(), 8..16);
-        assert_eq!(local_experts(&moe(16), 64, Shard { rank: 3, world: 4 }).unwrap(), 12..16);
-        let err = local_experts(&moe(6), 64, Shard { rank: 0, world: 4 }).unwrap_err().to_string();
+        assert_eq!(local_experts(&moe(16), 64, Shard::SINGLE, 0).unwrap(), 0..16);
+        assert_eq!(local_experts(&moe(16), 64, Shard { rank: 1, world: 2 }, 0).unwrap(), 8..16);
+        assert_eq!(local_experts(&moe(16), 64, Shard { rank: 3, world: 4 }, 0).unwrap(), 12..16);
+        // Shared-expert slices go to the last rank.
+        assert_eq!(local_experts(&moe(16), 64, Shard::SINGLE, 2).unwrap(), 0..18);
+        assert_eq!(local_experts(&moe(16), 64, Shard { rank: 0, world: 2 }, 2).unwrap(), 0..8);
+        assert_eq!(local_experts(&moe(16), 64, Shard { rank: 1, world: 2 }, 2).unwrap(), 8..18);
+        let err = local_experts(&moe(6), 64, Shard { rank: 0, world: 4 }, 0).unwrap_err().to_string();
         assert!(err.contains("num_experts 6") && err.contains("tensor-parallel size 4"), "{err}");
-        assert!(local_experts(&moe(2048), 64, Shard::SINGLE).is_err());
-        assert!(local_experts(&moe(16), 60, Shard::SINGLE).is_err());
+        assert!(local_experts(&moe(2048), 64, Shard::SINGLE, 0).is_err());
+        assert!(local_experts(&moe(16), 60, Shard::SINGLE, 0).is_err());
     }
 
     #[test]
@@ -704,7 +785,7 @@ mod tests {
                 "model.layers.0.mlp.experts.3.up_proj.weight",
             ]
         );
-        assert!(src.gate_up.iter().all(|r| r.shape == [i, h] && r.rows == (0..i)));
+        assert!(src.gate_up.iter().all(|r| r.shape == [i, h] && r.rows == (0..i) && r.cols.is_none()));
         assert_eq!(src.down.len(), 2);
         assert_eq!(src.down[1].name, "model.layers.0.mlp.experts.3.down_proj.weight");
         assert_eq!((src.down[1].shape.as_slice(), src.down[1].rows.clone()), (&[h, i][..], 0..h));
@@ -723,9 +804,12 @@ mod tests {
         let src = expert_sources(&routed_moe(&ckpt, "model.layers.1.mlp", h, &moe(e)).unwrap(), h, 2..4);
         assert_eq!(
             src.gate_up,
-            [TensorRows { name: tensors[0].0.clone(), shape: vec![e, 2 * i, h], rows: 4 * i..8 * i }]
+            [TensorRows { name: tensors[0].0.clone(), shape: vec![e, 2 * i, h], rows: 4 * i..8 * i, cols: None }]
         );
-        assert_eq!(src.down, [TensorRows { name: tensors[1].0.clone(), shape: vec![e, h, i], rows: 2 * h..4 * h }]);
+        assert_eq!(
+            src.down,
+            [TensorRows { name: tensors[1].0.clone(), shape: vec![e, h, i], rows: 2 * h..4 * h, cols: None }]
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

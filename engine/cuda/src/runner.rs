@@ -375,16 +375,20 @@ fn shard_dims(cfg: &ModelConfig, shard: Shard) -> Result<ShardDims, CudaError> {
 const BACKEND: &str = "the CUDA backend";
 
 /// Spec features this backend does not serve; every other feature a [`DecoderSpec`] states is
-/// loaded and applied.
-const UNSUPPORTED: &[SpecFeature] = &[SpecFeature::SharedExperts];
+/// loaded and applied (today: none left out).
+const UNSUPPORTED: &[SpecFeature] = &[];
 
 /// Checks, from `config.json` and the checkpoint index alone (no GPU), that this backend
 /// serves the model in `dir`: the architecture is in the registry, every tensor the spec
-/// names exists in a supported storage, and no feature in [`UNSUPPORTED`] is used.
+/// names exists in a supported storage, no feature in [`UNSUPPORTED`] is used, and shared
+/// experts (if any) split into expert-sized slices.
 pub fn check_model(dir: &Path) -> Result<(), ModelError> {
     let cfg = ModelConfig::from_dir(dir)?;
     let ckpt = Checkpoint::open_dir(dir)?;
-    DecoderSpec::new(&cfg, &ckpt)?.refuse_unsupported(BACKEND, UNSUPPORTED)
+    let spec = DecoderSpec::new(&cfg, &ckpt)?;
+    spec.refuse_unsupported(BACKEND, UNSUPPORTED)?;
+    crate::moe::shared_slices(&spec)?;
+    Ok(())
 }
 
 pub(crate) fn load_single(
@@ -433,8 +437,6 @@ pub(crate) fn load_rank(
         return Err(CudaError::Unsupported(format!("{hq} heads with {hkv} KV heads")));
     }
     let dims = shard_dims(cfg, shard)?;
-    // Routed experts held by this rank (sparse layers only).
-    let experts = cfg.moe.as_ref().map(|m| crate::moe::local_experts(m, h, shard)).transpose()?.unwrap_or(0..0);
     if !gpu.kernels.supports_attention(d, dims.heads / dims.kv_heads) {
         return Err(CudaError::Unsupported(format!(
             "head_dim {d} with {} query heads per KV head",
@@ -443,6 +445,9 @@ pub(crate) fn load_rank(
     }
     let ckpt = Checkpoint::open_dir(dir)?;
     let spec = DecoderSpec::new(cfg, &ckpt)?;
+    // Routed experts (and shared-expert slices) held by this rank (sparse layers only).
+    let shared = crate::moe::shared_slices(&spec)?;
+    let experts = cfg.moe.as_ref().map(|m| crate::moe::local_experts(m, h, shard, shared)).transpose()?.unwrap_or(0..0);
     spec.refuse_unsupported(BACKEND, UNSUPPORTED)?;
     let total = spec.layers.len() + 3;
     let mut done = 0;
@@ -506,7 +511,12 @@ pub(crate) fn load_rank(
                 let mi = r.intermediate;
                 let src = crate::moe::expert_sources(r, h, experts.clone());
                 let parts = |v: Vec<crate::moe::TensorRows>| -> Vec<Part> {
-                    v.into_iter().map(|s| Part::rows(s.name, &s.shape, s.rows)).collect()
+                    v.into_iter()
+                        .map(|s| match s.cols {
+                            Some(c) => Part::cols(s.name, &s.shape, c),
+                            None => Part::rows(s.name, &s.shape, s.rows),
+                        })
+                        .collect()
                 };
                 let bias = r
                     .routing
@@ -523,6 +533,7 @@ pub(crate) fn load_rank(
                     down: load_parts(&gpu, &ckpt, &parts(src.down), &[el, h, mi])?,
                     expert0: experts.start,
                     top_k: r.top_k,
+                    shared,
                     routing: crate::moe::MoeRouting::new(&gpu, &r.routing, r.num_experts, bias.as_deref())?,
                 })
             }
@@ -600,7 +611,7 @@ pub(crate) fn load_rank(
         } else {
             None
         },
-        moe: cfg.moe.as_ref().map(|m| crate::moe::MoeBuffers::new(&gpu, max_tokens, h, m)).transpose()?,
+        moe: cfg.moe.as_ref().map(|m| crate::moe::MoeBuffers::new(&gpu, max_tokens, h, m, shared)).transpose()?,
         part_acc: z(&[attn_ws_elems], DType::F32)?,
         part_ml: z(&[attn_ws_elems / d * 2], DType::F32)?,
         selected: z(&[max_seqs, h], DType::BF16)?,

@@ -199,7 +199,8 @@ pub struct RoutedMoeSpec {
     pub intermediate: usize,
     pub routing: Routing,
     pub experts: ExpertWeights,
-    /// Experts every token goes through besides the routed ones (DeepSeekMoE); none today.
+    /// The MLP every token goes through besides the routed experts, added unweighted
+    /// (DeepSeekMoE's `shared_experts`, whose intermediate size is n_shared × the experts').
     pub shared: Option<GatedMlpWeights>,
 }
 
@@ -437,6 +438,12 @@ impl DecoderSpec {
             AttentionKind::Grouped { heads, kv_heads, head_dim } => (heads, kv_heads, head_dim),
         }
     }
+}
+
+/// The gated MLP under `prefix` (`{prefix}.gate_proj` … `.down_proj`, no biases) of `ckpt`,
+/// e.g. a routed block's shared experts.
+pub fn gated_mlp(ckpt: &Checkpoint, prefix: &str, hidden: usize, inter: usize) -> Result<GatedMlpWeights, ModelError> {
+    Index { ckpt }.gated(prefix, hidden, inter, false)
 }
 
 /// The routed-expert block under `prefix` (`model.layers.{i}.mlp`) of `ckpt`, in whichever

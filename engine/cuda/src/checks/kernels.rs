@@ -46,7 +46,7 @@ use crate::error::CudaError;
 use crate::module::GEMV_MAX_T;
 use crate::moe::{MoeBuffers, MoeLayer, MoeRouting};
 use llmd_models::models::routing::route;
-use llmd_models::spec::{GroupLimit, GroupRank, Routing, Scoring, WeightSpec, WeightStorage};
+use llmd_models::spec::{GroupLimit, GroupRank, Routing, Scoring, WeightSpec, WeightStorage, gated_mlp, routed_moe};
 
 /// Largest relative errors a case allows; zero means bit for bit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -973,7 +973,7 @@ fn route_case(gpu: &Gpu, rng: &mut Rng, c: &RouteCase) -> Result<Vec<CaseResult>
     let ids = DeviceTensor::zeros(gpu, &[t, k], DType::I32)?;
     let weights = DeviceTensor::zeros(gpu, &[t, k], DType::F32)?;
     let routing = MoeRouting::new(gpu, &c.routing, e, bias.as_deref())?;
-    gpu.moe_route(&ids.r(), &weights.r(), &logits_d.r(), &routing)?;
+    gpu.moe_route(&ids.r(), &weights.r(), &logits_d.r(), &routing, k)?;
     let (got_ids, got_w) = (ids.download_i32(gpu, t * k)?, weights.download_f32(gpu, t * k)?);
     let mut err = Errors::default();
     let mut rerouted = 0;
@@ -1004,6 +1004,8 @@ struct MoeCase {
     /// Tensor-parallel ranks simulated on this GPU: each holds its share of the experts and
     /// their partial outputs are summed, as the all-reduce does.
     ranks: usize,
+    /// Shared experts, as a shared MLP of `shared × inter` (0: none).
+    shared: usize,
 }
 
 fn moe(rec: &mut Recorder) {
@@ -1015,7 +1017,9 @@ fn moe(rec: &mut Recorder) {
         inter,
         renormalize,
         ranks,
+        shared: 0,
     };
+    let shared = |c: MoeCase, shared| MoeCase { shared, ..c };
     let cases = [
         case(1, 16, 4, 256, 128, true, 1),
         case(2, 16, 4, 256, 128, false, 1),
@@ -1031,6 +1035,10 @@ fn moe(rec: &mut Recorder) {
         case(300, 16, 4, 264, 200, true, 1),
         case(700, 32, 8, 512, 96, false, 2),
         case(2100, 8, 2, 128, 64, true, 1),
+        // Shared experts (DeepSeekMoE): slices of the shared MLP as extra slots, on the last rank.
+        shared(case(7, 16, 4, 256, 128, true, 1), 2),
+        shared(case(64, 64, 6, 256, 128, true, 2), 1),
+        shared(case(300, 16, 4, 256, 128, false, 1), 2),
     ];
     for c in &cases {
         let name = format!(
@@ -1042,7 +1050,7 @@ fn moe(rec: &mut Recorder) {
             c.inter,
             if c.renormalize { " renormalized" } else { "" },
             if c.ranks > 1 { format!(", experts split over {} ranks, outputs summed", c.ranks) } else { String::new() }
-        );
+        ) + &if c.shared > 0 { format!(", shared MLP of {} x I", c.shared) } else { String::new() };
         rec.case("moe_layer", &name, |gpu, rng| moe_case(gpu, rng, c, &name));
     }
 }
@@ -1066,6 +1074,9 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
     // Per expert: gate [I, H], up [I, H], down [H, I].
     let experts: Vec<[Vec<u16>; 3]> =
         (0..e).map(|_| [rng.bf16s(i * h, 0.0, 0.1), rng.bf16s(i * h, 0.0, 0.1), rng.bf16s(h * i, 0.0, 0.1)]).collect();
+    // The shared MLP: gate [S·I, H], up [S·I, H], down [H, S·I].
+    let si = c.shared * i;
+    let shared_mlp = [rng.bf16s(si * h, 0.0, 0.1), rng.bf16s(si * h, 0.0, 0.1), rng.bf16s(h * si, 0.0, 0.1)];
 
     // CPU: Qwen3-MoE's SparseMoe from the hub layout, and its router alone for the tie check.
     let json = format!(
@@ -1083,8 +1094,19 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
         tensors.push(named(format!("experts.{ei}.up_proj.weight"), &[i, h], up));
         tensors.push(named(format!("experts.{ei}.down_proj.weight"), &[h, i], down));
     }
+    if c.shared > 0 {
+        tensors.push(named("shared_experts.gate_proj.weight", &[si, h], &shared_mlp[0]));
+        tensors.push(named("shared_experts.up_proj.weight", &[si, h], &shared_mlp[1]));
+        tensors.push(named("shared_experts.down_proj.weight", &[h, si], &shared_mlp[2]));
+    }
     let (sparse, router_cpu) = cpu_module(&tensors, |w| {
-        Ok((SparseMoe::new(cfg.hidden_size, &moe_cfg, w)?, Linear::new(&w.pp("gate"), h, e, false)?))
+        let mut spec = routed_moe(w.checkpoint(), w.prefix(), h, &moe_cfg)?;
+        if c.shared > 0 {
+            let at =
+                if w.prefix().is_empty() { "shared_experts".into() } else { format!("{}.shared_experts", w.prefix()) };
+            spec.shared = Some(gated_mlp(w.checkpoint(), &at, h, si)?);
+        }
+        Ok((SparseMoe::from_spec(w, &spec)?, Linear::new(&w.pp("gate"), h, e, false)?))
     })?;
     let xf = widen(&x);
     let want = sparse.forward(&xf, t)?;
@@ -1093,19 +1115,29 @@ fn moe_case(gpu: &Gpu, rng: &mut Rng, c: &MoeCase, name: &str) -> Result<Vec<Cas
 
     // GPU: one MoeLayer per rank, each with its share of the experts stacked as the loader does.
     let x_d = bf16_tensor(gpu, &x, &[t, h])?;
-    let buffers = MoeBuffers::new(gpu, t, h, &moe_cfg)?;
+    let buffers = MoeBuffers::new(gpu, t, h, &moe_cfg, c.shared)?;
     let per = e / c.ranks;
     let mut summed = vec![(0f32, false); t * h];
     for rank in 0..c.ranks {
         let mine = &experts[rank * per..(rank + 1) * per];
-        let gate_up: Vec<u16> = mine.iter().flat_map(|[g, u, _]| g.iter().chain(u).copied()).collect();
-        let down: Vec<u16> = mine.iter().flat_map(|[_, _, d]| d.iter().copied()).collect();
+        let mut gate_up: Vec<u16> = mine.iter().flat_map(|[g, u, _]| g.iter().chain(u).copied()).collect();
+        let mut down: Vec<u16> = mine.iter().flat_map(|[_, _, d]| d.iter().copied()).collect();
+        // The last rank also holds the shared MLP's slices: gate/up rows, down columns.
+        let extra = if rank + 1 == c.ranks { c.shared } else { 0 };
+        for s in 0..extra {
+            gate_up.extend_from_slice(&shared_mlp[0][s * i * h..(s + 1) * i * h]);
+            gate_up.extend_from_slice(&shared_mlp[1][s * i * h..(s + 1) * i * h]);
+            for row in 0..h {
+                down.extend_from_slice(&shared_mlp[2][row * si + s * i..row * si + (s + 1) * i]);
+            }
+        }
         let layer = MoeLayer {
             router: bf16_tensor(gpu, &router, &[e, h])?,
-            gate_up: bf16_tensor(gpu, &gate_up, &[per, 2 * i, h])?,
-            down: bf16_tensor(gpu, &down, &[per, h, i])?,
+            gate_up: bf16_tensor(gpu, &gate_up, &[per + extra, 2 * i, h])?,
+            down: bf16_tensor(gpu, &down, &[per + extra, h, i])?,
             expert0: rank * per,
             top_k: k,
+            shared: c.shared,
             routing: MoeRouting::new(
                 gpu,
                 &Routing {

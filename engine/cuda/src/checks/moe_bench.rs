@@ -91,7 +91,7 @@ pub fn run(gpu: &Gpu, shape: MoeShape, tokens: &[usize], print: &mut dyn FnMut(S
             let ids = DeviceTensor::zeros(gpu, &[t, k], DType::I32)?;
             let weights = DeviceTensor::zeros(gpu, &[t, k], DType::F32)?;
             gpu.linear(&logits.r(), &x.r(), &router.r())?;
-            gpu.moe_route(&ids.r(), &weights.r(), &logits.r(), &routing)?;
+            gpu.moe_route(&ids.r(), &weights.r(), &logits.r(), &routing, k)?;
             let r = Routed {
                 x,
                 ids,
@@ -118,7 +118,7 @@ pub fn run(gpu: &Gpu, shape: MoeShape, tokens: &[usize], print: &mut dyn FnMut(S
         let small = time_ms(gpu, reps, |n| {
             let r = &routed[n % routed.len()];
             gpu.linear(&logits.r(), &r.x.r(), &router.r())?;
-            gpu.moe_route(&r.ids.r(), &r.weights.r(), &logits.r(), &routing)?;
+            gpu.moe_route(&r.ids.r(), &r.weights.r(), &logits.r(), &routing, k)?;
             gpu.moe_align(&groups(r, bm)?, &r.ids.r().reshape(&[pairs])?, 0, e)?;
             gpu.moe_sum_slots(&out.r(), &pair_out.r(), &r.ids.r().reshape(&[pairs])?, 0, e)
         })?;

@@ -12,7 +12,7 @@ use crate::config::{GenerationConfig, ModelConfig, eos_token_ids};
 use crate::loader::{Checkpoint, Progress, Weights};
 use crate::models::CausalLm;
 use crate::runner::{ForwardBatch, KvCacheLayout, ModelRunner, StepLogits};
-use crate::spec::{Architecture, DecoderSpec, SpecFeature};
+use crate::spec::{Architecture, DecoderSpec};
 use kv::{BatchPlan, PagedKvCache};
 use llmd_options::Dtype;
 
@@ -128,8 +128,7 @@ pub fn load_cpu(
     Architecture::from_hf_name(&config.architecture)?;
     let ckpt = Checkpoint::open_dir(dir)?;
     let spec = DecoderSpec::new(&config, &ckpt)?;
-    // The CPU path serves every feature the spec can state today except shared experts.
-    spec.refuse_unsupported("the CPU backend", &[SpecFeature::SharedExperts])?;
+    // The CPU path serves every feature the spec can state: nothing to refuse.
     let counter = RefCell::new(Progress::new(ckpt.len(), progress));
     let model = {
         let weights = Weights::new(&ckpt, &counter);

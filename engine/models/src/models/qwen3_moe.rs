@@ -2,7 +2,7 @@
 //! [`RoutedMoeSpec`] in either expert layout the spec resolves (per-expert tensors of the hub
 //! layout, or transformers 5's fused `gate_up_proj` `[E, 2I, H]` and `down_proj` `[E, H, I]`).
 //! Routing is [`super::routing::route`] (transformers' rule for the architecture), then the
-//! weighted sum of the expert outputs.
+//! weighted sum of the expert outputs, plus the shared experts' MLP when the block has one.
 
 use rayon::prelude::*;
 
@@ -24,18 +24,13 @@ pub struct SparseMoe {
     routing: Routing,
     /// The values of `routing.correction_bias`.
     bias: Option<Vec<f32>>,
+    /// The shared experts' MLP, added to every token's routed output.
+    shared: Option<Mlp>,
 }
 
 impl SparseMoe {
     /// Loads the router and experts `spec` names.
     pub fn from_spec(w: &Weights, spec: &RoutedMoeSpec) -> Result<Self, ModelError> {
-        if spec.shared.is_some() {
-            return Err(ModelError::UnsupportedFeature {
-                model: format!("the expert block of `{}`", spec.router.name),
-                feature: "shared experts".into(),
-                backend: "the CPU backend".into(),
-            });
-        }
         let i = spec.intermediate;
         let experts = match &spec.experts {
             ExpertWeights::Fused { gate_up, down } => {
@@ -65,6 +60,7 @@ impl SparseMoe {
                 .as_ref()
                 .map(|b| -> Result<Vec<f32>, ModelError> { Ok(w.load(b)?.to_vec1::<f32>()?) })
                 .transpose()?,
+            shared: spec.shared.as_ref().map(|m| Mlp::from_spec(w, m)).transpose()?,
         })
     }
 
@@ -102,7 +98,10 @@ impl SparseMoe {
                 Ok(Some((toks, y)))
             })
             .collect();
-        let mut out = vec![0.0f32; rows * hidden];
+        let mut out = match &self.shared {
+            Some(m) => m.forward(x, rows)?,
+            None => vec![0.0f32; rows * hidden],
+        };
         for p in partial {
             if let Some((toks, y)) = p? {
                 for (j, (r, wgt)) in toks.into_iter().enumerate() {
