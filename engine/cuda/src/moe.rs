@@ -184,7 +184,7 @@ impl MoeRouting {
     /// refuses group limits the kernel does not take.
     pub fn new(gpu: &Gpu, routing: &Routing, experts: usize, bias: Option<&[f32]>) -> Result<MoeRouting, CudaError> {
         if let Some(g) = routing.group_limit {
-            let size = if g.groups == 0 { 0 } else { experts / g.groups };
+            let size = experts.checked_div(g.groups).unwrap_or(0);
             let top2 = g.rank == GroupRank::TopTwoSum;
             if g.groups == 0
                 || g.groups > 32

@@ -205,6 +205,8 @@ pub struct RoutedMoeSpec {
 }
 
 /// The feed-forward block of one layer.
+// One per layer, built once at load: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum MlpSpec {
     Dense(GatedMlpWeights),
