@@ -77,6 +77,39 @@ def small_models():
         print("wrote", d, flush=True)
 
 
+class RandomWriter:
+    """Random bf16 tensors made on the GPU, written to `d` as numbered safetensors shards with
+    their index, the way both bench checkpoints are written."""
+
+    def __init__(self, d):
+        self.d, self.shard, self.idx, self.n = d, {}, {}, 0
+        self.g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(self, *shape, std=0.02):
+        return (torch.randn(*shape, device="cuda", generator=self.g, dtype=torch.float32) * std).to(torch.bfloat16)
+
+    @staticmethod
+    def ones(n):
+        return torch.ones(n, dtype=torch.bfloat16, device="cuda")
+
+    def flush(self):
+        if self.shard:
+            fname = f"model-{self.n:05d}.safetensors"
+            save_file({k: v.cpu() for k, v in self.shard.items()}, os.path.join(self.d, fname),
+                      metadata={"format": "pt"})
+            for k in self.shard:
+                self.idx[k] = fname
+            self.shard.clear()  # in place: callers hold it as `shard`
+            self.n += 1
+
+    def finish(self):
+        self.flush()
+        json.dump({"metadata": {}, "weight_map": self.idx},
+                  open(os.path.join(self.d, "model.safetensors.index.json"), "w"))
+        copy_tokenizer(self.d, real=True)
+        print("wrote", self.d, flush=True)
+
+
 SHAPES = {
     # name: hidden, intermediate, layers, heads, kv heads, vocab (Llama-3 8B / 70B)
     "llama3-8b-random": (4096, 14336, 32, 32, 8, 128256),
@@ -96,30 +129,16 @@ def llama3_random(name):
                                  original_max_position_embeddings=8192),
                tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def r(*shape, std=0.02):
-        return (torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32) * std).to(torch.bfloat16)
-
-    shard, idx, n = {}, {}, 0
-
-    def flush():
-        nonlocal shard, n
-        if shard:
-            fname = f"model-{n:05d}.safetensors"
-            save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(d, fname), metadata={"format": "pt"})
-            for k in shard:
-                idx[k] = fname
-            shard, n = {}, n + 1
-
+    w = RandomWriter(d)
+    r, ones, shard = w.r, w.ones, w.shard
     shard["model.embed_tokens.weight"] = r(vocab, h)
     shard["lm_head.weight"] = r(vocab, h)
-    shard["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16, device="cuda")
-    flush()
+    shard["model.norm.weight"] = ones(h)
+    w.flush()
     for i in range(layers):
         p = f"model.layers.{i}."
-        shard[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16, device="cuda")
-        shard[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16, device="cuda")
+        shard[p + "input_layernorm.weight"] = ones(h)
+        shard[p + "post_attention_layernorm.weight"] = ones(h)
         shard[p + "self_attn.q_proj.weight"] = r(heads * hd, h)
         shard[p + "self_attn.k_proj.weight"] = r(kv * hd, h)
         shard[p + "self_attn.v_proj.weight"] = r(kv * hd, h)
@@ -128,11 +147,8 @@ def llama3_random(name):
         shard[p + "mlp.up_proj.weight"] = r(inter, h)
         shard[p + "mlp.down_proj.weight"] = r(h, inter)
         if i % 4 == 3:
-            flush()
-    flush()
-    json.dump({"metadata": {}, "weight_map": idx}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
-    copy_tokenizer(d, real=True)
-    print("wrote", d, flush=True)
+            w.flush()
+    w.finish()
 
 
 def qwen3_moe_random(name, layers=48):
@@ -150,29 +166,12 @@ def qwen3_moe_random(name, layers=48):
                attention_bias=False, tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1,
                eos_token_id=2)
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def r(*shape, std=0.02):
-        return (torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32) * std).to(torch.bfloat16)
-
-    def ones(n):
-        return torch.ones(n, dtype=torch.bfloat16, device="cuda")
-
-    shard, idx, n = {}, {}, 0
-
-    def flush():
-        nonlocal shard, n
-        if shard:
-            fname = f"model-{n:05d}.safetensors"
-            save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(d, fname), metadata={"format": "pt"})
-            for k in shard:
-                idx[k] = fname
-            shard, n = {}, n + 1
-
+    w = RandomWriter(d)
+    r, ones, shard = w.r, w.ones, w.shard
     shard["model.embed_tokens.weight"] = r(vocab, h)
     shard["lm_head.weight"] = r(vocab, h)
     shard["model.norm.weight"] = ones(h)
-    flush()
+    w.flush()
     for i in range(layers):
         p = f"model.layers.{i}."
         shard[p + "input_layernorm.weight"] = ones(h)
@@ -190,11 +189,8 @@ def qwen3_moe_random(name, layers=48):
             shard[q + "up_proj.weight"] = r(inter, h)
             shard[q + "down_proj.weight"] = r(h, inter)
         if i % 2 == 1:
-            flush()
-    flush()
-    json.dump({"metadata": {}, "weight_map": idx}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
-    copy_tokenizer(d, real=True)
-    print("wrote", d, flush=True)
+            w.flush()
+    w.finish()
 
 
 if "--no-small" not in sys.argv:
