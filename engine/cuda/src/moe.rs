@@ -746,6 +746,44 @@ mod tests {
         }
     }
 
+    #[test]
+    fn shared_experts_are_slices_after_the_routed_ones_on_the_last_rank() {
+        let (e, i, h) = (4, 32, 64);
+        let tensors = vec![
+            ("mlp.experts.gate_up_proj".to_string(), vec![e, 2 * i, h]),
+            ("mlp.experts.down_proj".to_string(), vec![e, h, i]),
+            ("mlp.gate.weight".to_string(), vec![e, h]),
+            ("mlp.shared_experts.gate_proj.weight".to_string(), vec![2 * i, h]),
+            ("mlp.shared_experts.up_proj.weight".to_string(), vec![2 * i, h]),
+            ("mlp.shared_experts.down_proj.weight".to_string(), vec![h, 2 * i]),
+        ];
+        let (dir, ckpt) = checkpoint("shared", &tensors);
+        let mut spec = routed_moe(&ckpt, "mlp", h, &moe(e)).unwrap();
+        spec.shared = Some(llmd_models::spec::gated_mlp(&ckpt, "mlp.shared_experts", h, 2 * i).unwrap());
+        // Rank 1 of 2: routed experts 2..4 and both shared slices (ids 4 and 5).
+        let held = local_experts(&moe(e), h, Shard { rank: 1, world: 2 }, 2).unwrap();
+        assert_eq!(held, 2..6);
+        let src = expert_sources(&spec, h, held);
+        let rows = |n: usize, r: Range<usize>| (tensors[n].0.as_str(), r, None);
+        let got: Vec<(&str, Range<usize>, Option<Range<usize>>)> =
+            src.gate_up.iter().map(|t| (t.name.as_str(), t.rows.clone(), t.cols.clone())).collect();
+        assert_eq!(got, [rows(0, 4 * i..8 * i), rows(3, 0..i), rows(4, 0..i), rows(3, i..2 * i), rows(4, i..2 * i)]);
+        let got: Vec<(&str, Range<usize>, Option<Range<usize>>)> =
+            src.down.iter().map(|t| (t.name.as_str(), t.rows.clone(), t.cols.clone())).collect();
+        assert_eq!(
+            got,
+            [
+                rows(1, 2 * h..4 * h),
+                (tensors[5].0.as_str(), 0..h, Some(0..i)),
+                (tensors[5].0.as_str(), 0..h, Some(i..2 * i))
+            ]
+        );
+        // Rank 0 holds no shared slice.
+        let src = expert_sources(&spec, h, local_experts(&moe(e), h, Shard { rank: 0, world: 2 }, 2).unwrap());
+        assert_eq!((src.gate_up.len(), src.down.len()), (1, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// Writes a safetensors file with zero-filled f32 tensors of the given shapes.
     fn checkpoint(tag: &str, tensors: &[(String, Vec<usize>)]) -> (std::path::PathBuf, Checkpoint) {
         let data: Vec<Vec<u8>> = tensors.iter().map(|(_, s)| vec![0u8; 4 * s.iter().product::<usize>()]).collect();
