@@ -114,3 +114,79 @@ impl SparseMoe {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{Checkpoint, Progress};
+    use crate::spec::{gated_mlp, routed_moe};
+
+    /// A block of 2 experts (top-1) with a shared MLP of 2 × the expert size, random f32
+    /// weights, written as a real safetensors file.
+    fn checkpoint(dir: &std::path::Path) -> Checkpoint {
+        let (e, i, h) = (2usize, 4usize, 8usize);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![("gate.weight".into(), vec![e, h])];
+        for x in 0..e {
+            shapes.push((format!("experts.{x}.gate_proj.weight"), vec![i, h]));
+            shapes.push((format!("experts.{x}.up_proj.weight"), vec![i, h]));
+            shapes.push((format!("experts.{x}.down_proj.weight"), vec![h, i]));
+        }
+        shapes.push(("shared_experts.gate_proj.weight".into(), vec![2 * i, h]));
+        shapes.push(("shared_experts.up_proj.weight".into(), vec![2 * i, h]));
+        shapes.push(("shared_experts.down_proj.weight".into(), vec![h, 2 * i]));
+        let mut seed = 1u32;
+        let data: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|(_, s)| {
+                (0..s.iter().product::<usize>())
+                    .flat_map(|_| {
+                        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5).to_le_bytes()
+                    })
+                    .collect()
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = shapes
+            .iter()
+            .zip(&data)
+            .map(|((n, s), d)| {
+                (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+            })
+            .collect();
+        let path = dir.join("model.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        Checkpoint::open_files(&[path]).unwrap()
+    }
+
+    #[test]
+    fn shared_experts_add_their_mlp_to_every_token() {
+        let dir = std::env::temp_dir().join(format!("llmd-models-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ckpt = checkpoint(&dir);
+        let mut cb = |_: usize, _: usize| {};
+        let progress = std::cell::RefCell::new(Progress::new(0, &mut cb));
+        let w = Weights::new(&ckpt, &progress);
+        let moe = MoeConfig {
+            num_experts: 2,
+            num_experts_per_tok: 1,
+            moe_intermediate_size: 4,
+            norm_topk_prob: false,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![],
+        };
+        let routed = routed_moe(&ckpt, "", 8, &moe).unwrap();
+        let shared_spec = gated_mlp(&ckpt, "shared_experts", 8, 8).unwrap();
+        let with_shared =
+            SparseMoe::from_spec(&w, &RoutedMoeSpec { shared: Some(shared_spec.clone()), ..routed.clone() }).unwrap();
+        let plain = SparseMoe::from_spec(&w, &routed).unwrap();
+        let shared = Mlp::from_spec(&w, &shared_spec).unwrap();
+        let x: Vec<f32> = (0..3 * 8).map(|v| ((v * 7 % 11) as f32 - 5.0) / 4.0).collect();
+        let (a, b, s) =
+            (with_shared.forward(&x, 3).unwrap(), plain.forward(&x, 3).unwrap(), shared.forward(&x, 3).unwrap());
+        for ((a, b), s) in a.iter().zip(&b).zip(&s) {
+            assert!((a - (b + s)).abs() <= 1e-5 * (1.0 + s.abs()), "{a} vs {b} + {s}");
+        }
+        assert!(s.iter().any(|v| v.abs() > 1e-3), "the shared MLP contributes");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
