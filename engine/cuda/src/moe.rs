@@ -764,12 +764,12 @@ mod tests {
         let held = local_experts(&moe(e), h, Shard { rank: 1, world: 2 }, 2).unwrap();
         assert_eq!(held, 2..6);
         let src = expert_sources(&spec, h, held);
+        // (tensor, rows, columns) of each source.
+        type Source<'a> = (&'a str, Range<usize>, Option<Range<usize>>);
         let rows = |n: usize, r: Range<usize>| (tensors[n].0.as_str(), r, None);
-        let got: Vec<(&str, Range<usize>, Option<Range<usize>>)> =
-            src.gate_up.iter().map(|t| (t.name.as_str(), t.rows.clone(), t.cols.clone())).collect();
+        let got: Vec<Source> = src.gate_up.iter().map(|t| (t.name.as_str(), t.rows.clone(), t.cols.clone())).collect();
         assert_eq!(got, [rows(0, 4 * i..8 * i), rows(3, 0..i), rows(4, 0..i), rows(3, i..2 * i), rows(4, i..2 * i)]);
-        let got: Vec<(&str, Range<usize>, Option<Range<usize>>)> =
-            src.down.iter().map(|t| (t.name.as_str(), t.rows.clone(), t.cols.clone())).collect();
+        let got: Vec<Source> = src.down.iter().map(|t| (t.name.as_str(), t.rows.clone(), t.cols.clone())).collect();
         assert_eq!(
             got,
             [
