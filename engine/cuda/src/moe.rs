@@ -1,8 +1,10 @@
-//! Routed experts of Qwen3-MoE on the GPU (kernels in `kernels/moe.cuh`).
+//! Routed experts on the GPU (kernels in `kernels/moe.cuh`): Qwen3-MoE today, DeepSeek's
+//! routing rules and shared experts ready for it.
 //!
 //! A sparse layer runs as: router GEMM (the existing [`Gpu::linear`], f32 logits) → routing
 //! (softmax or sigmoid scores, optional correction bias and group limit, top-k, renormalised
-//! and scaled weights: the architecture's rule, [`MoeRouting`]) → `moe_align`, which groups the (token, slot) pairs by expert into m-blocks
+//! and scaled weights: the architecture's rule, [`MoeRouting`]; shared-expert slices appended
+//! as extra slots) → `moe_align`, which groups the (token, slot) pairs by expert into m-blocks
 //! of a fixed row count → a grouped tensor-core GEMM over every expert's m-blocks at once for
 //! gate/up, SiLU·up fused in its epilogue → the same for down, the routing weight fused in its
 //! epilogue → each token's slots summed in slot order. An expert's weights are thus read once
@@ -10,11 +12,13 @@
 //! (the old per-(token, slot) GEMVs re-read them per token). Only the experts some token chose
 //! are read. Grids are fixed by the token count (m-blocks past the device-side count exit at
 //! once) and nothing synchronises with the host, so decode steps stay capturable as CUDA graphs;
-//! no float atomics, so results do not depend on the batch.
+//! no float atomics, and a value's k order does not depend on the tile, so results do not
+//! depend on the batch.
 //!
 //! Tensor parallelism splits the experts: rank `r` of `tp` holds experts
-//! `[r·E/tp, (r+1)·E/tp)` (router replicated), pairs routed elsewhere contribute zero, and the
-//! all-reduce after the MLP sums the ranks' partial outputs as for a dense MLP.
+//! `[r·E/tp, (r+1)·E/tp)` (router replicated; the last rank also the shared-expert slices),
+//! pairs routed elsewhere contribute zero, and the all-reduce after the MLP sums the ranks'
+//! partial outputs as for a dense MLP.
 
 use std::ops::Range;
 
