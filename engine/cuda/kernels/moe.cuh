@@ -1,4 +1,6 @@
-// Routed experts (Qwen3-MoE). Included at the end of llmd.cu: uses its bf16 typedef and warp helpers.
+// Routed experts (Qwen3-MoE; DeepSeek's routing rules and shared experts). Included at the end of
+// llmd.cu after prefill_attention.cuh: uses its bf16 typedef, warp helpers and the prefill:: mma,
+// ldmatrix and cp.async helpers.
 //
 // One sparse layer on one rank: router GEMM (cuBLAS / GEMV, f32 logits [n_tokens, n_experts]) ->
 // moe_route_f32 -> moe_align (group the (token, slot) pairs by expert, padded to whole
@@ -7,6 +9,7 @@
 // token's slots summed in slot order). This rank's experts are stacked as
 //   gate_up: [n_local, 2 * inter, hidden]  (an expert's gate rows, then its up rows)
 //   down:    [n_local, hidden, inter]
+// (ids from n_experts on are slices of the shared experts' MLP, on the last rank).
 // Expert ids are global; expert e lives here when expert0 <= e < expert0 + n_local. A (token, slot)
 // pair whose expert lives on another rank contributes nothing here (the ranks' outputs are summed).
 // Every output value is a dot product in a fixed order (tensor-core k-steps of 16, in order) and the
