@@ -173,14 +173,16 @@ pub(crate) struct MoeLayer {
 }
 
 /// A sparse layer's routing rule on the GPU (the spec's [`Routing`], with the correction bias
-/// in device memory).
+/// in device memory), checked against what the kernel takes once, by [`MoeRouting::new`].
 pub(crate) struct MoeRouting {
-    pub scoring: Scoring,
-    /// `e_score_correction_bias`, f32 [E].
-    pub bias: Option<DeviceTensor>,
-    pub group_limit: Option<GroupLimit>,
-    pub renormalize: bool,
-    pub scaling: f32,
+    /// Routed experts the rule was checked for (the router's rows).
+    experts: usize,
+    scoring: Scoring,
+    /// `e_score_correction_bias`, f32 [experts].
+    bias: Option<DeviceTensor>,
+    group_limit: Option<GroupLimit>,
+    renormalize: bool,
+    scaling: f32,
 }
 
 impl MoeRouting {
@@ -220,6 +222,7 @@ impl MoeRouting {
             }
         };
         Ok(MoeRouting {
+            experts,
             scoring: routing.scoring,
             bias,
             group_limit: routing.group_limit,
@@ -441,20 +444,14 @@ impl Gpu {
         if e > MAX_EXPERTS || k == 0 || k > e || slots < k || e + (slots - k) > MAX_EXPERTS {
             return Err(CudaError::Shape(format!("top-{k} routing over {e} experts (at most {MAX_EXPERTS})")));
         }
-        let bias = match &routing.bias {
-            Some(b) => {
-                check(&b.r(), "correction bias", DType::F32, &[e])?;
-                b.addr()
-            }
-            None => 0,
-        };
-        let (groups, keep, top2) = match routing.group_limit {
-            Some(g) if e.is_multiple_of(g.groups) && g.groups <= 32 && g.keep <= g.groups => {
-                (g.groups, g.keep, g.rank == GroupRank::TopTwoSum)
-            }
-            Some(g) => return Err(CudaError::Shape(format!("{} expert groups over {e} experts", g.groups))),
-            None => (1, 1, false),
-        };
+        // The bias length and the group limit were checked against `routing.experts` when the
+        // rule was made.
+        if e != routing.experts {
+            return Err(CudaError::Shape(format!("routing over {e} experts with a rule made for {}", routing.experts)));
+        }
+        let bias = routing.bias.as_ref().map_or(0, DeviceTensor::addr);
+        let (groups, keep, top2) =
+            routing.group_limit.map_or((1, 1, false), |g| (g.groups, g.keep, g.rank == GroupRank::TopTwoSum));
         let (e_i, k_i, s_i) = (i32_of(e, "experts")?, i32_of(k, "top_k")?, i32_of(slots - k, "shared slices")?);
         let (sig, g_i, keep_i, top2_i, norm) = (
             i32::from(routing.scoring == Scoring::Sigmoid),
@@ -523,15 +520,36 @@ impl Gpu {
         )
     }
 
-    fn moe_gemm_kernel(&self, tile: &Tile, groups: &ExpertGroups, down: bool) -> Result<&CudaFunction, CudaError> {
+    /// The grouped GEMM of `tile` (gate/up or down) and its launch over `blocks` m-blocks and
+    /// `n_ctas` weight-row tiles.
+    fn moe_gemm_launch(
+        &self,
+        tile: &Tile,
+        groups: &ExpertGroups,
+        down: bool,
+        blocks: usize,
+        n_ctas: usize,
+    ) -> Result<(&CudaFunction, LaunchConfig), CudaError> {
         let at = TILES
             .iter()
             .position(|t| t == tile && t.block_m == groups.block_m)
             .ok_or_else(|| CudaError::Shape(format!("no MoE GEMM {tile:?} for {}-row m-blocks", groups.block_m)))?;
-        match &self.kernels.moe.gemm[at] {
-            Ok((gate_up, d)) => Ok(if down { d } else { gate_up }),
-            Err(why) => Err(CudaError::Unsupported(why.clone())),
-        }
+        let f = match &self.kernels.moe.gemm[at] {
+            Ok((gate_up, d)) => {
+                if down {
+                    d
+                } else {
+                    gate_up
+                }
+            }
+            Err(why) => return Err(CudaError::Unsupported(why.clone())),
+        };
+        let launch = LaunchConfig {
+            grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(n_ctas, "n-blocks")?, 1),
+            block_dim: (tile.threads(), 1, 1),
+            shared_mem_bytes: tile.smem_bytes() as u32,
+        };
+        Ok((f, launch))
     }
 
     /// act[r, :] = silu(x[t] · gateₑᵀ) · (x[t] · upₑᵀ) for every grouped row r holding pair
@@ -559,13 +577,8 @@ impl Gpu {
         if !h.is_multiple_of(8) || !i.is_multiple_of(8) || top_k == 0 {
             return Err(CudaError::Shape(format!("MoE hidden {h} and intermediate {i} must be multiples of 8")));
         }
-        let f = self.moe_gemm_kernel(tile, groups, false)?;
-        let bn = tile.block_n;
-        let launch = LaunchConfig {
-            grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(i.div_ceil(bn / 2), "n-blocks")?, 1),
-            block_dim: (tile.threads(), 1, 1),
-            shared_mem_bytes: tile.smem_bytes() as u32,
-        };
+        // A CTA's weight tile covers block_n / 2 columns of act (gate and up rows interleaved).
+        let (f, launch) = self.moe_gemm_launch(tile, groups, false, blocks, i.div_ceil(tile.block_n / 2))?;
         let (k_i, h_i, i_i, rows_i) =
             (i32_of(top_k, "top_k")?, i32_of(h, "hidden")?, i32_of(i, "moe_intermediate")?, i32_of(2 * i, "rows")?);
         // Null routing weights: the gate/up epilogue has none.
@@ -613,13 +626,7 @@ impl Gpu {
         if !h.is_multiple_of(8) || !i.is_multiple_of(8) {
             return Err(CudaError::Shape(format!("MoE hidden {h} and intermediate {i} must be multiples of 8")));
         }
-        let f = self.moe_gemm_kernel(tile, groups, true)?;
-        let bn = tile.block_n;
-        let launch = LaunchConfig {
-            grid_dim: (u32_of(blocks, "m-blocks")?, u32_of(h.div_ceil(bn), "n-blocks")?, 1),
-            block_dim: (tile.threads(), 1, 1),
-            shared_mem_bytes: tile.smem_bytes() as u32,
-        };
+        let (f, launch) = self.moe_gemm_launch(tile, groups, true, blocks, h.div_ceil(tile.block_n))?;
         let (one, i_i, h_i) = (1i32, i32_of(i, "moe_intermediate")?, i32_of(h, "hidden")?);
         launch!(
             self,
