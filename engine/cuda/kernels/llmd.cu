@@ -43,6 +43,35 @@ __device__ float block_sum(float v) {
   return total;
 }
 
+// Block-wide exclusive prefix sum of one value per thread, in thread order (deterministic), for
+// blocks of exactly 1024 threads (32 warps; scratch holds 32 values). *total receives the block's
+// sum. All threads must call it. Used by token picking and moe_align.
+__device__ uint64_t block_exclusive_scan_1024(uint64_t v, uint64_t* scratch, uint64_t* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint64_t y = __shfl_up_sync(FULL_MASK, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) scratch[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    uint64_t w = scratch[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint64_t y = __shfl_up_sync(FULL_MASK, w, o);
+      if (lane >= o) w += y;
+    }
+    scratch[lane] = w;
+  }
+  __syncthreads();
+  const uint64_t before = (warp > 0 ? scratch[warp - 1] : 0) + x - v;
+  *total = scratch[31];
+  __syncthreads();
+  return before;
+}
+
 // Vocabulary-parallel embedding: out[t, :] = table[ids[t] - lo, :] when lo <= ids[t] < lo + rows,
 // zeros otherwise (the ranks' outputs are then summed). One GPU: lo = 0, rows = vocab.
 // table: [rows, hidden].  grid = n_tokens, block = 256.

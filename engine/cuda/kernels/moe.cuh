@@ -18,6 +18,19 @@
 
 #define MOE_MAX_EXPERTS 1024
 
+// The warp's largest (best, best_i) over its lanes, ties to the lower index; every lane gets it.
+__device__ __forceinline__ void warp_argmax(float& best, int& best_i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(FULL_MASK, best, o);
+    const int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
+    if (ov > best || (ov == best && oi < best_i)) {
+      best = ov;
+      best_i = oi;
+    }
+  }
+}
+
 // Routing of one token, as llmd_models::models::routing::route computes it:
 //   scores p = softmax(logits) or sigmoid(logits) in f32; choice c = p + bias (bias: [n_experts]
 //   f32 or null); with n_group > 1 the experts form n_group equal groups in id order, ranked by
@@ -86,15 +99,7 @@ extern "C" __global__ void __launch_bounds__(32) moe_route_f32(int32_t* __restri
         best = g;
         best_i = lane;
       }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(FULL_MASK, best, o);
-        const int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
-        if (ov > best || (ov == best && oi < best_i)) {
-          best = ov;
-          best_i = oi;
-        }
-      }
+      warp_argmax(best, best_i);
       if (best_i < 32) {
         kept |= 1u << best_i;
         if (lane == best_i) taken = true;
@@ -118,15 +123,7 @@ extern "C" __global__ void __launch_bounds__(32) moe_route_f32(int32_t* __restri
         best_i = e;
       }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(FULL_MASK, best, o);
-      const int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
-      if (ov > best || (ov == best && oi < best_i)) {
-        best = ov;
-        best_i = oi;
-      }
-    }
+    warp_argmax(best, best_i);
     if (best_i < n_experts && (best_i & 31) == lane) c[best_i] = NAN;
     if (lane == 0) {
       const float w = best_i < n_experts ? p[best_i] : 0.f;
@@ -159,9 +156,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_align(int32_t* __restrict
                                                              int expert0, int n_local, int bm) {
   __shared__ int count[MOE_MAX_EXPERTS];
   __shared__ int row0[MOE_MAX_EXPERTS];
-  __shared__ int warp_total[32];
-  __shared__ int total_blocks;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __shared__ uint64_t scan_scratch[32];
+  const int tid = threadIdx.x;
   for (int e = tid; e < n_local; e += blockDim.x) count[e] = 0;
   __syncthreads();
   for (int p = tid; p < pairs; p += blockDim.x) {
@@ -171,26 +167,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_align(int32_t* __restrict
   __syncthreads();
   // Exclusive scan of the m-block counts over the experts, thread e holding expert e.
   const int nb = tid < n_local ? (count[tid] + bm - 1) / bm : 0;
-  int v = nb;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int u = __shfl_up_sync(FULL_MASK, v, o);
-    if (lane >= o) v += u;
-  }
-  if (lane == 31) warp_total[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < (int)(blockDim.x >> 5) ? warp_total[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int u = __shfl_up_sync(FULL_MASK, w, o);
-      if (lane >= o) w += u;
-    }
-    warp_total[lane] = w;  // inclusive over warps
-    if (lane == 31) total_blocks = w;
-  }
-  __syncthreads();
-  const int first = v - nb + (warp > 0 ? warp_total[warp - 1] : 0);
+  uint64_t total;
+  const int first = (int)block_exclusive_scan_1024((uint64_t)nb, scan_scratch, &total);
+  const int total_blocks = (int)total;
   if (tid < n_local) {
     row0[tid] = first * bm;
     for (int b = 0; b < nb; b++) block_expert[first + b] = tid;

@@ -53,34 +53,6 @@ __device__ __forceinline__ float pick_prob(float x, float inv_t, float m) {
 
 __device__ __forceinline__ uint64_t pick_weight(float p) { return (uint64_t)(p * 4294967296.0f); }
 
-// Block-wide exclusive prefix sum of one value per thread, in thread order (deterministic).
-// *total receives the block's sum. All threads must call it.
-__device__ uint64_t pick_scan(uint64_t v, uint64_t* scratch, uint64_t* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  uint64_t x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint64_t y = __shfl_up_sync(FULL_MASK, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) scratch[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    uint64_t w = scratch[lane];
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint64_t y = __shfl_up_sync(FULL_MASK, w, o);
-      if (lane >= o) w += y;
-    }
-    scratch[lane] = w;
-  }
-  __syncthreads();
-  const uint64_t before = (warp > 0 ? scratch[warp - 1] : 0) + x - v;
-  *total = scratch[PICK_WARPS - 1];
-  __syncthreads();
-  return before;
-}
-
 // Histogram updates, aggregated per warp first: the probabilities of one row share a few
 // exponents, so most lanes hit the same bin and plain shared atomics would serialise (measured
 // 1.6 ms per top-p row on an H100). `bin` 256 means "not counted"; all 32 lanes must call.
@@ -310,7 +282,7 @@ extern "C" __global__ void __launch_bounds__(PICK_THREADS)
       if (w > 0 && (!thr || __float_as_uint(p) > v)) part += w;
     });
     uint64_t total;
-    pick_scan(part, scratch, &total);
+    block_exclusive_scan_1024(part, scratch, &total);
     if (thr) total += n_eq * pick_weight(__uint_as_float(v));
     uint64_t target = (uint64_t)((double)P.top_p * (double)total);
     if (target < 1) target = 1;
@@ -367,13 +339,13 @@ extern "C" __global__ void __launch_bounds__(PICK_THREADS)
     return false;
   });
   uint64_t eq_all;
-  const uint64_t eq_base = pick_scan(eq_cnt, scratch, &eq_all);
+  const uint64_t eq_base = block_exclusive_scan_1024(eq_cnt, scratch, &eq_all);
   uint64_t incl = 0;
   if (thr && n_eq > eq_base) incl = min(n_eq - eq_base, eq_cnt);
   const float pv = __uint_as_float(v);
   const uint64_t mine = sum_gt + (thr && pv >= min_p ? incl * pick_weight(pv) : 0);
   uint64_t total;
-  const uint64_t base = pick_scan(mine, scratch, &total);
+  const uint64_t base = block_exclusive_scan_1024(mine, scratch, &total);
   if (total == 0) {
     const uint32_t best = pick_argmax(r, width, sv, si);
     if (threadIdx.x == 0) out[blockIdx.x] = best;
