@@ -102,6 +102,22 @@ class RandomWriter:
             self.shard.clear()  # in place: callers hold it as `shard`
             self.n += 1
 
+    def embeddings(self, vocab, h):
+        """Embedding, LM head and final norm, in a shard of their own."""
+        self.shard["model.embed_tokens.weight"] = self.r(vocab, h)
+        self.shard["lm_head.weight"] = self.r(vocab, h)
+        self.shard["model.norm.weight"] = self.ones(h)
+        self.flush()
+
+    def attention(self, p, h, heads, kv, hd):
+        """Layer `p`'s two norms and q/k/v/o projections (no biases)."""
+        self.shard[p + "input_layernorm.weight"] = self.ones(h)
+        self.shard[p + "post_attention_layernorm.weight"] = self.ones(h)
+        self.shard[p + "self_attn.q_proj.weight"] = self.r(heads * hd, h)
+        self.shard[p + "self_attn.k_proj.weight"] = self.r(kv * hd, h)
+        self.shard[p + "self_attn.v_proj.weight"] = self.r(kv * hd, h)
+        self.shard[p + "self_attn.o_proj.weight"] = self.r(h, heads * hd)
+
     def finish(self):
         self.flush()
         json.dump({"metadata": {}, "weight_map": self.idx},
@@ -130,19 +146,11 @@ def llama3_random(name):
                tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
     w = RandomWriter(d)
-    r, ones, shard = w.r, w.ones, w.shard
-    shard["model.embed_tokens.weight"] = r(vocab, h)
-    shard["lm_head.weight"] = r(vocab, h)
-    shard["model.norm.weight"] = ones(h)
-    w.flush()
+    r, shard = w.r, w.shard
+    w.embeddings(vocab, h)
     for i in range(layers):
         p = f"model.layers.{i}."
-        shard[p + "input_layernorm.weight"] = ones(h)
-        shard[p + "post_attention_layernorm.weight"] = ones(h)
-        shard[p + "self_attn.q_proj.weight"] = r(heads * hd, h)
-        shard[p + "self_attn.k_proj.weight"] = r(kv * hd, h)
-        shard[p + "self_attn.v_proj.weight"] = r(kv * hd, h)
-        shard[p + "self_attn.o_proj.weight"] = r(h, heads * hd)
+        w.attention(p, h, heads, kv, hd)
         shard[p + "mlp.gate_proj.weight"] = r(inter, h)
         shard[p + "mlp.up_proj.weight"] = r(inter, h)
         shard[p + "mlp.down_proj.weight"] = r(h, inter)
@@ -168,18 +176,10 @@ def qwen3_moe_random(name, layers=48):
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
     w = RandomWriter(d)
     r, ones, shard = w.r, w.ones, w.shard
-    shard["model.embed_tokens.weight"] = r(vocab, h)
-    shard["lm_head.weight"] = r(vocab, h)
-    shard["model.norm.weight"] = ones(h)
-    w.flush()
+    w.embeddings(vocab, h)
     for i in range(layers):
         p = f"model.layers.{i}."
-        shard[p + "input_layernorm.weight"] = ones(h)
-        shard[p + "post_attention_layernorm.weight"] = ones(h)
-        shard[p + "self_attn.q_proj.weight"] = r(heads * hd, h)
-        shard[p + "self_attn.k_proj.weight"] = r(kv * hd, h)
-        shard[p + "self_attn.v_proj.weight"] = r(kv * hd, h)
-        shard[p + "self_attn.o_proj.weight"] = r(h, heads * hd)
+        w.attention(p, h, heads, kv, hd)
         shard[p + "self_attn.q_norm.weight"] = ones(hd)
         shard[p + "self_attn.k_norm.weight"] = ones(hd)
         shard[p + "mlp.gate.weight"] = r(experts, h)
